@@ -1,0 +1,80 @@
+"""MLflow tracking defaults shared by every command (design.md §7).
+
+The default store is the sqlite database `mlflow/mlflow.db` with artifacts under `mlflow/artifacts`,
+both relative to the working directory (the repository root for the Makefile targets). Setting
+`MLFLOW_TRACKING_URI` (for example a tracking server) overrides both.
+
+Lightning modules log through `mlflow_logger(...)` (Lightning's own `MLFlowLogger`); plain scripts
+(tiny-policy build, harvest, benchmarks) use `mlflow_run(...)`.
+
+Metric names must avoid `@ ( )`: write `pass_at_k/8`, not `pass@8`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+STORE_DIR = Path("mlflow")
+
+
+def tracking_uri() -> str:
+    """The tracking URI: `$MLFLOW_TRACKING_URI` if set, else the local sqlite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    STORE_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
+
+
+def artifact_location() -> str | None:
+    """Artifact root for new experiments in the local store; a remote server decides its own."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    root = (STORE_DIR / "artifacts").resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return root.as_uri()
+
+
+def ui_command() -> str:
+    """The command that opens the MLflow UI on the current store."""
+    return f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1 --port 5000"
+
+
+def ensure_experiment(name: str) -> str:
+    """Create `name` (with our artifact location) if missing and return its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(name, artifact_location=artifact_location())
+
+
+def mlflow_logger(experiment_name: str, run_name: str | None = None, run_id: str | None = None, **kwargs: Any):
+    """Lightning's `MLFlowLogger` pointed at our store (experiment created with our artifact root)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    ensure_experiment(experiment_name)
+    return MLFlowLogger(
+        experiment_name=experiment_name,
+        run_name=run_name,
+        run_id=run_id,
+        tracking_uri=tracking_uri(),
+        artifact_location=artifact_location(),
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def mlflow_run(experiment_name: str, run_name: str | None = None, **tags: str) -> Iterator[Any]:
+    """Open an MLflow run in our store for code that is not a LightningModule."""
+    import mlflow
+
+    experiment_id = ensure_experiment(experiment_name)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None) as run:
+        yield run
