@@ -4,7 +4,7 @@ The default store is the sqlite database `mlflow/mlflow.db` with artifacts under
 both relative to the working directory (the repository root for the Makefile targets). Setting
 `MLFLOW_TRACKING_URI` (for example a tracking server) overrides both.
 
-Lightning modules log through `mlflow_logger(...)` (Lightning's own `MLFlowLogger`); plain scripts
+Lightning runs log through `MLflowLogger` (Lightning's own `MLFlowLogger` with our defaults); plain scripts
 (tiny-policy build, harvest, benchmarks) use `mlflow_run(...)`.
 
 Metric names must avoid `@ ( )`: write `pass_at_k/8`, not `pass@8`.
@@ -21,7 +21,7 @@ from typing import Any
 STORE_DIR = Path("mlflow")
 
 
-def tracking_uri() -> str:
+def default_tracking_uri() -> str:
     """The tracking URI: `$MLFLOW_TRACKING_URI` if set, else the local sqlite store."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -41,33 +41,63 @@ def artifact_location() -> str | None:
 
 def ui_command() -> str:
     """The command that opens the MLflow UI on the current store."""
-    return f"mlflow ui --backend-store-uri {tracking_uri()} --host 127.0.0.1 --port 5000"
+    return f"mlflow ui --backend-store-uri {default_tracking_uri()} --host 127.0.0.1 --port 5000"
 
 
 def ensure_experiment(name: str) -> str:
     """Create `name` (with our artifact location) if missing and return its id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(default_tracking_uri())
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     return mlflow.create_experiment(name, artifact_location=artifact_location())
 
 
-def mlflow_logger(experiment_name: str, run_name: str | None = None, run_id: str | None = None, **kwargs: Any):
-    """Lightning's `MLFlowLogger` pointed at our store (experiment created with our artifact root)."""
+def _lightning_mlflow_logger() -> type:
     from lightning.pytorch.loggers import MLFlowLogger
 
-    ensure_experiment(experiment_name)
-    return MLFlowLogger(
-        experiment_name=experiment_name,
-        run_name=run_name,
-        run_id=run_id,
-        tracking_uri=tracking_uri(),
-        artifact_location=artifact_location(),
-        **kwargs,
-    )
+    return MLFlowLogger
+
+
+class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
+    """Lightning's `MLFlowLogger` with this project's store as the default.
+
+    Use it in YAML as `trainer.logger: {class_path: basis.tracking.MLflowLogger, init_args:
+    {experiment_name: ...}}`. Only the defaults differ: the tracking URI comes from `tracking_uri()`
+    when not given (`default_tracking_uri()`), and new experiments put artifacts under `mlflow/artifacts`.
+
+    Args:
+        experiment_name: MLflow experiment to log into (created if missing).
+        run_name: Display name of the run.
+        tracking_uri: Override of the store; default `$MLFLOW_TRACKING_URI` or `sqlite:///mlflow/mlflow.db`.
+        run_id: Continue this existing run (used when resuming) instead of starting a new one.
+        log_model: Lightning's checkpoint logging (`False`, `True` or `"all"`).
+        tags: Run tags.
+    """
+
+    def __init__(
+        self,
+        experiment_name: str = "basis",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        log_model: bool | str = False,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        if tracking_uri is None:
+            tracking_uri = default_tracking_uri()
+            ensure_experiment(experiment_name)  # so a new experiment gets our artifact root
+        super().__init__(
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            log_model=log_model,
+            tags=tags,
+            artifact_location=artifact_location(),
+        )
 
 
 @contextlib.contextmanager
