@@ -65,8 +65,8 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
     """Lightning's `MLFlowLogger` with this project's store as the default.
 
     Use it in YAML as `trainer.logger: {class_path: basis.tracking.MLflowLogger, init_args:
-    {experiment_name: ...}}`. Only the defaults differ: the tracking URI comes from `tracking_uri()`
-    when not given (`default_tracking_uri()`), and new experiments put artifacts under `mlflow/artifacts`.
+    {experiment_name: ...}}`. Only the defaults differ: the tracking URI comes from
+    `default_tracking_uri()` when not given, and new experiments put artifacts under `mlflow/artifacts`.
 
     Args:
         experiment_name: MLflow experiment to log into (created if missing).
