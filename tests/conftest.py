@@ -33,3 +33,14 @@ def mlflow_store(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An UNTRAINED tiny Qwen3 causal LM + byte-level tokenizer (with chat template), saved with
+    `save_pretrained` to a temporary folder that `AutoModelForCausalLM` / `AutoTokenizer` load."""
+    from basis.tiny_policy import build_model, build_tokenizer, save_policy
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=64, num_layers=2, intermediate_size=128, seed=0)
+    return str(save_policy(model, tokenizer, tmp_path_factory.mktemp("tiny_lm")))
