@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -90,3 +90,134 @@ class RolloutEngine(Protocol):
     def resume_memory(self) -> None:
         """Re-acquire what `release_memory` freed before the next `update_weights`/`generate`."""
         ...
+
+
+class HFEngine:
+    """In-process sampling with `transformers` `generate` (KV cache, batched, stop strings).
+
+    The engine wraps the trainer's own policy object, so weights are always in sync and
+    `update_weights` only checks that it is handed the same module. Log-probs are read from the
+    processed scores that `generate` sampled from (temperature, top-k and top-p applied), i.e. the
+    behaviour policy's log-prob of each sampled token.
+
+    Memory note: `generate` keeps the per-step scores `[B, V]` until it returns; `max_batch_size`
+    bounds B. For large vocabularies at scale use the SGLang engine.
+
+    Args:
+        model: A causal LM (`PreTrainedModel` or a `peft.PeftModel`), used as is (eval mode while sampling).
+        tokenizer: Its tokenizer; needs a pad or EOS token.
+        max_batch_size: Most sequences sampled in one `generate` call.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 256) -> None:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+            raise ValueError(
+                "tokenizer has neither a pad nor an EOS token; the HF engine needs one to pad batches"
+            )
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        completions: list[Completion] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            completions += self._generate_batch(prompts[start : start + self.max_batch_size], params)
+        return completions
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = left_pad(prompts, self.pad_id, device)  # [B, P], [B, P]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k or None,
+                max_new_tokens=params.max_new_tokens,
+                stop_strings=list(params.stop) or None,
+                tokenizer=self.tokenizer if params.stop else None,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                return_dict_in_generate=True,
+                output_scores=True,
+            )
+        finally:
+            self.model.train(was_training)
+        responses = out.sequences[:, input_ids.shape[1] :]  # [B, R]
+        scores = torch.stack(out.scores, dim=1).float()  # [B, R, V] processed logits
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # [B, R]
+        return [
+            self._completion(responses[i].tolist(), logprobs[i].tolist(), params) for i in range(len(prompts))
+        ]
+
+    def _completion(self, ids: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
+        """Cut a padded response at its first EOS or stop string and record why it ended."""
+        end, reason = len(ids), "length"
+        eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if eos_at is not None:
+            end, reason = eos_at + 1, "stop"
+        if params.stop:
+            stop_end = _stop_string_end(self.tokenizer, ids[:end], params.stop)
+            if stop_end is not None:
+                end, reason = stop_end, "stop"
+        ids = ids[:end]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Completion(token_ids=ids, logprobs=logprobs[:end], text=text, finish_reason=reason)
+
+    def update_weights(self, policy: torch.nn.Module) -> None:
+        if policy is not self.model:
+            raise ValueError("HFEngine samples from the trainer's own module; it was handed a different one")
+
+    def release_memory(self) -> None:
+        """Nothing to release: the engine owns no memory beyond the shared policy."""
+
+    def resume_memory(self) -> None:
+        """Nothing to re-acquire (see `release_memory`)."""
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into `(ids [B, T], attention_mask [B, T])`."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = config_eos if isinstance(config_eos, list) else [config_eos]
+    ids = [i for i in [*ids, tokenizer.eos_token_id] if i is not None]
+    return sorted(set(ids))
+
+
+def _stop_string_end(tokenizer: Any, ids: list[int], stop: Sequence[str]) -> int | None:
+    """Smallest token count whose decoded text contains a stop string, or None."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if not any(s in text for s in stop):
+        return None
+    low, high = 1, len(ids)  # decode(ids[:high]) contains a stop string
+    while low < high:
+        mid = (low + high) // 2
+        if any(s in tokenizer.decode(ids[:mid], skip_special_tokens=True) for s in stop):
+            high = mid
+        else:
+            low = mid + 1
+    return high
