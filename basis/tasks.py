@@ -1,0 +1,651 @@
+"""Prompt datasets: the prompt-row contract, dataset loaders, the offline arithmetic task, prompt rendering.
+
+Prompt-row contract (design.md §2, verl-compatible parquet): `prompt_id: str`, `prompt: str` (or a chat
+list of `{"role", "content"}` messages), `answer: str` (ground truth), `data_source: str`,
+`difficulty: int | None`. Loaders return a `datasets.Dataset` with exactly these columns (the arithmetic
+task adds `solution`, its worked solution for the supervised warm start).
+
+Loaders (`load_prompts`):
+- Hub presets, by name or hub id: DAPO-Math-17k (`BytedTsinghua-SIA/DAPO-Math-17k`, chat prompt,
+  answer `reward_model.ground_truth`), GSM8K (`openai/gsm8k`, config `main`, answer after `####`),
+  MATH (`DigitalLearningGmbH/MATH-lighteval`, answer = last `\\boxed{}` of the solution, difficulty from
+  `level`). The hub name of each preset is a field of `PromptPreset`; pass your own preset to change it.
+- Any local parquet/jsonl file (or a folder of `{split}.parquet|jsonl` files) with a `column_map` from
+  contract field to source column (dotted paths reach into structs: `reward_model.ground_truth`), or
+  with `preset=` to read a local copy of a preset's schema.
+
+Bad rows raise `ValueError` naming the file, the row and the field.
+
+The arithmetic task (`generate_arithmetic`, `write_arithmetic_task`) is generated deterministically from
+a seed: integer expressions over `+ - *` with graded difficulty (operand count, digit count,
+operators, parentheses). Every intermediate value stays in `[0, max_value]` so the worked solution never
+needs a minus sign. The worked solution applies one operation per step in evaluation order and marks the
+final answer: `45*2+23` -> `45*2=90 90+23=113 #### 113`. Our deviation from a one-shot answer task: a
+direct answer gives RL little to reinforce (issue 3), steps let rollouts differ and step reliability be
+reinforced.
+
+Run: `python -m basis.tasks OUT_DIR [--seed 0]` writes the default arithmetic task's three splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt", "answer", "data_source", "difficulty")
+REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "answer")
+ARITHMETIC_SOURCE = "arithmetic"
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+FINAL_ANSWER_MARKER = "####"
+
+ChatPrompt = list[dict[str, str]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt-row validation
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_prompt(prompt: Any, where: str) -> None:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(f"{where}, field 'prompt': empty prompt")
+        return
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ValueError(f"{where}, field 'prompt': empty chat list")
+        for turn, message in enumerate(prompt):
+            if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+                raise ValueError(
+                    f"{where}, field 'prompt': message {turn} has no string 'role': {_describe(message)}"
+                )
+            content = message.get("content")
+            if not isinstance(content, str) or not content.strip():
+                raise ValueError(f"{where}, field 'prompt': message {turn} has empty or non-string 'content'")
+        return
+    raise ValueError(f"{where}, field 'prompt': expected a string or a chat list, got {_describe(prompt)}")
+
+
+def check_prompt_row(row: Mapping[str, Any], index: int, source: str) -> None:
+    """Raise ValueError naming `source`, the row and the field if `row` breaks the prompt-row contract."""
+    where = f"{source}: row {index}"
+    _check_prompt(row.get("prompt"), where)
+    answer = row.get("answer")
+    if not isinstance(answer, str):
+        raise ValueError(f"{where}, field 'answer': expected a string, got {_describe(answer)}")
+    if not answer.strip():
+        raise ValueError(f"{where}, field 'answer': empty answer")
+    for name in ("prompt_id", "data_source"):
+        if name in row and not (isinstance(row[name], str) and row[name]):
+            raise ValueError(
+                f"{where}, field {name!r}: expected a non-empty string, got {_describe(row[name])}"
+            )
+    difficulty = row.get("difficulty")
+    if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, int)):
+        raise ValueError(f"{where}, field 'difficulty': expected an int or None, got {_describe(difficulty)}")
+
+
+def validate_prompts(dataset: datasets.Dataset, source: str) -> None:
+    """Check a dataset against the prompt-row contract.
+
+    Raises:
+        ValueError: naming `source` (file or hub name) and the missing column, or the row and field of
+            the first bad row (empty prompt, non-string or empty answer, bad id/source/difficulty) or of
+            the first duplicated `prompt_id`.
+    """
+    for name in REQUIRED_COLUMNS:
+        if name not in dataset.column_names:
+            raise ValueError(
+                f"{source}: missing column {name!r} (columns: {dataset.column_names}); "
+                f"map yours with column_map={{{name!r}: '<your column>'}}"
+            )
+    seen: dict[str, int] = {}
+    for index, row in enumerate(dataset):
+        check_prompt_row(row, index, source)
+        prompt_id = row.get("prompt_id")
+        if prompt_id is not None:
+            if prompt_id in seen:
+                raise ValueError(
+                    f"{source}: row {index}, field 'prompt_id': {prompt_id!r} repeats row {seen[prompt_id]}"
+                )
+            seen[prompt_id] = index
+
+
+def prompt_text(prompt: str | ChatPrompt) -> str:
+    """The plain text of a prompt: the string itself, or the chat messages' contents joined by newlines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(message["content"] for message in prompt)
+
+
+def render_prompt(tokenizer: Any, prompt: str | ChatPrompt) -> str:
+    """Render a prompt for generation with the tokenizer's chat template (plain text if it has none).
+
+    A string prompt becomes one user message; a chat list is rendered as given. The generation prompt
+    is appended, so the text ends where the model's response starts.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return prompt_text(prompt)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer extraction for the hub presets
+
+
+def gsm8k_final_answer(solution: str) -> str:
+    """GSM8K ground truth: the text after the last `####`, thousands separators removed."""
+    if FINAL_ANSWER_MARKER not in solution:
+        raise ValueError(f"no '{FINAL_ANSWER_MARKER}' final answer in GSM8K solution {solution[-60:]!r}")
+    return solution.rsplit(FINAL_ANSWER_MARKER, 1)[1].strip().replace(",", "")
+
+
+def last_boxed(text: str) -> str:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, with balanced braces."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
+    start = starts[-1]
+    depth = 1
+    for pos in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[pos], 0)
+        if depth == 0:
+            return text[start:pos].strip()
+    raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
+
+
+def math_level(level: str) -> int | None:
+    """MATH difficulty: `"Level 3"` -> 3; `"Level ?"` (present in the data) -> None."""
+    match = re.fullmatch(r"\s*Level\s+(\d+)\s*", level)
+    return int(match.group(1)) if match else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets and loaders
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """How one dataset's schema maps onto the prompt-row contract.
+
+    Args:
+        hub_name: Dataset id on the hub.
+        hub_config: Dataset config name (`"main"` for GSM8K), or None.
+        data_source: Value of the `data_source` column.
+        column_map: Contract field -> source column (dotted path into structs). `prompt` and `answer`
+            are required; a missing `prompt_id` becomes `{data_source}/{split}/{row}`.
+        answer_from: Turns the mapped answer column into the ground truth (e.g. GSM8K's `####`).
+        difficulty_from: Turns the mapped difficulty column into an int or None.
+    """
+
+    hub_name: str
+    data_source: str
+    column_map: Mapping[str, str]
+    hub_config: str | None = None
+    answer_from: Callable[[str], str] | None = None
+    difficulty_from: Callable[[Any], int | None] | None = None
+
+
+PRESETS: dict[str, PromptPreset] = {
+    "dapo-math-17k": PromptPreset(
+        hub_name="BytedTsinghua-SIA/DAPO-Math-17k",
+        data_source="math_dapo",
+        column_map={
+            "prompt": "prompt",
+            "answer": "reward_model.ground_truth",
+            "prompt_id": "extra_info.index",
+        },
+    ),
+    "gsm8k": PromptPreset(
+        hub_name="openai/gsm8k",
+        hub_config="main",
+        data_source="gsm8k",
+        column_map={"prompt": "question", "answer": "answer"},
+        answer_from=gsm8k_final_answer,
+    ),
+    "math": PromptPreset(
+        hub_name="DigitalLearningGmbH/MATH-lighteval",
+        data_source="math",
+        column_map={"prompt": "problem", "answer": "solution", "difficulty": "level"},
+        answer_from=last_boxed,
+        difficulty_from=math_level,
+    ),
+}
+
+_LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json"}
+
+
+def _find_preset(name: str) -> PromptPreset | None:
+    if name.lower() in PRESETS:
+        return PRESETS[name.lower()]
+    for preset in PRESETS.values():
+        if preset.hub_name.lower() == name.lower():
+            return preset
+    return None
+
+
+def _local_file(path: Path, split: str) -> Path:
+    if path.is_file():
+        return path
+    candidates = [path / f"{split}{suffix}" for suffix in _LOCAL_BUILDERS]
+    found = [c for c in candidates if c.is_file()]
+    if not found:
+        raise ValueError(f"{path}: no {split}.parquet or {split}.jsonl in this folder")
+    return found[0]
+
+
+def _load_raw(path_or_hub_name: str, split: str, preset: PromptPreset | None) -> tuple[datasets.Dataset, str]:
+    path = Path(path_or_hub_name)
+    if path.exists():
+        file = _local_file(path, split)
+        builder = _LOCAL_BUILDERS.get(file.suffix)
+        if builder is None:
+            raise ValueError(f"{file}: unsupported file type {file.suffix!r}; use .parquet or .jsonl")
+        try:
+            raw = datasets.load_dataset(builder, data_files=str(file), split="train", keep_in_memory=True)
+        except Exception as error:  # datasets wraps Arrow parse errors in its own types
+            raise ValueError(f"{file}: could not be read as {builder}: {error}") from error
+        return raw, str(file)
+    if preset is None:
+        raise ValueError(
+            f"{path_or_hub_name!r} is neither an existing file/folder nor a known preset ({sorted(PRESETS)}); "
+            "pass preset= or column_map= to load another hub dataset"
+        )
+    return datasets.load_dataset(
+        preset.hub_name, preset.hub_config, split=split
+    ), f"{preset.hub_name}[{split}]"
+
+
+def _get_path(row: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = row
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+def _has_path(features: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = features
+    for key in dotted.split("."):
+        if not isinstance(node, Mapping) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _convert_row(
+    raw_row: Mapping[str, Any],
+    index: int,
+    source: str,
+    column_map: Mapping[str, str],
+    preset: PromptPreset | None,
+    data_source: str,
+    split: str,
+) -> dict[str, Any]:
+    row = {name: _get_path(raw_row, column) for name, column in column_map.items()}
+    check_prompt_row({"prompt": row["prompt"], "answer": row["answer"]}, index, source)
+    if preset is not None and preset.answer_from is not None:
+        try:
+            row["answer"] = preset.answer_from(row["answer"])
+        except ValueError as error:
+            raise ValueError(
+                f"{source}: row {index}, field 'answer' (column {column_map['answer']!r}): {error}"
+            ) from None
+    difficulty = row.get("difficulty")
+    if preset is not None and preset.difficulty_from is not None and difficulty is not None:
+        difficulty = preset.difficulty_from(difficulty)
+    prompt = row["prompt"]
+    if isinstance(prompt, list):  # keep only role/content of chat messages
+        prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+    prompt_id = row.get("prompt_id")
+    converted = {
+        "prompt_id": f"{data_source}/{split}/{index}" if prompt_id is None else str(prompt_id),
+        "prompt": prompt,
+        "answer": row["answer"],
+        "data_source": row.get("data_source") or data_source,
+        "difficulty": difficulty,
+    }
+    check_prompt_row(converted, index, source)
+    return converted
+
+
+def load_prompts(
+    path_or_hub_name: str,
+    *,
+    split: str = "train",
+    column_map: Mapping[str, str] | None = None,
+    preset: str | PromptPreset | None = None,
+    data_source: str | None = None,
+    limit: int | None = None,
+) -> datasets.Dataset:
+    """Load prompts into the prompt-row contract.
+
+    Args:
+        path_or_hub_name: A local `.parquet` / `.jsonl` file, a folder with `{split}.parquet|jsonl`, a
+            preset name (`dapo-math-17k`, `gsm8k`, `math`) or a preset's hub id.
+        split: Split to load (hub split name, or the file stem inside a folder).
+        column_map: Contract field -> source column (dotted for struct fields). Default: the preset's
+            map, else identity on `PROMPT_COLUMNS`.
+        preset: A preset name or `PromptPreset` whose schema the source has (needed for a local copy of
+            a hub dataset; inferred from `path_or_hub_name` when it names one).
+        data_source: `data_source` value when the source has none; default the preset's, else the
+            file stem.
+        limit: Keep only the first `limit` rows.
+
+    Returns:
+        A `datasets.Dataset` with columns `PROMPT_COLUMNS`, validated.
+
+    Raises:
+        ValueError: naming the file (or hub name), row and field of bad input.
+    """
+    if isinstance(preset, str) and preset.lower() not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    resolved = PRESETS[preset.lower()] if isinstance(preset, str) else preset
+    if resolved is None and not Path(path_or_hub_name).exists():
+        resolved = _find_preset(path_or_hub_name)
+    raw, source = _load_raw(path_or_hub_name, split, resolved)
+    if limit is not None:
+        raw = raw.select(range(min(limit, len(raw))))
+    if column_map is None:
+        # Identity on the contract: required fields always (so a missing one is reported), optional
+        # ones when present.
+        identity = {c: c for c in PROMPT_COLUMNS if c in REQUIRED_COLUMNS or c in raw.column_names}
+        column_map = dict(resolved.column_map) if resolved else identity
+    for name in REQUIRED_COLUMNS:
+        if name not in column_map:
+            raise ValueError(
+                f"{source}: column_map has no entry for required field {name!r}: {dict(column_map)}"
+            )
+    for name, column in column_map.items():
+        if name not in PROMPT_COLUMNS:
+            raise ValueError(f"{source}: column_map key {name!r} is not a contract field {PROMPT_COLUMNS}")
+        if not _has_path(raw.features, column):
+            raise ValueError(
+                f"{source}: missing column {column!r} for field {name!r} (columns: {raw.column_names})"
+            )
+    if data_source is None:
+        data_source = resolved.data_source if resolved else Path(source).stem
+    rows = [
+        _convert_row(raw_row, index, source, column_map, resolved, data_source, split)
+        for index, raw_row in enumerate(raw)
+    ]
+    dataset = (
+        datasets.Dataset.from_list(rows)
+        if rows
+        else datasets.Dataset.from_dict({c: [] for c in PROMPT_COLUMNS})
+    )
+    validate_prompts(dataset, source)
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------------
+# The arithmetic task
+
+
+@dataclass(frozen=True)
+class ArithmeticLevel:
+    """One difficulty level of the arithmetic task.
+
+    Args:
+        num_operands: Operands per expression (>= 2); one worked step per operator.
+        max_digits: Operands have 1..max_digits digits (uniform over digit count, then value).
+        operators: Operators drawn from, a subset of `+-*`.
+        parentheses: Random tree shapes; every expression of the level has at least one pair of
+            parentheses (e.g. `(17-9)*(4+6)`). Otherwise flat expressions under operator precedence.
+        min_multiplications: Require at least this many `*` operators.
+        max_value: Bound on every intermediate and final value (all values stay in [0, max_value]).
+        max_multiplier_digits: Every multiplication has a factor with at most this many digits.
+    """
+
+    num_operands: int
+    max_digits: int
+    operators: str = "+-"
+    parentheses: bool = False
+    min_multiplications: int = 0
+    max_value: int = 999
+    max_multiplier_digits: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_operands < 2:
+            raise ValueError(f"num_operands must be >= 2, got {self.num_operands}")
+        if self.max_digits < 1:
+            raise ValueError(f"max_digits must be >= 1, got {self.max_digits}")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
+        if self.min_multiplications > 0 and "*" not in self.operators:
+            raise ValueError("min_multiplications > 0 needs '*' in operators")
+        if self.min_multiplications > self.num_operands - 1:
+            raise ValueError(f"min_multiplications ({self.min_multiplications}) exceeds the operator count")
+
+
+DEFAULT_LEVELS: dict[int, ArithmeticLevel] = {
+    1: ArithmeticLevel(num_operands=2, max_digits=2, operators="+-"),
+    2: ArithmeticLevel(num_operands=3, max_digits=2, operators="+-"),
+    3: ArithmeticLevel(num_operands=3, max_digits=2, operators="+-*", min_multiplications=1),
+    4: ArithmeticLevel(
+        num_operands=4, max_digits=2, operators="+-*", parentheses=True, min_multiplications=1
+    ),
+    5: ArithmeticLevel(
+        num_operands=5, max_digits=3, operators="+-*", parentheses=True, min_multiplications=1
+    ),
+}
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+
+
+@dataclass(frozen=True)
+class _Node:
+    """Expression tree: a leaf holds `value`; an inner node holds `op`, `left`, `right` and `value`."""
+
+    value: int
+    op: str | None = None
+    left: _Node | None = None
+    right: _Node | None = None
+
+    def render(self) -> str:
+        """The expression with minimal parentheses (left-to-right evaluation at equal precedence)."""
+        if self.op is None:
+            return str(self.value)
+        assert self.left is not None and self.right is not None
+        left, right = self.left.render(), self.right.render()
+        if self.left.op is not None and _PRECEDENCE[self.left.op] < _PRECEDENCE[self.op]:
+            left = f"({left})"
+        if self.right.op is not None and _PRECEDENCE[self.right.op] <= _PRECEDENCE[self.op]:
+            right = f"({right})"
+        return f"{left}{self.op}{right}"
+
+    def steps(self) -> list[str]:
+        """One `a op b=c` step per operator, in evaluation order (left subtree, right subtree, node)."""
+        if self.op is None:
+            return []
+        assert self.left is not None and self.right is not None
+        step = f"{self.left.value}{self.op}{self.right.value}={self.value}"
+        return [*self.left.steps(), *self.right.steps(), step]
+
+
+def _combine(op: str, left: _Node, right: _Node, level: ArithmeticLevel) -> _Node | None:
+    """The node `left op right`, or None if it breaks the level's value or short-factor bounds."""
+    # A product needs a short factor (a learnable step) and no factor 0 or 1 (a step that teaches nothing).
+    if op == "*" and (
+        min(left.value, right.value) >= 10**level.max_multiplier_digits or min(left.value, right.value) < 2
+    ):
+        return None
+    value = (
+        left.value + right.value
+        if op == "+"
+        else left.value - right.value
+        if op == "-"
+        else left.value * right.value
+    )
+    return _Node(value, op, left, right) if 0 <= value <= level.max_value else None
+
+
+def _random_operand(rng: random.Random, max_digits: int) -> _Node:
+    digits = rng.randint(1, max_digits)
+    return _Node(rng.randint(10 ** (digits - 1), 10**digits - 1))  # never 0: `x+0` steps teach nothing
+
+
+def _random_shaped_tree(rng: random.Random, level: ArithmeticLevel, num_operands: int) -> _Node | None:
+    """A tree of random shape (parenthesised levels), or None if a bound broke."""
+    if num_operands == 1:
+        return _random_operand(rng, level.max_digits)
+    n_left = rng.randint(1, num_operands - 1)
+    left = _random_shaped_tree(rng, level, n_left)
+    right = _random_shaped_tree(rng, level, num_operands - n_left)
+    if left is None or right is None:
+        return None
+    return _combine(rng.choice(level.operators), left, right, level)
+
+
+def _random_flat_tree(rng: random.Random, level: ArithmeticLevel) -> _Node | None:
+    """A flat expression `a op b op c ...` parsed with precedence (`*` first, then left to right)."""
+    operands = [_random_operand(rng, level.max_digits) for _ in range(level.num_operands)]
+    operators = [rng.choice(level.operators) for _ in range(level.num_operands - 1)]
+    # Fold runs of `*` first, then `+ -` left to right: the tree a precedence parser would build.
+    terms: list[_Node] = [operands[0]]
+    additive: list[str] = []
+    for op, operand in zip(operators, operands[1:]):
+        if op == "*":
+            product = _combine("*", terms[-1], operand, level)
+            if product is None:
+                return None
+            terms[-1] = product
+        else:
+            terms.append(operand)
+            additive.append(op)
+    node: _Node | None = terms[0]
+    for op, term in zip(additive, terms[1:]):
+        node = _combine(op, node, term, level) if node is not None else None
+    return node
+
+
+def arithmetic_problem(rng: random.Random, level: ArithmeticLevel) -> tuple[str, str, str]:
+    """Draw one problem of `level` by rejection: (expression, answer, worked solution)."""
+    while True:
+        node = (
+            _random_shaped_tree(rng, level, level.num_operands)
+            if level.parentheses
+            else _random_flat_tree(rng, level)
+        )
+        if node is None:
+            continue
+        expression = node.render()
+        if level.parentheses and "(" not in expression:
+            continue
+        if expression.count("*") < level.min_multiplications:
+            continue
+        answer = str(node.value)
+        return expression, answer, f"{' '.join(node.steps())} {FINAL_ANSWER_MARKER} {answer}"
+
+
+def _level_counts(total: int, levels: Sequence[int]) -> dict[int, int]:
+    base, extra = divmod(total, len(levels))
+    return {level: base + (i < extra) for i, level in enumerate(levels)}
+
+
+def generate_arithmetic(
+    seed: int,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    levels: Mapping[int, ArithmeticLevel] | None = None,
+    max_attempts_per_row: int = 200,
+) -> dict[str, list[dict[str, Any]]]:
+    """Generate the arithmetic task's splits deterministically from `seed`.
+
+    Each split has (nearly) equal counts per level and no prompt appears twice in or across splits.
+    The test split is drawn first, then validation, then train, each level from its own seeded stream,
+    so held-out prompts do not change when `n_train` changes.
+
+    Returns:
+        `{"train" | "validation" | "test": [row, ...]}`, rows in the prompt-row contract plus `solution`.
+
+    Raises:
+        ValueError: if a level cannot produce enough distinct prompts (its expression space is too small).
+    """
+    levels = dict(DEFAULT_LEVELS if levels is None else levels)
+    if not levels:
+        raise ValueError("levels must not be empty")
+    for name, count in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        if count < 0:
+            raise ValueError(f"{name} must be >= 0, got {count}")
+    seen: set[str] = set()
+    rngs = {level: random.Random(f"arithmetic/{seed}/{level}") for level in levels}
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, total in (("test", n_test), ("validation", n_val), ("train", n_train)):
+        rows: list[dict[str, Any]] = []
+        for level, count in _level_counts(total, sorted(levels)).items():
+            made = attempts = 0
+            while made < count:
+                attempts += 1
+                if attempts > max_attempts_per_row * count:
+                    raise ValueError(
+                        f"level {level} produced only {made} distinct prompts of {count} for split {split!r}; "
+                        "widen it (more digits/operands) or ask for fewer rows"
+                    )
+                expression, answer, solution = arithmetic_problem(rngs[level], levels[level])
+                if expression in seen:
+                    continue
+                seen.add(expression)
+                made += 1
+                rows.append(
+                    {
+                        "prompt_id": f"arithmetic-{hashlib.sha1(expression.encode()).hexdigest()[:12]}",
+                        "prompt": expression,
+                        "answer": answer,
+                        "data_source": ARITHMETIC_SOURCE,
+                        "difficulty": level,
+                        "solution": solution,
+                    }
+                )
+        # Interleave levels so any prefix of a split is balanced (stable for a fixed seed).
+        random.Random(f"arithmetic/{seed}/{split}/order").shuffle(rows)
+        splits[split] = rows
+    return {split: splits[split] for split in SPLITS}
+
+
+def write_arithmetic_task(
+    out_dir: str | Path,
+    seed: int,
+    n_train: int = 20000,
+    n_val: int = 500,
+    n_test: int = 500,
+    levels: Mapping[int, ArithmeticLevel] | None = None,
+) -> dict[str, Path]:
+    """Generate the arithmetic task and write `train.parquet`, `validation.parquet`, `test.parquet`.
+
+    Returns the path of each split's file.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
+        dataset = datasets.Dataset.from_list(rows)
+        validate_prompts(dataset, f"arithmetic[{split}]")
+        paths[split] = out_dir / f"{split}.parquet"
+        dataset.to_parquet(str(paths[split]))
+    return paths
+
+
+def main() -> None:
+    """`python -m basis.tasks OUT_DIR --seed 0 --n_train 20000 ...`: write the arithmetic task."""
+    from jsonargparse import auto_cli
+
+    paths = auto_cli(write_arithmetic_task)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()
