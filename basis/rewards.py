@@ -1,0 +1,305 @@
+"""Verifiers: score responses against ground-truth answers with rewards in {0, 1}.
+
+- `ArithmeticVerifier`: exact integer match for the arithmetic task. The response's answer is the
+  integer after the last `####` marker if there is one, else the last integer in the response.
+- `MathVerifier`: LaTeX / expression equivalence with `math-verify` (`parse` + `verify`), e.g.
+  `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`. math-verify's own timeouts use `signal.alarm`,
+  which fails outside the main thread, so they are disabled and every item runs in a pool of worker
+  processes (forkserver) with a wall-clock limit instead: a worker that overruns is killed and replaced.
+  Nothing is ever `eval`-ed.
+
+A response that cannot be parsed, times out, or crashes its worker scores 0 and is counted in
+`VerifyResult.num_failed`; a verifier never raises because of a response. `to_pm1` maps {0, 1} rewards
+to the {-1, +1} scale of design.md §4 (r -> 2r - 1).
+
+Run: `python -m basis.rewards math '\\boxed{0.5}' '\\frac{1}{2}'` prints the result for one pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from math_verify import parse, verify
+
+if TYPE_CHECKING:
+    import torch
+
+FINAL_ANSWER = re.compile(r"####\s*(-?\d+)")
+INTEGER = re.compile(r"-?\d+")
+
+
+class VerifyResult(NamedTuple):
+    """Rewards of one batch: `rewards[i]` in {0.0, 1.0}; `num_failed` counts timeouts and unparseable
+    (or crashed) items, all of which scored 0."""
+
+    rewards: list[float]
+    num_failed: int
+
+
+class Verifier(Protocol):
+    """Scores `responses[i]` against `answers[i]`."""
+
+    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> VerifyResult: ...
+
+
+def _check_lengths(responses: Sequence[str], answers: Sequence[str]) -> None:
+    if len(responses) != len(answers):
+        raise ValueError(f"responses ({len(responses)}) and answers ({len(answers)}) differ in length")
+
+
+def extract_integer(response: str) -> int | None:
+    """The marked final answer (`#### 113`) if a marker is present, else the last integer; None if neither."""
+    if "####" in response:
+        marked = FINAL_ANSWER.findall(response)
+        return int(marked[-1]) if marked else None
+    numbers = INTEGER.findall(response)
+    return int(numbers[-1]) if numbers else None
+
+
+class ArithmeticVerifier:
+    """Exact-integer verifier for the arithmetic task (in-process: it only runs two regexes)."""
+
+    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> VerifyResult:
+        _check_lengths(responses, answers)
+        rewards: list[float] = []
+        failed = 0
+        for index, (response, answer) in enumerate(zip(responses, answers)):
+            if not re.fullmatch(r"\s*-?\d+\s*", answer):
+                raise ValueError(f"answers[{index}] = {answer!r} is not an integer; use the math verifier")
+            predicted = extract_integer(response)
+            failed += predicted is None
+            rewards.append(float(predicted == int(answer)))
+        return VerifyResult(rewards, failed)
+
+
+# --------------------------------------------------------------------------------------------------
+# math-verify in worker processes
+
+_READY = "ready"
+
+
+def math_verify_item(response: str, answer: str) -> tuple[float, bool]:
+    """(reward, failed) for one pair, with math-verify's own timeouts disabled (the pool enforces them).
+
+    The gold answer is parsed as `\\boxed{answer}`; an unparseable gold or response scores 0, failed.
+    """
+    gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)  # type: ignore[arg-type]
+    predicted = parse(response, parsing_timeout=None)  # type: ignore[arg-type]
+    if not gold or not predicted:
+        return 0.0, True
+    return float(verify(gold, predicted, timeout_seconds=None)), False
+
+
+def _worker_loop(connection: Connection) -> None:
+    """Worker process: answer `(index, response, answer)` requests with `(index, reward, failed)`."""
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # silence the "timeout disabled" warning
+    connection.send(_READY)
+    while True:
+        request = connection.recv()
+        if request is None:
+            return
+        index, response, answer = request
+        try:
+            reward, failed = math_verify_item(response, answer)
+        except Exception:  # a crash inside sympy/latex2sympy scores 0 and is counted
+            reward, failed = 0.0, True
+        connection.send((index, reward, failed))
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process of the chosen context
+    connection: Connection
+    ready: bool = False
+    job: tuple[int, float] | None = None  # (item index, start time)
+
+
+@dataclass
+class FailureCounts:
+    """Cumulative failures of one `MathVerifier` (all scored 0)."""
+
+    timeouts: int = 0
+    unparseable: int = 0
+    crashed: int = 0
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join(timeout=5)
+        worker.connection.close()
+    workers.clear()
+
+
+class MathVerifier:
+    """`math-verify` equivalence checking in a pool of worker processes with a per-item wall-clock limit.
+
+    Args:
+        timeout_s: Wall-clock limit per item; a worker past it is killed, replaced and the item scores 0.
+        num_workers: Worker processes (started on first use, reused across calls).
+        start_method: `forkserver` (default; workers fork from a server that preloaded math-verify, so
+            replacing a killed worker is fast) or `spawn`.
+        startup_timeout_s: Longest wait for a new worker to import math-verify before giving up.
+    """
+
+    def __init__(
+        self,
+        timeout_s: float = 5.0,
+        num_workers: int = 2,
+        start_method: str = "forkserver",
+        startup_timeout_s: float = 120.0,
+    ) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if start_method not in ("forkserver", "spawn"):
+            raise ValueError(
+                f"start_method must be 'forkserver' or 'spawn' (fork is unsafe with torch), got {start_method!r}"
+            )
+        self.timeout_s = timeout_s
+        self.num_workers = num_workers
+        self.startup_timeout_s = startup_timeout_s
+        self.failures = FailureCounts()
+        self._context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self._context.set_forkserver_preload(["basis.rewards"])
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _stop_workers, self._workers)
+
+    def _start_worker(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(target=_worker_loop, args=(child,), daemon=True)
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _replace(self, worker: _Worker) -> None:
+        _stop_workers([worker])
+        self._workers[self._workers.index(worker)] = self._start_worker()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts new ones)."""
+        _stop_workers(self._workers)
+
+    def __enter__(self) -> MathVerifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> VerifyResult:
+        _check_lengths(responses, answers)
+        while len(self._workers) < self.num_workers:
+            self._workers.append(self._start_worker())
+        rewards = [0.0] * len(responses)
+        failed = [False] * len(responses)
+        pending = deque(range(len(responses)))
+        started_waiting = time.monotonic()
+        while pending or any(w.job for w in self._workers):
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.ready and worker.job is None and pending:
+                    index = pending.popleft()
+                    try:
+                        worker.connection.send((index, responses[index], answers[index]))
+                    except OSError:  # died while idle (killed from outside): retry the item elsewhere
+                        pending.appendleft(index)
+                        self.failures.crashed += 1
+                        self._replace(worker)
+                        continue
+                    worker.job = (index, now)
+            busy = [w for w in self._workers if w.job]
+            starting = not busy and not any(w.ready for w in self._workers)
+            if starting and now - started_waiting > self.startup_timeout_s:
+                raise RuntimeError(f"no math-verify worker became ready within {self.startup_timeout_s} s")
+            deadline = min((w.job[1] + self.timeout_s for w in busy if w.job), default=now + 1.0)
+            for connection in wait([w.connection for w in self._workers], timeout=max(0.0, deadline - now)):
+                worker = next(w for w in self._workers if w.connection is connection)
+                self._receive(worker, rewards, failed)
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.job and now - worker.job[1] > self.timeout_s:
+                    failed[worker.job[0]] = True
+                    self.failures.timeouts += 1
+                    self._replace(worker)
+        return VerifyResult(rewards, sum(failed))
+
+    def _receive(self, worker: _Worker, rewards: list[float], failed: list[bool]) -> None:
+        try:
+            message = worker.connection.recv()
+        except (EOFError, OSError):  # the worker died (segfault, OOM kill): its item scores 0
+            if not worker.ready:
+                worker.process.join(timeout=5)
+                raise RuntimeError(
+                    f"a math-verify worker exited during startup (exit code {worker.process.exitcode}); "
+                    "a script that uses MathVerifier must guard its entry point with "
+                    "`if __name__ == '__main__':` (workers re-import the main module)"
+                ) from None
+            if worker.job:
+                failed[worker.job[0]] = True
+                self.failures.crashed += 1
+            self._replace(worker)
+            return
+        if message == _READY:
+            worker.ready = True
+            return
+        index, reward, item_failed = message
+        rewards[index] = reward
+        failed[index] = item_failed
+        self.failures.unparseable += item_failed
+        worker.job = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and reward scale
+
+VERIFIERS: dict[str, Callable[..., Verifier]] = {
+    "arithmetic": ArithmeticVerifier,
+    "math": MathVerifier,
+}
+
+
+def get_verifier(name: str, **kwargs: Any) -> Verifier:
+    """Build the verifier registered as `name` (`arithmetic`, `math`) with constructor `kwargs`."""
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
+    return VERIFIERS[name](**kwargs)
+
+
+def to_pm1(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Map {0, 1} rewards to {-1, +1} (design.md §4): r -> 2r - 1. Values in [0, 1] map linearly."""
+    # Imported here, not at module level: the forkserver preloads this module for every math-verify
+    # worker, and torch would add seconds to each worker start.
+    import torch
+
+    r = torch.as_tensor(rewards, dtype=torch.float32)  # [N]
+    if r.numel() and (r.min() < 0 or r.max() > 1):
+        raise ValueError(f"rewards must lie in [0, 1], got min {r.min().item()} max {r.max().item()}")
+    return 2 * r - 1  # [N]
+
+
+def main() -> None:
+    """`python -m basis.rewards VERIFIER RESPONSE ANSWER`: score one pair."""
+    import sys
+
+    if len(sys.argv) != 4:
+        raise SystemExit("usage: python -m basis.rewards {arithmetic,math} RESPONSE ANSWER")
+    verifier = get_verifier(sys.argv[1])
+    print(verifier([sys.argv[2]], [sys.argv[3]]))
+    if isinstance(verifier, MathVerifier):
+        verifier.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Tests for basis.rewards: the arithmetic and math-verify verifiers, the worker pool's time limit and
+crash handling, the registry and the ±1 mapping."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from basis.rewards import (
+    VERIFIERS,
+    ArithmeticVerifier,
+    MathVerifier,
+    VerifyResult,
+    extract_integer,
+    get_verifier,
+    to_pm1,
+)
+
+# A real input that makes sympy hang: verify() tries to evaluate factorial(10**7) (memory stays small).
+HANGING_RESPONSE = "\\boxed{(10^{7})!}"
+
+
+@pytest.fixture(scope="module")
+def math_verifier() -> Iterator[MathVerifier]:
+    with MathVerifier(timeout_s=1.0, num_workers=2) as verifier:
+        yield verifier
+
+
+def test_extract_integer() -> None:
+    assert extract_integer("45*2=90 90+23=113 #### 113") == 113
+    assert extract_integer("#### 12 then #### -7") == -7
+    assert extract_integer("the sum is 5 and 8") == 8  # no marker: last integer
+    assert extract_integer("#### oops 5") is None  # a marker without an integer is unparseable
+    assert extract_integer("no digits") is None
+
+
+def test_arithmetic_verifier_scores_and_counts_unparseable() -> None:
+    result = ArithmeticVerifier()(
+        ["45*2=90 90+23=113 #### 113", "45*2=90 90+23=113 #### 112", "garbage", "#### x", " 7-10=-3 #### -3"],
+        ["113", "113", "5", "1", "-3"],
+    )
+    assert result == VerifyResult([1.0, 0.0, 0.0, 0.0, 1.0], 2)
+
+
+def test_arithmetic_verifier_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="differ in length"):
+        ArithmeticVerifier()(["1"], ["1", "2"])
+    with pytest.raises(ValueError, match=r"answers\[0\] = '1/2' is not an integer"):
+        ArithmeticVerifier()(["1"], ["1/2"])
+
+
+def test_math_verifier_equivalent_forms(math_verifier: MathVerifier) -> None:
+    responses = [
+        "0.5",
+        "The answer is $\\boxed{\\frac{1}{2}}$.",
+        "\\boxed{0.5}",
+        "so x = \\boxed{\\frac{2}{4}}",
+        "The answer is $\\boxed{\\frac{1}{3}}$.",
+        "\\boxed{(x-1)(x+1)}",
+    ]
+    answers = ["\\frac{1}{2}", "0.5", "\\frac{1}{2}", "\\frac{1}{2}", "\\frac{1}{2}", "x^2-1"]
+    assert math_verifier(responses, answers) == VerifyResult([1.0, 1.0, 1.0, 1.0, 0.0, 1.0], 0)
+
+
+def test_math_verifier_garbage_scores_zero_and_is_counted(math_verifier: MathVerifier) -> None:
+    result = math_verifier(["@@@ ###", "", "\\boxed{7}"], ["3", "3", "7"])
+    assert result == VerifyResult([0.0, 0.0, 1.0], 2)
+
+
+def test_math_verifier_hanging_input_times_out(math_verifier: MathVerifier) -> None:
+    before = math_verifier.failures.timeouts
+    start = time.monotonic()
+    result = math_verifier([HANGING_RESPONSE, "\\boxed{3}", HANGING_RESPONSE], ["5", "3", "5"])
+    elapsed = time.monotonic() - start
+    assert result == VerifyResult([0.0, 1.0, 0.0], 2)
+    assert math_verifier.failures.timeouts == before + 2
+    assert elapsed < 10  # two 1 s limits on two workers, plus replacing the killed workers
+    # The pool recovered: the replacement workers answer.
+    assert math_verifier(["\\boxed{4}"], ["4"]) == VerifyResult([1.0], 0)
+
+
+def test_math_verifier_survives_a_killed_worker(math_verifier: MathVerifier) -> None:
+    math_verifier(["1"], ["1"])  # workers started
+    math_verifier._workers[0].process.kill()
+    math_verifier._workers[0].process.join()
+    assert math_verifier(["\\boxed{2}", "\\boxed{3}", "9"], ["2", "3", "9"]) == VerifyResult(
+        [1.0, 1.0, 1.0], 0
+    )
+
+
+def test_math_verifier_validates_arguments() -> None:
+    with pytest.raises(ValueError, match="timeout_s"):
+        MathVerifier(timeout_s=0)
+    with pytest.raises(ValueError, match="start_method"):
+        MathVerifier(start_method="fork")
+
+
+def test_registry_and_pm1() -> None:
+    assert set(VERIFIERS) == {"arithmetic", "math"}
+    assert isinstance(get_verifier("arithmetic"), ArithmeticVerifier)
+    with pytest.raises(ValueError, match="unknown verifier"):
+        get_verifier("code")
+    assert torch.equal(to_pm1([0.0, 1.0, 1.0]), torch.tensor([-1.0, 1.0, 1.0]))
+    assert torch.equal(to_pm1(torch.tensor([[1.0, 0.0]])), torch.tensor([[1.0, -1.0]]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_pm1([2.0])
