@@ -1,0 +1,330 @@
+"""FAKE SGLang HTTP server for CPU tests of `basis.sglang_engine` (SGLang itself needs CUDA).
+
+`FakeSGLangServer` is a test double, not SGLang: a `ThreadingHTTPServer` in a background thread that
+serves the routes `SGLangEngine` calls with the request and answer shapes of SGLang 0.5.23's
+`http_server.py` (checked against its source; `make test-sglang` checks the requests against SGLang's
+own classes). Behind the routes sits a real tiny Hugging Face model, so pushed weights really change
+what it samples, and it reproduces the SGLang behaviours the engine must cope with:
+
+- `/update_weights_from_tensor` outside `begin_weight_update`/`end_weight_update` answers
+  `success=False`; unknown tensor names are skipped silently (SGLang's `load_weights` pitfall).
+- `/generate` returns `log(softmax(logits / T))` over the full vocabulary (greedy: temperature 1),
+  finish reasons as `{"type": "stop"|"length"|"abort", ...}`, and `[logprob, token_id, null]` triples.
+- `/load_lora_adapter_from_tensors` checks `expected_checksums` like SGLang's `TpModelWorker`.
+
+Fault injection for the error-path tests: `fail_routes` (HTTP 500), `reject_routes` (HTTP 400 with
+`success=False`), `generate_delays` (sleep before answering, to trigger client timeouts),
+`drop_updates` (claim success but load nothing), `corrupt_adapters` (flip one adapter tensor on load).
+Every request's route is appended to `calls`, so a test can assert the call order of a training step.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import math
+import pickle
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+_SAMPLING_EPS = 1e-6  # SGLang: temperature below this means greedy (top_k=1, temperature 1)
+
+
+class FakeSGLangServer:
+    """FAKE SGLang server around a real tiny causal LM; use as a context manager (`with ... as server`).
+
+    Args:
+        model_path: Folder of the tiny model and tokenizer (`save_pretrained` output).
+        tp_size: Number of per-rank tensor payloads the weight routes expect.
+    """
+
+    def __init__(self, model_path: str, tp_size: int = 1) -> None:
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.tp_size = tp_size
+        self.calls: list[str] = []
+        self.session_open = False
+        self.released = False
+        self.adapters: dict[str, torch.nn.Module] = {}
+        self.fail_routes: dict[str, int] = {}
+        self.reject_routes: dict[str, int] = {}
+        self.generate_delays: list[float] = []
+        self.drop_updates = False
+        self.corrupt_adapters = False
+        self.loaded_names: list[str] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> FakeSGLangServer:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    def handle(self, method: str, route: str, body: Any) -> tuple[int, Any]:
+        """(status, JSON answer) for one request; `None` answers are sent as JSON null."""
+        self.calls.append(route)
+        if self.fail_routes.get(route, 0) > 0:
+            self.fail_routes[route] -= 1
+            return 500, {"error": {"message": f"fake internal error on {route}"}}
+        if self.reject_routes.get(route, 0) > 0:
+            self.reject_routes[route] -= 1
+            return 400, {
+                "success": False,
+                "message": f"fake rejection of {route}",
+                "error_message": "rejected",
+            }
+        handlers = {
+            "/health": self._health,
+            "/generate": self._generate,
+            "/begin_weight_update": self._begin,
+            "/end_weight_update": self._end,
+            "/update_weights_from_tensor": self._update_weights,
+            "/flush_cache": self._flush,
+            "/get_weights_by_name": self._get_weights,
+            "/release_memory_occupation": self._release,
+            "/resume_memory_occupation": self._resume,
+            "/load_lora_adapter_from_tensors": self._load_lora,
+            "/unload_lora_adapter": self._unload_lora,
+        }
+        if route not in handlers:
+            return 404, {"detail": "Not Found"}
+        return handlers[route](body)
+
+    def _health(self, body: Any) -> tuple[int, Any]:
+        return 200, None
+
+    def _begin(self, body: Any) -> tuple[int, Any]:
+        self.session_open = True
+        return 200, {"success": True, "message": "Weight update session opened."}
+
+    def _end(self, body: Any) -> tuple[int, Any]:
+        if not self.session_open:
+            return 400, {"success": False, "message": "no open weight-update session"}
+        self.session_open = False
+        return 200, {"success": True, "message": "Weight update session closed."}
+
+    def _payload(self, body: dict[str, Any]) -> Any:
+        payloads = body["serialized_named_tensors"]
+        if len(payloads) != self.tp_size:
+            raise ValueError(f"expected {self.tp_size} per-rank payloads, got {len(payloads)}")
+        # Test double: unpickles the engine's own payload (SGLang uses a restricted SafeUnpickler).
+        return pickle.loads(base64.b64decode(payloads[0], validate=True))
+
+    def _update_weights(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if not self.session_open:
+            message = (
+                "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+            )
+            return 400, {"success": False, "message": message}
+        if self.released:
+            return 400, {"success": False, "message": "weights are released; resume memory first"}
+        named = self._payload(body)
+        params = dict(self.model.named_parameters())
+        with self._lock, torch.no_grad():
+            for name, tensor in named:
+                self.loaded_names.append(name)
+                if self.drop_updates or name not in params:
+                    continue  # SGLang logs "Parameter ... not found" and skips: the pitfall
+                params[name].copy_(tensor)
+        return 200, {"success": True, "message": "Success"}
+
+    def _flush(self, body: Any) -> tuple[int, Any]:
+        return 200, "Cache flushed.\n"
+
+    def _get_weights(self, body: dict[str, Any]) -> tuple[int, Any]:
+        params = dict(self.model.named_parameters())
+        if body["name"] not in params:
+            return 400, {"error": {"message": "Get parameter by name failed"}}
+        return 200, params[body["name"]].detach().float()[: body.get("truncate_size", 100)].tolist()
+
+    def _release(self, body: Any) -> tuple[int, Any]:
+        self.released = True
+        return 200, None
+
+    def _resume(self, body: Any) -> tuple[int, Any]:
+        self.released = False
+        return 200, None
+
+    def _load_lora(self, body: dict[str, Any]) -> tuple[int, Any]:
+        name = body["lora_name"]
+        if name in self.adapters:
+            return 400, {"success": False, "error_message": f"adapter {name!r} is already loaded"}
+        tensors: dict[str, torch.Tensor] = self._payload(body)
+        if self.corrupt_adapters:
+            first = next(iter(tensors))
+            tensors[first] = tensors[first] + 1.0
+        expected = body.get("expected_checksums")
+        if expected is not None:
+            got = {
+                n: hashlib.sha256(
+                    t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+                ).hexdigest()
+                for n, t in tensors.items()
+            }
+            bad = sorted(n for n in expected if got.get(n) != expected[n]) + sorted(set(got) - set(expected))
+            if bad:
+                return 400, {
+                    "success": False,
+                    "error_message": f"[LORA-CHECK] adapter sync MISMATCH: {bad[:5]}",
+                }
+        self.adapters[name] = self._merged_copy(tensors, body["config_dict"])
+        return 200, {"success": True, "error_message": None, "loaded_adapters": {n: n for n in self.adapters}}
+
+    def _unload_lora(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.adapters.pop(body["lora_name"], None) is None:
+            return 400, {"success": False, "error_message": f"adapter {body['lora_name']!r} is not loaded"}
+        return 200, {"success": True, "error_message": None, "loaded_adapters": {n: n for n in self.adapters}}
+
+    def _merged_copy(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.nn.Module:
+        """The base model with W += scale * B @ A for every adapted module (peft names)."""
+        scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+        model = copy.deepcopy(self.model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, lora_a in tensors.items():
+                if ".lora_A." not in name:
+                    continue
+                module = name.removeprefix("base_model.model.").split(".lora_A.")[0]
+                lora_b = tensors[name.replace(".lora_A.", ".lora_B.")]
+                params[f"{module}.weight"] += scale * lora_b.float() @ lora_a.float()  # [out, in]
+        return model
+
+    def _generate(self, body: dict[str, Any]) -> tuple[int, Any]:
+        if self.generate_delays:
+            time.sleep(self.generate_delays.pop(0))
+        if self.released:
+            return 400, {"error": {"message": "memory is released; resume_memory_occupation first"}}
+        batch = isinstance(body["input_ids"][0], list)
+        prompts = body["input_ids"] if batch else [body["input_ids"]]
+        params = body.get("sampling_params") or {}
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        loras = body.get("lora_path")
+        loras = loras if isinstance(loras, list) else [loras] * len(prompts)
+        for lora in loras:
+            if lora is not None and lora not in self.adapters:
+                return 400, {"error": {"message": f"LoRA adapter {lora!r} is not loaded"}}
+        results = [
+            self._sample(
+                prompt, sp, self.adapters[lora] if lora else self.model, body.get("logprob_start_len")
+            )
+            for prompt, sp, lora in zip(prompts, params, loras, strict=True)
+        ]
+        return 200, results if batch else results[0]
+
+    @torch.no_grad()
+    def _sample(
+        self, prompt: list[int], sp: dict[str, Any], model: torch.nn.Module, logprob_start_len: int | None
+    ) -> dict[str, Any]:
+        temperature, top_k, top_p = sp.get("temperature", 1.0), sp.get("top_k", -1), sp.get("top_p", 1.0)
+        if temperature < _SAMPLING_EPS:
+            temperature, top_k = 1.0, 1
+        generator = torch.Generator().manual_seed(sp["sampling_seed"]) if "sampling_seed" in sp else None
+        stops = sp.get("stop") or []
+        ids, output, logprobs = list(prompt), [], []
+        finish: dict[str, Any] = {"type": "length", "length": sp.get("max_new_tokens", 128)}
+        with self._lock:
+            prompt_logits = model(torch.tensor([prompt])).logits[0].float()  # [P, V]
+            for _ in range(sp.get("max_new_tokens", 128)):
+                logits = model(torch.tensor([ids])).logits[0, -1].float()  # [V]
+                token_logprobs = torch.log_softmax(logits / temperature, dim=-1)  # [V]
+                token = self._pick(token_logprobs, top_k, top_p, generator)
+                output.append(token)
+                logprobs.append(token_logprobs[token].item())
+                ids.append(token)
+                if token in self.eos_ids:
+                    finish = {"type": "stop", "matched": token}
+                    break
+                text = self.tokenizer.decode(output, skip_special_tokens=True)
+                matched = next((s for s in stops if s in text), None)
+                if matched is not None:
+                    finish = {"type": "stop", "matched": matched}
+                    break
+        text = self.tokenizer.decode(output, skip_special_tokens=sp.get("skip_special_tokens", True))
+        if isinstance(finish.get("matched"), str) and not sp.get("no_stop_trim", False):
+            text = text[: text.find(finish["matched"])]
+        meta: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(output),
+            "weight_version": "default",
+            "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, output, strict=True)],
+        }
+        if logprob_start_len == 0:
+            prompt_lp = torch.log_softmax(prompt_logits[:-1], dim=-1)  # [P-1, V]
+            picked = prompt_lp.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1).tolist()  # [P-1]
+            meta["input_token_logprobs"] = [[None, prompt[0], None]] + [
+                [lp, t, None] for lp, t in zip(picked, prompt[1:], strict=True)
+            ]
+        return {"text": text, "output_ids": output, "meta_info": meta}
+
+    @staticmethod
+    def _pick(logprobs: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+        if top_k == 1:
+            return int(logprobs.argmax())
+        probs = logprobs.exp()  # [V]
+        if top_k > 1:
+            kth = probs.topk(min(top_k, probs.numel())).values[-1]
+            probs = torch.where(probs >= kth, probs, 0.0)
+        if top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < top_p * probs.sum()
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _handler_for(server: FakeSGLangServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _serve(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            body = json.loads(raw) if raw else None
+            route = self.path.split("?", 1)[0]
+            status, answer = server.handle(method, route, body)
+            data = json.dumps(answer).encode()
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client timed out and went away
+
+        def do_GET(self) -> None:
+            self._serve("GET")
+
+        def do_POST(self) -> None:
+            self._serve("POST")
+
+    return Handler
