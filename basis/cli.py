@@ -1,0 +1,67 @@
+"""`basis` command: LightningCLI over `PolicyTrainer` + `PromptDataModule`.
+
+    basis fit --config configs/policy/grpo_tiny.yaml
+    basis fit --config configs/policy/grpo_tiny.yaml --ckpt_path last      # resume a killed run
+    basis validate --config configs/policy/grpo_tiny.yaml --ckpt_path last
+    basis fit --config configs/policy/grpo_tiny.yaml --print_config
+
+Defaults added here: MLflow logging into the local store (`basis.tracking.MLflowLogger`), no
+sanity-check validation (the trainer validates the starting policy itself), and checkpoints loaded
+with `weights_only=True`. When resuming, the MLflow run recorded in `<run_dir>/mlflow_run_id` is
+continued, so a resumed run stays one MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from basis.data import PromptDataModule
+from basis.trainer import PolicyTrainer
+
+
+class MLflowConfigCallback(SaveConfigCallback):
+    """Store the resolved config as `config.yaml` in the MLflow run (no file next to the logger)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
+        logger = trainer.logger
+        if trainer.is_global_zero and logger is not None and getattr(logger, "run_id", None):
+            text = self.parser.dump(self.config, skip_none=False)
+            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+
+
+class PolicyCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is None or not config.get("ckpt_path"):
+            return
+        logger = config.trainer.get("logger")
+        run_file = Path(config.model.run_dir) / "mlflow_run_id"
+        if logger and hasattr(logger, "init_args") and run_file.exists() and not logger.init_args.get("run_id"):
+            logger.init_args.run_id = run_file.read_text().strip()
+
+
+def main(args: list[str] | None = None) -> None:
+    PolicyCLI(
+        PolicyTrainer,
+        PromptDataModule,
+        save_config_callback=MLflowConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": {"class_path": "basis.tracking.MLflowLogger", "init_args": {"experiment_name": "basis-policy"}},
+            "num_sanity_val_steps": 0,
+            "enable_model_summary": False,
+        },
+        seed_everything_default=0,
+        parser_kwargs={"default_env": False},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

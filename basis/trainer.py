@@ -1,0 +1,706 @@
+"""The RLVR policy trainer: a LightningModule for the GRPO family with HF or SGLang rollouts.
+
+One training step (one batch of prompts) is:
+
+    rollout  – the engine samples `group_size` responses per prompt (token ids, behaviour log-probs)
+    reward   – the verifier scores them in {0, 1}; advantages see them on the ±1 scale (design.md §4)
+    math     – `basis.advantages.compute_advantages(advantage, ...)` (any registry estimator)
+    update   – `ppo_epochs` x `mini_batches` optimizer updates of the PPO-clip loss
+               (`basis.losses.policy_loss`, clip-higher, dual clip, truncated IS against the engine's
+               log-probs, optional KL to the frozen reference), then the engine gets the new weights
+    record   – metrics to MLflow at step = RL step, rollout records to parquet, periodic HF exports
+
+Deviations and choices:
+- Old log-probs are recomputed by the training model before the update (so the PPO ratio is exact
+  under the trainer's numerics); the engine's log-probs only feed the truncated-IS weights and the
+  logged mismatch, as in verl.
+- Randomness is derived per step from `(seed, rl_step, rank)` instead of carried RNG state, so a run
+  resumed from a checkpoint replays exactly what the uninterrupted run would have done.
+- Metrics are written to the logger at the end of `training_step`, before Lightning saves the step's
+  checkpoint; after a resume, steps that were already logged are not logged again.
+- `trainer.max_steps` counts optimizer updates: RL steps x `ppo_epochs` x `mini_batches`.
+
+Run: `basis fit --config configs/policy/grpo_tiny.yaml` (see `basis.cli`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from basis.advantages import ESTIMATORS, compute_advantages
+from basis.data import PromptRow, seed_for
+from basis.losses import (
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    logprob_mismatch,
+    policy_loss,
+    truncated_is_weights,
+)
+from basis.metrics import PassAtK
+from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft `LoraConfig`).
+
+    Args:
+        r: Adapter rank.
+        alpha: Scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or "all-linear".
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+class Rollouts(NamedTuple):
+    """The sampled responses of one step, flat over prompts x samples."""
+
+    prompts: list[PromptRow]  # [P]
+    prompt_ids: list[list[int]]  # [N] prompt token ids per response
+    completions: list[Completion]  # [N]
+    index: torch.Tensor  # [N] long, prompt group of each response
+    correct: torch.Tensor  # [N] float in {0, 1}
+    verifier_failures: int
+
+
+class PolicyBatch(NamedTuple):
+    """Token-level tensors for the update: prompt (left-padded) + response (right-padded)."""
+
+    input_ids: torch.Tensor  # [N, P + R]
+    attention_mask: torch.Tensor  # [N, P + R]
+    response_mask: torch.Tensor  # [N, R] bool
+    rollout_logprobs: torch.Tensor  # [N, R] engine log-probs (0 on padding)
+    prompt_width: int  # P
+
+
+class PolicyTrainer(L.LightningModule):
+    """RLVR policy trainer (GRPO family) with any `basis.advantages` estimator.
+
+    Args:
+        model_path: Any Hugging Face causal LM folder (or hub id on a machine that has it).
+        lora: LoRA settings; None trains all parameters (full fine-tuning).
+        advantage: Estimator name in `basis.advantages.ESTIMATORS` (grpo, dr_grpo, rloo, ...).
+        advantage_options: Extra keyword options of the estimator (e.g. `{"norm_by_std": false}`).
+        group_size: Responses sampled per prompt.
+        verifier: Reward function name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
+        ppo_epochs: Passes over each step's responses.
+        mini_batches: Optimizer updates per pass (the step's responses are split evenly).
+        micro_batch_size: Responses per forward/backward (gradient accumulation inside a mini-batch).
+        eps_low: PPO clip range below 1.
+        eps_high: PPO clip range above 1 (DAPO clip-higher uses 0.28).
+        clip_ratio_c: Dual-clip bound for negative advantages.
+        loss_agg: "token-mean", "seq-mean-token-sum" or "seq-mean-token-mean".
+        kl_coef: Weight of the KL penalty to the frozen reference policy (0 disables it and the
+            reference forward pass).
+        kl_estimator: "k1", "k2" or "k3".
+        tis_cap: Truncated importance-sampling cap for engine/trainer mismatch; None disables the
+            correction (the mismatch is still logged).
+        temperature: Sampling temperature (also used for the trainer's log-probs).
+        top_p: Nucleus sampling mass.
+        top_k: Top-k sampling (0 = off).
+        max_new_tokens: Longest response.
+        stop: Stop strings.
+        max_prompt_tokens: Longest allowed prompt (None: the model's context minus `max_new_tokens`);
+            a longer training prompt is an error at setup.
+        grad_clip: Max global gradient norm.
+        optimizer: Optimizer factory (LightningCLI `optimizer:` section); default AdamW lr 1e-5.
+        lr_scheduler: Scheduler factory, stepped once per optimizer update; None keeps the lr fixed.
+        engine: Rollout engine; None samples in-process with `HFEngine` on the policy itself.
+        engine_batch_size: Most sequences per `generate` call of the in-process HF engine.
+        val_samples: Samples per validation prompt; pass@k is logged for k = 1..val_samples.
+        export_every_n_steps: Export the policy in HF format every N RL steps (0 = only at the end).
+        checkpoint_every_n_steps: Lightning checkpoint (`last.ckpt`) every N RL steps.
+        run_dir: Folder for checkpoints, exports, rollout records and the MLflow run id.
+        seed: Base seed for sampling and mini-batch order.
+        torch_threads: Intra-op threads per process (None leaves torch's default). On 2-core
+            machines one thread is much faster next to a busy core.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        lora: LoraSettings | None = None,
+        advantage: str = "grpo",
+        advantage_options: dict[str, Any] | None = None,
+        group_size: int = 8,
+        verifier: str = "arithmetic",
+        ppo_epochs: int = 1,
+        mini_batches: int = 1,
+        micro_batch_size: int = 64,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        clip_ratio_c: float = 3.0,
+        loss_agg: str = "token-mean",
+        kl_coef: float = 0.0,
+        kl_estimator: str = "k3",
+        tis_cap: float | None = 2.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 64,
+        stop: list[str] | None = None,
+        max_prompt_tokens: int | None = None,
+        grad_clip: float = 1.0,
+        optimizer: OptimizerFactory = _adamw,
+        lr_scheduler: SchedulerFactory | None = None,
+        engine: RolloutEngine | None = None,
+        engine_batch_size: int = 256,
+        val_samples: int = 8,
+        export_every_n_steps: int = 0,
+        checkpoint_every_n_steps: int = 1,
+        run_dir: str = "runs/policy",
+        seed: int = 0,
+        torch_threads: int | None = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler"])
+        _validate_settings(advantage, group_size, ppo_epochs, mini_batches, micro_batch_size, loss_agg, kl_estimator, val_samples)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.automatic_optimization = False
+        self.sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.policy, self.tokenizer = load_policy(model_path, lora)
+        self.reference = None  # built lazily when kl_coef > 0 (full fine-tuning only; LoRA disables adapters)
+        self.engine: RolloutEngine = engine if engine is not None else HFEngine(self.policy, self.tokenizer, engine_batch_size)
+        from basis.rewards import get_verifier
+
+        self.verifier = get_verifier(verifier)
+        self.rl_step = 0
+        self.run_dir = Path(run_dir)
+        self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
+        self._val_accuracy: list[torch.Tensor] = []
+        self._pass_curves: dict[int, dict[int, float]] = {}
+        self._prompt_ids_cache: dict[str, list[int]] = {}
+        self._bad_steps = 0
+        self._last_logged_step = -1
+        self.updates_per_step = ppo_epochs * mini_batches
+
+    # ----------------------------------------------------------------- Lightning plumbing
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        every = self.hparams.checkpoint_every_n_steps * self.updates_per_step
+        return [ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every)]
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is not None and stage == "fit":
+            datamodule.setup(stage)
+            self._check_prompt_lengths(datamodule.train_rows)
+            self._check_divisibility(datamodule.prompts_per_step)
+
+    def on_fit_start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
+            (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
+            self._last_logged_step = last_logged_step(self.logger, "train/reward_mean")
+            self.logger.log_hyperparams({"torch_threads": torch.get_num_threads(), "world_size": self.trainer.world_size})
+
+    def on_train_start(self) -> None:
+        if self.rl_step == 0 and self.trainer.datamodule is not None and self.trainer.datamodule.val_rows:
+            self.run_validation()  # the starting policy's held-out numbers, logged at step 0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["basis_state"] = {"format": 1, "rl_step": self.rl_step, "bad_steps": self._bad_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("basis_state")
+        if state is None or state.get("format") != 1:
+            raise ValueError("checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version")
+        self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
+
+    # ----------------------------------------------------------------- the RL step
+
+    def training_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
+        self.rl_step += 1
+        timings: dict[str, float] = {}
+        with _timer(timings, "rollout"):
+            rollouts = self.collect_rollouts(prompts, self.hparams.group_size)
+        with _timer(timings, "reward"):
+            rollouts = self.score(rollouts)
+        advantages = self.advantages(rollouts)  # [N]
+        self.engine.release_memory()
+        with _timer(timings, "update"):
+            batch = self.policy_batch(rollouts)
+            update_stats = self.update_policy(batch, advantages)
+        with _timer(timings, "weight_sync"):
+            self.engine.resume_memory()
+            self.engine.update_weights(self.policy)
+        self.record_step(rollouts, advantages, update_stats, timings)
+
+    def collect_rollouts(self, prompts: list[PromptRow], samples_per_prompt: int) -> Rollouts:
+        """Sample `samples_per_prompt` responses for each prompt (grouped, in prompt order)."""
+        prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(samples_per_prompt)]
+        params = self._sampling_params(salt=0)
+        completions = self.engine.generate(prompt_ids, params)
+        index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)  # [N]
+        return Rollouts(prompts, prompt_ids, completions, index, torch.zeros(len(completions)), 0)
+
+    def score(self, rollouts: Rollouts) -> Rollouts:
+        answers = [rollouts.prompts[i].answer for i in rollouts.index.tolist()]
+        result = self.verifier([c.text for c in rollouts.completions], answers)
+        correct = torch.as_tensor(result.rewards, dtype=torch.float32)  # [N] in {0, 1}
+        return rollouts._replace(correct=correct, verifier_failures=rollouts.verifier_failures + result.num_failed)
+
+    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
+        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
+        options = dict(self.hparams.advantage_options or {})
+        if "token_counts" in inspect.signature(ESTIMATORS[self.hparams.advantage].fn).parameters:
+            options["token_counts"] = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.long)
+        return compute_advantages(self.hparams.advantage, rewards, rollouts.index, **options)  # [N]
+
+    def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """PPO-clip updates on one step's responses; returns averaged statistics."""
+        hp = self.hparams
+        old_logprobs, entropy = self.sequence_logprobs(batch, with_entropy=True)  # [N, R], [N, R]
+        mask = batch.response_mask
+        is_weights = truncated_is_weights(old_logprobs, batch.rollout_logprobs, mask, cap=hp.tis_cap) if hp.tis_cap else None
+        ref_logprobs = self.reference_logprobs(batch) if hp.kl_coef > 0 else None
+        stats: dict[str, list[float]] = {}
+        generator = torch.Generator().manual_seed(seed_for(hp.seed, self.rl_step, self.global_rank, 1))
+        optimizer = self.optimizers()
+        for _ in range(hp.ppo_epochs):
+            order = torch.randperm(len(advantages), generator=generator)  # [N]
+            for mini in order.chunk(hp.mini_batches):
+                self._optimizer_update(optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats)
+        summary = {k: float(np.mean(v)) for k, v in stats.items()}
+        summary["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+        summary["logprob_mismatch"] = float(logprob_mismatch(old_logprobs, batch.rollout_logprobs, mask))
+        return summary
+
+    def _optimizer_update(self, optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats) -> None:
+        """One optimizer update over the responses `mini`, accumulated over micro-batches."""
+        hp = self.hparams
+        optimizer.zero_grad()
+        num_tokens = float(batch.response_mask[mini].sum())
+        finite = True
+        for micro in mini.split(hp.micro_batch_size):
+            sub = _select(batch, micro)
+            logprobs, _ = self.sequence_logprobs(sub, with_grad=True)  # [n, R]
+            out = policy_loss(
+                logprobs, old_logprobs[micro], advantages[micro], sub.response_mask,
+                eps_low=hp.eps_low, eps_high=hp.eps_high, clip_ratio_c=hp.clip_ratio_c, agg=hp.loss_agg,
+                is_weights=None if is_weights is None else is_weights[micro],
+                num_tokens=num_tokens, num_sequences=float(len(mini)),
+            )  # fmt: skip
+            loss = out.loss
+            if ref_logprobs is not None:
+                kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
+                kl_loss = aggregate_loss(kl, sub.response_mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=float(len(mini)))
+                loss = loss + hp.kl_coef * kl_loss
+                _append(stats, kl=float(kl_loss.detach()) * len(mini) / len(micro))
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            self.manual_backward(loss)
+            _append(stats, policy_loss=float(out.loss.detach()), clip_frac=float(out.clip_frac), clip_frac_low=float(out.clip_frac_low),
+                    clip_frac_high=float(out.clip_frac_high), dual_clip_frac=float(out.dual_clip_frac), approx_kl=float(out.approx_kl))  # fmt: skip
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip)
+        if not finite or not torch.isfinite(grad_norm):
+            optimizer.zero_grad()
+            self._on_non_finite()
+            _append(stats, skipped_updates=1.0)
+            return
+        self._bad_steps = 0
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        _append(stats, grad_norm=float(grad_norm), skipped_updates=0.0, lr=optimizer.param_groups[0]["lr"])
+
+    def _on_non_finite(self) -> None:
+        self._bad_steps += 1
+        if self._bad_steps >= 3:
+            path = self.run_dir / "checkpoints" / f"non-finite-step{self.rl_step}.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise RuntimeError(
+                f"three consecutive updates had a non-finite loss or gradient (last at RL step {self.rl_step}); "
+                f"stopped without applying them. State saved to {path}. Lower the learning rate or check rewards/inputs."
+            )
+
+    # ----------------------------------------------------------------- tensors
+
+    def prompt_token_ids(self, row: PromptRow) -> list[int]:
+        ids = self._prompt_ids_cache.get(row.prompt_id)
+        if ids is None:
+            from basis.tasks import render_prompt
+
+            ids = self.tokenizer(render_prompt(self.tokenizer, row.prompt), add_special_tokens=False)["input_ids"]
+            self._prompt_ids_cache[row.prompt_id] = ids
+        return ids
+
+    def policy_batch(self, rollouts: Rollouts) -> PolicyBatch:
+        from basis.rollout import left_pad
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        prompt, prompt_mask = left_pad(rollouts.prompt_ids, pad)  # [N, P]
+        width = max(1, max(len(c.token_ids) for c in rollouts.completions))
+        response = torch.full((len(rollouts.completions), width), pad, dtype=torch.long)  # [N, R]
+        response_mask = torch.zeros_like(response, dtype=torch.bool)  # [N, R]
+        rollout_logprobs = torch.zeros_like(response, dtype=torch.float32)  # [N, R]
+        for row, completion in enumerate(rollouts.completions):
+            n = len(completion.token_ids)
+            response[row, :n] = torch.as_tensor(completion.token_ids, dtype=torch.long)
+            response_mask[row, :n] = True
+            rollout_logprobs[row, :n] = torch.as_tensor(completion.logprobs, dtype=torch.float32)
+        device = self.device
+        return PolicyBatch(
+            input_ids=torch.cat([prompt, response], dim=1).to(device),  # [N, P + R]
+            attention_mask=torch.cat([prompt_mask, response_mask.long()], dim=1).to(device),  # [N, P + R]
+            response_mask=response_mask.to(device),
+            rollout_logprobs=rollout_logprobs.to(device),
+            prompt_width=prompt.shape[1],
+        )
+
+    def sequence_logprobs(self, batch: PolicyBatch, with_grad: bool = False, with_entropy: bool = False, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling temperature."""
+        model = model or self.policy
+        logprobs, entropies = [], []
+        context = torch.enable_grad() if with_grad else torch.no_grad()
+        with context:
+            for micro in torch.arange(batch.input_ids.shape[0]).split(self.hparams.micro_batch_size):
+                ids, mask = batch.input_ids[micro], batch.attention_mask[micro]  # [n, T]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] left padding aware
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [n, T, V]
+                logits = logits[:, batch.prompt_width - 1 : -1].float() / self.hparams.temperature  # [n, R, V]
+                targets = ids[:, batch.prompt_width :]  # [n, R]
+                logprobs.append(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))  # [n, R]
+                if with_entropy:
+                    entropies.append(entropy_from_logits(logits.detach()))  # [n, R]
+        return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+    def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
+        if self.hparams.lora is not None:
+            with self.policy.disable_adapter():
+                return self.sequence_logprobs(batch)[0]
+        if self.reference is None:
+            self.reference = load_policy(self.hparams.model_path, None)[0].to(self.device).eval().requires_grad_(False)
+        return self.sequence_logprobs(batch, model=self.reference)[0]
+
+    def _sampling_params(self, salt: int) -> SamplingParams:
+        from dataclasses import replace
+
+        return replace(self.sampling, seed=seed_for(self.hparams.seed, self.rl_step, self.global_rank, salt))
+
+    # ----------------------------------------------------------------- validation
+
+    def validation_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
+        k = self.hparams.val_samples
+        prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(k)]
+        params = SamplingParams(**{**asdict(self.sampling), "seed": seed_for(self.hparams.seed, 10_000 + batch_idx, self.global_rank)})
+        completions = self.engine.generate(prompt_ids, params)
+        answers = [row.answer for row in prompts for _ in range(k)]
+        correct = torch.as_tensor(self.verifier([c.text for c in completions], answers).rewards).view(len(prompts), k)  # [P, k]
+        num_correct = correct.sum(1).long()  # [P]
+        self.val_pass_at_k.update(torch.full_like(num_correct, k), num_correct)
+        self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        pass_at = {int(k): float(v) for k, v in self.val_pass_at_k.compute().items()}
+        self.val_pass_at_k.reset()
+        accuracy = self.all_gather(torch.cat(self._val_accuracy)).flatten().float() if self._val_accuracy else torch.zeros(0)
+        self._val_accuracy = []
+        metrics = {f"val/pass_at_k/{k}": v for k, v in pass_at.items()}
+        metrics["val/mean_at_k"] = float(accuracy.mean())
+        metrics["val/mean_at_k_stderr"] = float(accuracy.std() / math.sqrt(max(1, accuracy.numel())))
+        self._pass_curves[self.rl_step] = pass_at
+        self.log_metrics(metrics, force=True)
+
+    def run_validation(self) -> None:
+        """Validate now (outside Lightning's validation loop), e.g. the starting policy at step 0."""
+        was_training = self.policy.training
+        self.policy.eval()
+        for batch_idx, prompts in enumerate(self.trainer.datamodule.val_dataloader()):
+            self.validation_step(prompts, batch_idx)
+        self.on_validation_epoch_end()
+        self.policy.train(was_training)
+
+    def on_train_end(self) -> None:
+        self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
+        if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
+            client, run_id = self.logger.experiment, self.logger.run_id
+            client.log_artifacts(run_id, str(self.run_dir / "exports" / f"step_{self.rl_step:06d}"), "policy")
+            if self._pass_curves:
+                client.log_figure(run_id, pass_at_k_figure(self._pass_curves), "pass_at_k_vs_k.png")
+
+    # ----------------------------------------------------------------- records, exports, logging
+
+    def record_step(self, rollouts: Rollouts, advantages: torch.Tensor, update: dict[str, float], timings: dict[str, float]) -> None:
+        lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
+        truncated = torch.tensor([c.finish_reason == "length" for c in rollouts.completions], dtype=torch.float32)  # [N]
+        rewards = 2.0 * rollouts.correct - 1.0  # [N]
+        metrics = {
+            "train/reward_mean": float(rewards.mean()),
+            "train/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+            "train/accuracy": float(rollouts.correct.mean()),
+            "train/zero_variance_groups": zero_variance_fraction(rollouts.correct, rollouts.index),
+            "train/advantage_mean": float(advantages.mean()),
+            "train/advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
+            "train/advantage_abs_max": float(advantages.abs().max()),
+            "train/response_length": float(lengths.mean()),
+            "train/truncation_rate": float(truncated.mean()),
+            "train/verifier_failures": float(rollouts.verifier_failures),
+            "train/rollouts": float(len(rollouts.completions)),
+            "train/tokens_per_s": float(lengths.sum()) / max(timings["rollout"], 1e-9),
+            **{f"train/{k}": v for k, v in update.items()},
+            **{f"time/{k}": v for k, v in timings.items()},
+        }
+        metrics["time/step"] = sum(timings.values())
+        self.log_metrics(metrics)
+        self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
+        self.write_rollout_records(rollouts)
+        every = self.hparams.export_every_n_steps
+        if every and self.rl_step % every == 0:
+            self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
+
+    def log_metrics(self, metrics: dict[str, float], force: bool = False) -> None:
+        """Average `metrics` over ranks and write them at step = RL step (skipping replayed steps)."""
+        if self.trainer.world_size > 1:
+            values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")
+            metrics = dict(zip(metrics, values.tolist()))
+        if self.logger is None or (not force and self.rl_step <= self._last_logged_step):
+            return
+        self.logger.log_metrics(metrics, step=self.rl_step)
+
+    def write_rollout_records(self, rollouts: Rollouts) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [rollouts.prompts[i] for i in rollouts.index.tolist()]
+        table = pa.table({
+            "step": [self.rl_step] * len(rows),
+            "prompt_id": [r.prompt_id for r in rows],
+            "prompt": [r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt) for r in rows],
+            "reward": rollouts.correct.tolist(),
+            "response_length": [len(c.token_ids) for c in rollouts.completions],
+            "finish_reason": [c.finish_reason for c in rollouts.completions],
+            "response": [c.text for c in rollouts.completions],
+        })  # fmt: skip
+        folder = self.run_dir / "rollouts"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step_{self.rl_step:06d}-rank{self.global_rank}.parquet"
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+
+    def export(self, out_dir: Path) -> None:
+        """Save the policy in HF format (LoRA: merged weights, plus the adapter in `adapter/`)."""
+        if self.global_rank != 0:
+            return
+        export_policy(self.policy, self.tokenizer, out_dir, metadata={"rl_step": self.rl_step, "model_path": self.hparams.model_path})
+
+    # ----------------------------------------------------------------- setup checks
+
+    def _check_prompt_lengths(self, rows: list[PromptRow]) -> None:
+        context = getattr(self.policy.config, "max_position_embeddings", None)
+        max_new = self.hparams.max_new_tokens
+        limit = self.hparams.max_prompt_tokens
+        if limit is None:
+            limit = context - max_new if context is not None else None
+        elif context is not None and limit + max_new > context:
+            raise ValueError(
+                f"model.max_prompt_tokens ({limit}) + model.max_new_tokens ({max_new}) exceeds the model's "
+                f"context of {context} tokens"
+            )
+        if limit is None:
+            return
+        longest = max(rows, key=lambda r: len(self.prompt_token_ids(r)))
+        length = len(self.prompt_token_ids(longest))
+        if length > limit:
+            setting = "model.max_prompt_tokens" if self.hparams.max_prompt_tokens is not None else "the model's context minus model.max_new_tokens"
+            raise ValueError(
+                f"prompt {longest.prompt_id!r} has {length} tokens, more than {setting}={limit}; "
+                "filter long prompts or shorten responses"
+            )
+
+    def _check_divisibility(self, prompts_per_step: int) -> None:
+        responses = prompts_per_step * self.hparams.group_size
+        if responses % self.hparams.mini_batches:
+            raise ValueError(
+                f"data.prompts_per_step x model.group_size = {responses} responses do not split into "
+                f"model.mini_batches={self.hparams.mini_batches} equal mini-batches"
+            )
+
+
+# --------------------------------------------------------------------- module-level helpers
+
+
+def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer; wrap it with a LoRA adapter if `lora` is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(model_path)
+    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ValueError(f"model.model_path {model_path!r} does not exist (and the hub is offline)")
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model.model_path {model_path!r} is not a loadable Hugging Face model: {err}") from err
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved_as = [name for name in (config.architectures or []) if name not in causal_classes]
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as:
+        kind = saved_as[0] if saved_as else f"{config.model_type!r} model"
+        raise ValueError(f"model.model_path {model_path!r} holds a {kind}, not a causal LM")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+        )
+    model.train()
+    return model, tokenizer
+
+
+def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named full weights of `policy`. For a PEFT LoRA model each adapted weight is returned as
+    `W + get_delta_weight()` (= W + s·B·A), computed out of place: merging in place and unmerging
+    again would leave rounding error in the training weights."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(policy, PeftModel):
+        return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    base = policy.get_base_model()
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    key = f"{name}.base_layer.weight"
+                    deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter).detach()
+    merged = {}
+    for key, tensor in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        value = tensor.detach() + deltas[key] if key in deltas else tensor.detach().clone()
+        merged[key.replace(".base_layer.", ".")] = value
+    return merged
+
+
+def export_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`."""
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
+    base.save_pretrained(tmp, state_dict=merged_state_dict(policy))
+    tokenizer.save_pretrained(tmp)
+    if isinstance(policy, PeftModel):
+        policy.save_pretrained(tmp / "adapter")
+    (tmp / "basis_export.json").write_text(json.dumps(metadata or {}, indent=2))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
+    """Fraction of prompt groups whose responses all got the same reward."""
+    groups = torch.unique(index)
+    spread = [correct[index == g].max() != correct[index == g].min() for g in groups]
+    return float(1.0 - sum(bool(s) for s in spread) / len(groups))
+
+
+def last_logged_step(logger: Any, metric: str) -> int:
+    """The highest step of `metric` already in the logger's MLflow run (-1 if none)."""
+    history = logger.experiment.get_metric_history(logger.run_id, metric)
+    return max((m.step for m in history), default=-1)
+
+
+def pass_at_k_figure(curves: dict[int, dict[int, float]]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for step, curve in sorted(curves.items()):
+        ks = sorted(curve)
+        ax.plot(ks, [curve[k] for k in ks], marker="o", label=f"step {step}")
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k (validation)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _validate_settings(advantage: str, group_size: int, ppo_epochs: int, mini_batches: int, micro_batch_size: int,
+                       loss_agg: str, kl_estimator: str, val_samples: int) -> None:  # fmt: skip
+    if advantage not in ESTIMATORS:
+        raise ValueError(f"model.advantage={advantage!r} is not a registered estimator; choose one of {sorted(ESTIMATORS)}")
+    need = ESTIMATORS[advantage].min_group_size
+    if group_size < need:
+        raise ValueError(f"model.group_size={group_size} is below {need}, the smallest group the {advantage!r} estimator supports")
+    for name, value in [("ppo_epochs", ppo_epochs), ("mini_batches", mini_batches), ("micro_batch_size", micro_batch_size), ("val_samples", val_samples)]:
+        if value < 1:
+            raise ValueError(f"model.{name} must be >= 1, got {value}")
+    if loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
+        raise ValueError(f"model.loss_agg={loss_agg!r} must be token-mean, seq-mean-token-sum or seq-mean-token-mean")
+    if kl_estimator not in ("k1", "k2", "k3"):
+        raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
+
+
+def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:
+    return PolicyBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows], batch.rollout_logprobs[rows], batch.prompt_width)
+
+
+def _append(stats: dict[str, list[float]], **values: float) -> None:
+    for key, value in values.items():
+        stats.setdefault(key, []).append(value)
+
+
+class _timer:
+    def __init__(self, timings: dict[str, float], name: str) -> None:
+        self.timings, self.name = timings, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
