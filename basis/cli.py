@@ -42,7 +42,12 @@ class PolicyCLI(LightningCLI):
             return
         logger = config.trainer.get("logger")
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
-        if logger and hasattr(logger, "init_args") and run_file.exists() and not logger.init_args.get("run_id"):
+        if (
+            logger
+            and hasattr(logger, "init_args")
+            and run_file.exists()
+            and not logger.init_args.get("run_id")
+        ):
             logger.init_args.run_id = run_file.read_text().strip()
 
 
@@ -51,9 +56,12 @@ def main(args: list[str] | None = None) -> None:
         PolicyTrainer,
         PromptDataModule,
         save_config_callback=MLflowConfigCallback,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"save_to_log_dir": False},
         trainer_defaults={
-            "logger": {"class_path": "basis.tracking.MLflowLogger", "init_args": {"experiment_name": "basis-policy"}},
+            "logger": {
+                "class_path": "basis.tracking.MLflowLogger",
+                "init_args": {"experiment_name": "basis-policy"},
+            },
             "num_sanity_val_steps": 0,
             "enable_model_summary": False,
         },

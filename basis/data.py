@@ -44,7 +44,9 @@ def rows_from_dataset(dataset: Any) -> list[PromptRow]:
     ]
 
 
-def step_prompt_indices(num_prompts: int, step: int, per_step: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+def step_prompt_indices(
+    num_prompts: int, step: int, per_step: int, seed: int, rank: int, world_size: int
+) -> np.ndarray:
     """Indices of the prompts for RL step `step` on `rank` (see module docstring)."""
     global_per_step = per_step * world_size
     steps_per_epoch = max(1, num_prompts // global_per_step)
@@ -57,14 +59,18 @@ def step_prompt_indices(num_prompts: int, step: int, per_step: int, seed: int, r
 class StepPrompts(IterableDataset):
     """Yields the prompt list of every RL step from `start_step` on (an endless stream)."""
 
-    def __init__(self, rows: list[PromptRow], per_step: int, seed: int, start_step: int, rank: int, world_size: int):
+    def __init__(
+        self, rows: list[PromptRow], per_step: int, seed: int, start_step: int, rank: int, world_size: int
+    ):
         self.rows, self.per_step, self.seed = rows, per_step, seed
         self.start_step, self.rank, self.world_size = start_step, rank, world_size
 
     def __iter__(self) -> Iterator[list[PromptRow]]:
         step = self.start_step
         while True:
-            indices = step_prompt_indices(len(self.rows), step, self.per_step, self.seed, self.rank, self.world_size)
+            indices = step_prompt_indices(
+                len(self.rows), step, self.per_step, self.seed, self.rank, self.world_size
+            )
             yield [self.rows[i] for i in indices]
             step += 1
 
@@ -120,15 +126,21 @@ class PromptDataModule(L.LightningDataModule):
             return
         from basis.tasks import load_prompts
 
-        self.train_rows = rows_from_dataset(load_prompts(self.train_path, split=self.train_split, column_map=self.column_map))
+        self.train_rows = rows_from_dataset(
+            load_prompts(self.train_path, split=self.train_split, column_map=self.column_map)
+        )
         if len(self.train_rows) < self.prompts_per_step:
             raise ValueError(
                 f"data.prompts_per_step={self.prompts_per_step} exceeds the {len(self.train_rows)} prompts in {self.train_path}"
             )
         if self.val_path:
-            rows = rows_from_dataset(load_prompts(self.val_path, split=self.val_split, column_map=self.column_map))
+            rows = rows_from_dataset(
+                load_prompts(self.val_path, split=self.val_split, column_map=self.column_map)
+            )
             if self.val_prompts and self.val_prompts < len(rows):
-                keep = np.sort(np.random.default_rng(self.seed).choice(len(rows), self.val_prompts, replace=False))
+                keep = np.sort(
+                    np.random.default_rng(self.seed).choice(len(rows), self.val_prompts, replace=False)
+                )
                 rows = [rows[i] for i in keep]
             self.val_rows = rows
 

@@ -16,8 +16,10 @@ Deviations and choices:
   logged mismatch, as in verl.
 - Randomness is derived per step from `(seed, rl_step, rank)` instead of carried RNG state, so a run
   resumed from a checkpoint replays exactly what the uninterrupted run would have done.
-- Metrics are written to the logger at the end of `training_step`, before Lightning saves the step's
-  checkpoint; after a resume, steps that were already logged are not logged again.
+- Metrics (and the periodic validation) are written to the logger at the end of `training_step`,
+  before Lightning saves the step's checkpoint; after a resume, steps already logged are not logged
+  again. Validation runs inside the training step for that reason, not in Lightning's val loop
+  (which `basis validate` still uses).
 - `trainer.max_steps` counts optimizer updates: RL steps x `ppo_epochs` x `mini_batches`.
 
 Run: `basis fit --config configs/policy/grpo_tiny.yaml` (see `basis.cli`).
@@ -134,6 +136,7 @@ class PolicyTrainer(L.LightningModule):
         engine: Rollout engine; None samples in-process with `HFEngine` on the policy itself.
         engine_batch_size: Most sequences per `generate` call of the in-process HF engine.
         val_samples: Samples per validation prompt; pass@k is logged for k = 1..val_samples.
+        val_every_n_steps: Validate every N RL steps (0: only the starting and the final policy).
         export_every_n_steps: Export the policy in HF format every N RL steps (0 = only at the end).
         checkpoint_every_n_steps: Lightning checkpoint (`last.ckpt`) every N RL steps.
         run_dir: Folder for checkpoints, exports, rollout records and the MLflow run id.
@@ -172,6 +175,7 @@ class PolicyTrainer(L.LightningModule):
         engine: RolloutEngine | None = None,
         engine_batch_size: int = 256,
         val_samples: int = 8,
+        val_every_n_steps: int = 0,
         export_every_n_steps: int = 0,
         checkpoint_every_n_steps: int = 1,
         run_dir: str = "runs/policy",
@@ -180,7 +184,16 @@ class PolicyTrainer(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler"])
-        _validate_settings(advantage, group_size, ppo_epochs, mini_batches, micro_batch_size, loss_agg, kl_estimator, val_samples)
+        _validate_settings(
+            advantage,
+            group_size,
+            ppo_epochs,
+            mini_batches,
+            micro_batch_size,
+            loss_agg,
+            kl_estimator,
+            val_samples,
+        )
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.automatic_optimization = False
@@ -188,7 +201,9 @@ class PolicyTrainer(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_policy(model_path, lora)
         self.reference = None  # built lazily when kl_coef > 0 (full fine-tuning only; LoRA disables adapters)
-        self.engine: RolloutEngine = engine if engine is not None else HFEngine(self.policy, self.tokenizer, engine_batch_size)
+        self.engine: RolloutEngine = (
+            engine if engine is not None else HFEngine(self.policy, self.tokenizer, engine_batch_size)
+        )
         from basis.rewards import get_verifier
 
         self.verifier = get_verifier(verifier)
@@ -199,7 +214,7 @@ class PolicyTrainer(L.LightningModule):
         self._pass_curves: dict[int, dict[int, float]] = {}
         self._prompt_ids_cache: dict[str, list[int]] = {}
         self._bad_steps = 0
-        self._last_logged_step = -1
+        self._last_logged = {series: -1 for series in _SERIES_SENTINEL}  # highest step already in MLflow
         self.updates_per_step = ppo_epochs * mini_batches
 
     # ----------------------------------------------------------------- Lightning plumbing
@@ -209,11 +224,18 @@ class PolicyTrainer(L.LightningModule):
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"},
+        }
 
     def configure_callbacks(self) -> list[L.Callback]:
         every = self.hparams.checkpoint_every_n_steps * self.updates_per_step
-        return [ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every)]
+        return [
+            ModelCheckpoint(
+                dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every
+            )
+        ]
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
@@ -226,11 +248,15 @@ class PolicyTrainer(L.LightningModule):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
-            self._last_logged_step = last_logged_step(self.logger, "train/reward_mean")
-            self.logger.log_hyperparams({"torch_threads": torch.get_num_threads(), "world_size": self.trainer.world_size})
+            self._last_logged = {
+                series: last_logged_step(self.logger, name) for series, name in _SERIES_SENTINEL.items()
+            }
+            self.logger.log_hyperparams(
+                {"torch_threads": torch.get_num_threads(), "world_size": self.trainer.world_size}
+            )
 
     def on_train_start(self) -> None:
-        if self.rl_step == 0 and self.trainer.datamodule is not None and self.trainer.datamodule.val_rows:
+        if self.rl_step == 0 and self._has_val_prompts():
             self.run_validation()  # the starting policy's held-out numbers, logged at step 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -239,7 +265,9 @@ class PolicyTrainer(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("basis_state")
         if state is None or state.get("format") != 1:
-            raise ValueError("checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version")
+            raise ValueError(
+                "checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version"
+            )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
 
     # ----------------------------------------------------------------- the RL step
@@ -260,6 +288,9 @@ class PolicyTrainer(L.LightningModule):
             self.engine.resume_memory()
             self.engine.update_weights(self.policy)
         self.record_step(rollouts, advantages, update_stats, timings)
+        every = self.hparams.val_every_n_steps
+        if every and self.rl_step % every == 0 and self._has_val_prompts():
+            self.run_validation()
 
     def collect_rollouts(self, prompts: list[PromptRow], samples_per_prompt: int) -> Rollouts:
         """Sample `samples_per_prompt` responses for each prompt (grouped, in prompt order)."""
@@ -273,13 +304,17 @@ class PolicyTrainer(L.LightningModule):
         answers = [rollouts.prompts[i].answer for i in rollouts.index.tolist()]
         result = self.verifier([c.text for c in rollouts.completions], answers)
         correct = torch.as_tensor(result.rewards, dtype=torch.float32)  # [N] in {0, 1}
-        return rollouts._replace(correct=correct, verifier_failures=rollouts.verifier_failures + result.num_failed)
+        return rollouts._replace(
+            correct=correct, verifier_failures=rollouts.verifier_failures + result.num_failed
+        )
 
     def advantages(self, rollouts: Rollouts) -> torch.Tensor:
         rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
         options = dict(self.hparams.advantage_options or {})
         if "token_counts" in inspect.signature(ESTIMATORS[self.hparams.advantage].fn).parameters:
-            options["token_counts"] = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.long)
+            options["token_counts"] = torch.tensor(
+                [len(c.token_ids) for c in rollouts.completions], dtype=torch.long
+            )
         return compute_advantages(self.hparams.advantage, rewards, rollouts.index, **options)  # [N]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
@@ -287,7 +322,11 @@ class PolicyTrainer(L.LightningModule):
         hp = self.hparams
         old_logprobs, entropy = self.sequence_logprobs(batch, with_entropy=True)  # [N, R], [N, R]
         mask = batch.response_mask
-        is_weights = truncated_is_weights(old_logprobs, batch.rollout_logprobs, mask, cap=hp.tis_cap) if hp.tis_cap else None
+        is_weights = (
+            truncated_is_weights(old_logprobs, batch.rollout_logprobs, mask, cap=hp.tis_cap)
+            if hp.tis_cap
+            else None
+        )
         ref_logprobs = self.reference_logprobs(batch) if hp.kl_coef > 0 else None
         stats: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(seed_for(hp.seed, self.rl_step, self.global_rank, 1))
@@ -295,13 +334,17 @@ class PolicyTrainer(L.LightningModule):
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(len(advantages), generator=generator)  # [N]
             for mini in order.chunk(hp.mini_batches):
-                self._optimizer_update(optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats)
+                self._optimizer_update(
+                    optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats
+                )
         summary = {k: float(np.mean(v)) for k, v in stats.items()}
         summary["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
         summary["logprob_mismatch"] = float(logprob_mismatch(old_logprobs, batch.rollout_logprobs, mask))
         return summary
 
-    def _optimizer_update(self, optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats) -> None:
+    def _optimizer_update(
+        self, optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats
+    ) -> None:
         """One optimizer update over the responses `mini`, accumulated over micro-batches."""
         hp = self.hparams
         optimizer.zero_grad()
@@ -319,7 +362,9 @@ class PolicyTrainer(L.LightningModule):
             loss = out.loss
             if ref_logprobs is not None:
                 kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
-                kl_loss = aggregate_loss(kl, sub.response_mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=float(len(mini)))
+                kl_loss = aggregate_loss(
+                    kl, sub.response_mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=float(len(mini))
+                )
                 loss = loss + hp.kl_coef * kl_loss
                 _append(stats, kl=float(kl_loss.detach()) * len(mini) / len(micro))
             if not torch.isfinite(loss):
@@ -328,7 +373,9 @@ class PolicyTrainer(L.LightningModule):
             self.manual_backward(loss)
             _append(stats, policy_loss=float(out.loss.detach()), clip_frac=float(out.clip_frac), clip_frac_low=float(out.clip_frac_low),
                     clip_frac_high=float(out.clip_frac_high), dual_clip_frac=float(out.dual_clip_frac), approx_kl=float(out.approx_kl))  # fmt: skip
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
+        )
         if not finite or not torch.isfinite(grad_norm):
             optimizer.zero_grad()
             self._on_non_finite()
@@ -358,14 +405,20 @@ class PolicyTrainer(L.LightningModule):
         if ids is None:
             from basis.tasks import render_prompt
 
-            ids = self.tokenizer(render_prompt(self.tokenizer, row.prompt), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(render_prompt(self.tokenizer, row.prompt), add_special_tokens=False)[
+                "input_ids"
+            ]
             self._prompt_ids_cache[row.prompt_id] = ids
         return ids
 
     def policy_batch(self, rollouts: Rollouts) -> PolicyBatch:
         from basis.rollout import left_pad
 
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
         prompt, prompt_mask = left_pad(rollouts.prompt_ids, pad)  # [N, P]
         width = max(1, max(len(c.token_ids) for c in rollouts.completions))
         response = torch.full((len(rollouts.completions), width), pad, dtype=torch.long)  # [N, R]
@@ -385,7 +438,13 @@ class PolicyTrainer(L.LightningModule):
             prompt_width=prompt.shape[1],
         )
 
-    def sequence_logprobs(self, batch: PolicyBatch, with_grad: bool = False, with_entropy: bool = False, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sequence_logprobs(
+        self,
+        batch: PolicyBatch,
+        with_grad: bool = False,
+        with_entropy: bool = False,
+        model: torch.nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling temperature."""
         model = model or self.policy
         logprobs, entropies = [], []
@@ -395,9 +454,13 @@ class PolicyTrainer(L.LightningModule):
                 ids, mask = batch.input_ids[micro], batch.attention_mask[micro]  # [n, T]
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] left padding aware
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [n, T, V]
-                logits = logits[:, batch.prompt_width - 1 : -1].float() / self.hparams.temperature  # [n, R, V]
+                logits = (
+                    logits[:, batch.prompt_width - 1 : -1].float() / self.hparams.temperature
+                )  # [n, R, V]
                 targets = ids[:, batch.prompt_width :]  # [n, R]
-                logprobs.append(torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1))  # [n, R]
+                logprobs.append(
+                    torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                )  # [n, R]
                 if with_entropy:
                     entropies.append(entropy_from_logits(logits.detach()))  # [n, R]
         return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
@@ -407,7 +470,9 @@ class PolicyTrainer(L.LightningModule):
             with self.policy.disable_adapter():
                 return self.sequence_logprobs(batch)[0]
         if self.reference is None:
-            self.reference = load_policy(self.hparams.model_path, None)[0].to(self.device).eval().requires_grad_(False)
+            self.reference = (
+                load_policy(self.hparams.model_path, None)[0].to(self.device).eval().requires_grad_(False)
+            )
         return self.sequence_logprobs(batch, model=self.reference)[0]
 
     def _sampling_params(self, salt: int) -> SamplingParams:
@@ -420,10 +485,17 @@ class PolicyTrainer(L.LightningModule):
     def validation_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
         k = self.hparams.val_samples
         prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(k)]
-        params = SamplingParams(**{**asdict(self.sampling), "seed": seed_for(self.hparams.seed, 10_000 + batch_idx, self.global_rank)})
+        params = SamplingParams(
+            **{
+                **asdict(self.sampling),
+                "seed": seed_for(self.hparams.seed, 10_000 + batch_idx, self.global_rank),
+            }
+        )
         completions = self.engine.generate(prompt_ids, params)
         answers = [row.answer for row in prompts for _ in range(k)]
-        correct = torch.as_tensor(self.verifier([c.text for c in completions], answers).rewards).view(len(prompts), k)  # [P, k]
+        correct = torch.as_tensor(self.verifier([c.text for c in completions], answers).rewards).view(
+            len(prompts), k
+        )  # [P, k]
         num_correct = correct.sum(1).long()  # [P]
         self.val_pass_at_k.update(torch.full_like(num_correct, k), num_correct)
         self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
@@ -433,13 +505,21 @@ class PolicyTrainer(L.LightningModule):
             return
         pass_at = {int(k): float(v) for k, v in self.val_pass_at_k.compute().items()}
         self.val_pass_at_k.reset()
-        accuracy = self.all_gather(torch.cat(self._val_accuracy)).flatten().float() if self._val_accuracy else torch.zeros(0)
+        accuracy = (
+            self.all_gather(torch.cat(self._val_accuracy)).flatten().float()
+            if self._val_accuracy
+            else torch.zeros(0)
+        )
         self._val_accuracy = []
         metrics = {f"val/pass_at_k/{k}": v for k, v in pass_at.items()}
         metrics["val/mean_at_k"] = float(accuracy.mean())
         metrics["val/mean_at_k_stderr"] = float(accuracy.std() / math.sqrt(max(1, accuracy.numel())))
         self._pass_curves[self.rl_step] = pass_at
-        self.log_metrics(metrics, force=True)
+        self.log_metrics(metrics, series="val")
+
+    def _has_val_prompts(self) -> bool:
+        datamodule = self.trainer.datamodule
+        return datamodule is not None and bool(getattr(datamodule, "val_rows", None))
 
     def run_validation(self) -> None:
         """Validate now (outside Lightning's validation loop), e.g. the starting policy at step 0."""
@@ -451,6 +531,8 @@ class PolicyTrainer(L.LightningModule):
         self.policy.train(was_training)
 
     def on_train_end(self) -> None:
+        if self._has_val_prompts() and self.rl_step not in self._pass_curves:
+            self.run_validation()  # the final policy's held-out numbers
         self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             client, run_id = self.logger.experiment, self.logger.run_id
@@ -460,9 +542,17 @@ class PolicyTrainer(L.LightningModule):
 
     # ----------------------------------------------------------------- records, exports, logging
 
-    def record_step(self, rollouts: Rollouts, advantages: torch.Tensor, update: dict[str, float], timings: dict[str, float]) -> None:
+    def record_step(
+        self,
+        rollouts: Rollouts,
+        advantages: torch.Tensor,
+        update: dict[str, float],
+        timings: dict[str, float],
+    ) -> None:
         lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
-        truncated = torch.tensor([c.finish_reason == "length" for c in rollouts.completions], dtype=torch.float32)  # [N]
+        truncated = torch.tensor(
+            [c.finish_reason == "length" for c in rollouts.completions], dtype=torch.float32
+        )  # [N]
         rewards = 2.0 * rollouts.correct - 1.0  # [N]
         metrics = {
             "train/reward_mean": float(rewards.mean()),
@@ -481,20 +571,22 @@ class PolicyTrainer(L.LightningModule):
             **{f"time/{k}": v for k, v in timings.items()},
         }
         metrics["time/step"] = sum(timings.values())
-        self.log_metrics(metrics)
+        self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
         every = self.hparams.export_every_n_steps
         if every and self.rl_step % every == 0:
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
 
-    def log_metrics(self, metrics: dict[str, float], force: bool = False) -> None:
-        """Average `metrics` over ranks and write them at step = RL step (skipping replayed steps)."""
+    def log_metrics(self, metrics: dict[str, float], series: str) -> None:
+        """Average `metrics` over ranks and write them at step = RL step. A step of `series` ("train"
+        or "val") that MLflow already holds – a step replayed after a resume – is not written again."""
         if self.trainer.world_size > 1:
             values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
             values = self.trainer.strategy.reduce(values, reduce_op="mean")
             metrics = dict(zip(metrics, values.tolist()))
-        if self.logger is None or (not force and self.rl_step <= self._last_logged_step):
+        replayed = self.trainer.state.fn == "fit" and self.rl_step <= self._last_logged[series]
+        if self.logger is None or replayed:
             return
         self.logger.log_metrics(metrics, step=self.rl_step)
 
@@ -523,7 +615,12 @@ class PolicyTrainer(L.LightningModule):
         """Save the policy in HF format (LoRA: merged weights, plus the adapter in `adapter/`)."""
         if self.global_rank != 0:
             return
-        export_policy(self.policy, self.tokenizer, out_dir, metadata={"rl_step": self.rl_step, "model_path": self.hparams.model_path})
+        export_policy(
+            self.policy,
+            self.tokenizer,
+            out_dir,
+            metadata={"rl_step": self.rl_step, "model_path": self.hparams.model_path},
+        )
 
     # ----------------------------------------------------------------- setup checks
 
@@ -543,7 +640,11 @@ class PolicyTrainer(L.LightningModule):
         longest = max(rows, key=lambda r: len(self.prompt_token_ids(r)))
         length = len(self.prompt_token_ids(longest))
         if length > limit:
-            setting = "model.max_prompt_tokens" if self.hparams.max_prompt_tokens is not None else "the model's context minus model.max_new_tokens"
+            setting = (
+                "model.max_prompt_tokens"
+                if self.hparams.max_prompt_tokens is not None
+                else "the model's context minus model.max_new_tokens"
+            )
             raise ValueError(
                 f"prompt {longest.prompt_id!r} has {length} tokens, more than {setting}={limit}; "
                 "filter long prompts or shorten responses"
@@ -567,12 +668,15 @@ def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Mo
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     path = Path(model_path)
-    if not path.exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise ValueError(f"model.model_path {model_path!r} does not exist (and the hub is offline)")
+    looks_local = path.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
+    if not path.exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise ValueError(f"model.model_path {model_path!r} does not exist (and is not a reachable hub id)")
     try:
         config = AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as err:
-        raise ValueError(f"model.model_path {model_path!r} is not a loadable Hugging Face model: {err}") from err
+        raise ValueError(
+            f"model.model_path {model_path!r} is not a loadable Hugging Face model: {err}"
+        ) from err
     causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
     saved_as = [name for name in (config.architectures or []) if name not in causal_classes]
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as:
@@ -585,7 +689,13 @@ def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Mo
 
         model = get_peft_model(
             model,
-            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
         )
     model.train()
     return model, tokenizer
@@ -617,7 +727,9 @@ def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def export_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None) -> Path:
+def export_policy(
+    policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None
+) -> Path:
     """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`."""
     from peft import PeftModel
 
@@ -636,6 +748,9 @@ def export_policy(policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metada
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+_SERIES_SENTINEL = {"train": "train/reward_mean", "val": "val/mean_at_k"}
 
 
 def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
@@ -673,21 +788,38 @@ def pass_at_k_figure(curves: dict[int, dict[int, float]]) -> Any:
 def _validate_settings(advantage: str, group_size: int, ppo_epochs: int, mini_batches: int, micro_batch_size: int,
                        loss_agg: str, kl_estimator: str, val_samples: int) -> None:  # fmt: skip
     if advantage not in ESTIMATORS:
-        raise ValueError(f"model.advantage={advantage!r} is not a registered estimator; choose one of {sorted(ESTIMATORS)}")
+        raise ValueError(
+            f"model.advantage={advantage!r} is not a registered estimator; choose one of {sorted(ESTIMATORS)}"
+        )
     need = ESTIMATORS[advantage].min_group_size
     if group_size < need:
-        raise ValueError(f"model.group_size={group_size} is below {need}, the smallest group the {advantage!r} estimator supports")
-    for name, value in [("ppo_epochs", ppo_epochs), ("mini_batches", mini_batches), ("micro_batch_size", micro_batch_size), ("val_samples", val_samples)]:
+        raise ValueError(
+            f"model.group_size={group_size} is below {need}, the smallest group the {advantage!r} estimator supports"
+        )
+    for name, value in [
+        ("ppo_epochs", ppo_epochs),
+        ("mini_batches", mini_batches),
+        ("micro_batch_size", micro_batch_size),
+        ("val_samples", val_samples),
+    ]:
         if value < 1:
             raise ValueError(f"model.{name} must be >= 1, got {value}")
     if loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
-        raise ValueError(f"model.loss_agg={loss_agg!r} must be token-mean, seq-mean-token-sum or seq-mean-token-mean")
+        raise ValueError(
+            f"model.loss_agg={loss_agg!r} must be token-mean, seq-mean-token-sum or seq-mean-token-mean"
+        )
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
 
 
 def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:
-    return PolicyBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.response_mask[rows], batch.rollout_logprobs[rows], batch.prompt_width)
+    return PolicyBatch(
+        batch.input_ids[rows],
+        batch.attention_mask[rows],
+        batch.response_mask[rows],
+        batch.rollout_logprobs[rows],
+        batch.prompt_width,
+    )
 
 
 def _append(stats: dict[str, list[float]], **values: float) -> None:

@@ -42,7 +42,9 @@ def make_module(model_path: str, run_dir: Path, **kwargs) -> PolicyTrainer:
 
 
 def data(task_dir: Path, **kwargs) -> PromptDataModule:
-    return PromptDataModule(str(task_dir), val_path=None, prompts_per_step=kwargs.pop("prompts_per_step", 4), **kwargs)
+    return PromptDataModule(
+        str(task_dir), val_path=None, prompts_per_step=kwargs.pop("prompts_per_step", 4), **kwargs
+    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -54,7 +56,9 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 # at d = 0) and check movement, not learning; learning is measured by the demo and the benchmarks.
 
 
-def test_full_finetune_changes_every_trainable_parameter(tiny_lm_path: str, task_dir: Path, tmp_path: Path) -> None:
+def test_full_finetune_changes_every_trainable_parameter(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
     module = make_module(tiny_lm_path, tmp_path, advantage="reinforce_pp", kl_coef=0.1, kl_estimator="k1")
     module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1.0)
     before = snapshot(module.policy)
@@ -66,8 +70,17 @@ def test_full_finetune_changes_every_trainable_parameter(tiny_lm_path: str, task
     assert [p.name for p in records] == ["step_000001-rank0.parquet", "step_000002-rank0.parquet"]
 
 
-def test_lora_changes_only_adapter_and_merged_export_matches(tiny_lm_path: str, task_dir: Path, tmp_path: Path) -> None:
-    module = make_module(tiny_lm_path, tmp_path, lora=LoraSettings(r=4, alpha=8), advantage="reinforce_pp", kl_coef=0.1, kl_estimator="k1")
+def test_lora_changes_only_adapter_and_merged_export_matches(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    module = make_module(
+        tiny_lm_path,
+        tmp_path,
+        lora=LoraSettings(r=4, alpha=8),
+        advantage="reinforce_pp",
+        kl_coef=0.1,
+        kl_estimator="k1",
+    )
     module.optimizer_factory = lambda params: torch.optim.SGD(params, lr=1.0)
     before = snapshot(module.policy)
     make_trainer(tmp_path, steps=2).fit(module, datamodule=data(task_dir))
@@ -103,7 +116,9 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
         ({"micro_batch_size": 0}, "model.micro_batch_size"),
     ],
 )
-def test_bad_settings_fail_before_training(tiny_lm_path: str, tmp_path: Path, kwargs: dict, message: str) -> None:
+def test_bad_settings_fail_before_training(
+    tiny_lm_path: str, tmp_path: Path, kwargs: dict, message: str
+) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_module(tiny_lm_path, tmp_path, **kwargs)
 
@@ -113,9 +128,9 @@ def test_bad_model_paths(tmp_path: Path) -> None:
         make_module(str(tmp_path / "missing"), tmp_path)
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
-        tmp_path / "bert"
-    )
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="not a causal LM"):
         make_module(str(tmp_path / "bert"), tmp_path)
 
@@ -129,7 +144,9 @@ def test_batch_shape_and_prompt_length_checks(tiny_lm_path: str, task_dir: Path,
         make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
 
 
-def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(tiny_lm_path: str, task_dir: Path, tmp_path: Path) -> None:
+def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
     # GRPO with eps=0 divides by a zero group std when every response fails: NaN advantages, NaN loss.
     module = make_module(tiny_lm_path, tmp_path, advantage="grpo", advantage_options={"eps": 0.0})
     before = snapshot(module.policy)
