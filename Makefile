@@ -41,5 +41,17 @@ format: setup
 bench: setup
 	$(PY) benchmarks/baseline_mse.py
 
+# Not in CI: builds .venv-sglang with the real sglang==0.5.23 (it pins torch 2.14.1 and transformers
+# 5.19.0, ~11 GB) plus this project without its dependencies, then checks every request the SGLang engine
+# builds against SGLang's own routes, request classes and serializer (CPU only, no GPU needed).
+SGLANG_VENV := .venv-sglang
+SGLANG_PY   := $(SGLANG_VENV)/bin/python
+
+test-sglang:
+	test -x $(SGLANG_PY) || $(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q "sglang==0.5.23" "peft>=0.21" "pytest>=8" "requests>=2.31"
+	$(SGLANG_PY) -m pip install -q --no-deps -e .
+	SGLANG_CONTRACT=1 $(SGLANG_PY) -m pytest -q -p no:cacheprovider tests/sglang_contract
+
 clean:
 	rm -rf artifacts runs .cache mlflow/mlflow.db mlflow/artifacts

@@ -441,14 +441,22 @@ def parse_generate_response(answer: Any, n_prompts: int) -> list[Completion]:
     return [parse_completion(item, i) for i, item in enumerate(items)]
 
 
-def parse_prompt_logprobs(answer: Any, token_ids: Sequence[int]) -> list[float]:
-    """Log-probs of `token_ids[1:]` from a `probe_request` answer (SGLang gives the first one as null)."""
+def parse_prompt_logprobs(answer: Any, token_ids: Sequence[int], vocab_size: int) -> list[float]:
+    """Log-probs of `token_ids[1:]` from a `probe_request` answer (SGLang gives the first one as null).
+
+    SGLang reports ids >= vocab_size - 1 as 0 in `input_token_logprobs` (its "clip padded hash values"
+    step); those positions are accepted as matching.
+    """
     item = answer[0] if isinstance(answer, list) else answer
     triples = item["meta_info"]["input_token_logprobs"]
-    if len(triples) != len(token_ids) or [int(t[1]) for t in triples] != list(token_ids):
+    reported = [int(t[1]) for t in triples]
+    aligned = len(reported) == len(token_ids) and all(
+        got == want or (got == 0 and want >= vocab_size - 1) for got, want in zip(reported, token_ids)
+    )
+    if not aligned:
         raise SGLangError(
-            f"/generate probe returned input_token_logprobs for {len(triples)} tokens, expected the "
-            f"{len(token_ids)} probe tokens"
+            f"/generate probe returned input_token_logprobs for tokens {reported[:8]}... ({len(reported)}), "
+            f"expected the {len(token_ids)} probe tokens {list(token_ids[:8])}..."
         )
     return [float(t[0]) for t in triples[1:]]
 
@@ -837,7 +845,7 @@ class SGLangEngine:
         """Prefill the probe in the engine and compare with the policy's teacher-forced log-probs."""
         probe = self._probe or [1 + i % (self.layout.vocab_size - 1) for i in range(_FALLBACK_PROBE_LEN)]
         answer = self._transport.generate(probe_request(probe, self.lora_name))
-        engine_lp = torch.tensor(parse_prompt_logprobs(answer, probe))  # [T-1]
+        engine_lp = torch.tensor(parse_prompt_logprobs(answer, probe, self.layout.vocab_size))  # [T-1]
         device = next(policy.parameters()).device
         ids = torch.tensor([probe], device=device)  # [1, T]
         was_training = policy.training

@@ -319,9 +319,14 @@ def test_parse_generate_response_rejects_aborts_and_malformed_answers() -> None:
 
 def test_parse_prompt_logprobs_drops_the_first_null() -> None:
     answer = {"meta_info": {"input_token_logprobs": [[None, 5, None], [-1.5, 6, None], [-0.5, 7, None]]}}
-    assert parse_prompt_logprobs(answer, [5, 6, 7]) == [-1.5, -0.5]
+    assert parse_prompt_logprobs(answer, [5, 6, 7], vocab_size=100) == [-1.5, -0.5]
     with pytest.raises(SGLangError, match="probe"):
-        parse_prompt_logprobs(answer, [5, 6])
+        parse_prompt_logprobs(answer, [5, 6], vocab_size=100)
+    # SGLang reports ids >= vocab_size - 1 as 0.
+    clipped = {"meta_info": {"input_token_logprobs": [[None, 5, None], [-1.5, 0, None]]}}
+    assert parse_prompt_logprobs(clipped, [5, 99], vocab_size=100) == [-1.5]
+    with pytest.raises(SGLangError, match="probe"):
+        parse_prompt_logprobs(clipped, [5, 98], vocab_size=100)
 
 
 def test_serialized_tensors_round_trip_and_checksum() -> None:
