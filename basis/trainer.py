@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import time
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from basis.advantages import ESTIMATORS, compute_advantages
+from basis.advantages import ESTIMATORS, compute_advantages, fused_baseline, osla_extra_rollouts
 from basis.data import PromptRow, seed_for
 from basis.losses import (
     aggregate_loss,
@@ -54,6 +55,10 @@ from basis.losses import (
 )
 from basis.metrics import PassAtK
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
+from basis.tasks import prompt_text
+from basis.v05 import OslaSettings, SuccessPrior, SupportBuffer, load_prior
+
+log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -135,6 +140,16 @@ class PolicyTrainer(L.LightningModule):
         lr_scheduler: Scheduler factory, stepped once per optimizer update; None keeps the lr fixed.
         engine: Rollout engine; None samples in-process with `HFEngine` on the policy itself.
         engine_batch_size: Most sequences per `generate` call of the in-process HF engine.
+        prior: Value prior for `v05` / `basis`: an exported prior folder (`value-prior fit` writes
+            one) or an object with `predict(context_prompts, context_success, query_prompts)`.
+        osla: OSLA adaptive budget for `v05` (extra rollouts where prior and rollouts disagree);
+            None keeps every prompt at `group_size` (= k_init) rollouts.
+        support_capacity: Recent (prompt, success) pairs kept as the prior's context (design.md: 512).
+        context_size: Pairs sampled from them per prior query (design.md: 256).
+        min_context: Pairs (of both outcomes) needed before the prior is used; before that the step
+            uses the empirical baseline and logs it.
+        heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
+            held-out success estimate to score the baseline's squared error (0 disables it).
         val_samples: Samples per validation prompt; pass@k is logged for k = 1..val_samples.
         val_every_n_steps: Validate every N RL steps (0: only the starting and the final policy).
         export_every_n_steps: Export the policy in HF format every N RL steps (0 = only at the end).
@@ -174,6 +189,12 @@ class PolicyTrainer(L.LightningModule):
         lr_scheduler: SchedulerFactory | None = None,
         engine: RolloutEngine | None = None,
         engine_batch_size: int = 256,
+        prior: str | SuccessPrior | None = None,
+        osla: OslaSettings | None = None,
+        support_capacity: int = 512,
+        context_size: int = 256,
+        min_context: int = 32,
+        heldout_rollouts: int = 0,
         val_samples: int = 8,
         val_every_n_steps: int = 0,
         export_every_n_steps: int = 0,
@@ -183,7 +204,8 @@ class PolicyTrainer(L.LightningModule):
         torch_threads: int | None = 1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler", "prior"])
+        _validate_prior_settings(advantage, prior, osla, group_size)
         _validate_settings(
             advantage,
             group_size,
@@ -207,7 +229,13 @@ class PolicyTrainer(L.LightningModule):
         from basis.rewards import get_verifier
 
         self.verifier = get_verifier(verifier)
+        self.prior = load_prior(prior) if prior is not None else None
+        self.osla = osla
+        self.support = SupportBuffer(support_capacity, context_size, min_context)
         self.rl_step = 0
+        self.rollouts_total = 0
+        self._prior_failures = 0
+        self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
         self._val_accuracy: list[torch.Tensor] = []
@@ -260,7 +288,13 @@ class PolicyTrainer(L.LightningModule):
             self.run_validation()  # the starting policy's held-out numbers, logged at step 0
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["basis_state"] = {"format": 1, "rl_step": self.rl_step, "bad_steps": self._bad_steps}
+        checkpoint["basis_state"] = {
+            "format": 1,
+            "rl_step": self.rl_step,
+            "bad_steps": self._bad_steps,
+            "rollouts_total": self.rollouts_total,
+            "support_buffer": self.support.state_dict(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("basis_state")
@@ -269,17 +303,21 @@ class PolicyTrainer(L.LightningModule):
                 "checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version"
             )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
+        self.rollouts_total = int(state.get("rollouts_total", 0))
+        if self.prior is not None:
+            self.support.load_state_dict(state.get("support_buffer", {"format": None}))
 
     # ----------------------------------------------------------------- the RL step
 
     def training_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
         self.rl_step += 1
         timings: dict[str, float] = {}
-        with _timer(timings, "rollout"):
-            rollouts = self.collect_rollouts(prompts, self.hparams.group_size)
-        with _timer(timings, "reward"):
-            rollouts = self.score(rollouts)
-        advantages = self.advantages(rollouts)  # [N]
+        with _timer(timings, "prior"):
+            prior = self.query_prior(prompts)  # [P] on the ±1 scale, or None: empirical fallback
+        rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
+        if self.osla is not None and prior is not None:
+            rollouts = self.osla_rounds(rollouts, prior, timings)
+        advantages = self.advantages(rollouts, prior)  # [N]
         self.engine.release_memory()
         with _timer(timings, "update"):
             batch = self.policy_batch(rollouts)
@@ -287,35 +325,88 @@ class PolicyTrainer(L.LightningModule):
         with _timer(timings, "weight_sync"):
             self.engine.resume_memory()
             self.engine.update_weights(self.policy)
-        self.record_step(rollouts, advantages, update_stats, timings)
+        self.rollouts_total += len(rollouts.completions)
+        self.record_step(rollouts, advantages, update_stats, timings, prior)
+        if self.prior is not None:
+            self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
 
-    def collect_rollouts(self, prompts: list[PromptRow], samples_per_prompt: int) -> Rollouts:
-        """Sample `samples_per_prompt` responses for each prompt (grouped, in prompt order)."""
-        prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(samples_per_prompt)]
-        params = self._sampling_params(salt=0)
-        completions = self.engine.generate(prompt_ids, params)
-        index = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)  # [N]
-        return Rollouts(prompts, prompt_ids, completions, index, torch.zeros(len(completions)), 0)
-
-    def score(self, rollouts: Rollouts) -> Rollouts:
-        answers = [rollouts.prompts[i].answer for i in rollouts.index.tolist()]
-        result = self.verifier([c.text for c in rollouts.completions], answers)
-        correct = torch.as_tensor(result.rewards, dtype=torch.float32)  # [N] in {0, 1}
-        return rollouts._replace(
-            correct=correct, verifier_failures=rollouts.verifier_failures + result.num_failed
+    def collect_rollouts(
+        self,
+        prompts: list[PromptRow],
+        samples: list[int],
+        timings: dict[str, float],
+        previous: Rollouts | None = None,
+        salt: int = 0,
+    ) -> Rollouts:
+        """Sample `samples[i]` responses for prompt i, score them, and append them to `previous`."""
+        index = torch.repeat_interleave(torch.arange(len(prompts)), torch.as_tensor(samples))  # [n]
+        prompt_ids = [self.prompt_token_ids(prompts[i]) for i in index.tolist()]
+        with _timer(timings, "rollout"):
+            completions = self.engine.generate(prompt_ids, self._sampling_params(salt=salt))
+        with _timer(timings, "reward"):
+            result = self.verifier([c.text for c in completions], [prompts[i].answer for i in index.tolist()])
+        correct = torch.as_tensor(result.rewards, dtype=torch.float32)  # [n] in {0, 1}
+        if previous is None:
+            return Rollouts(prompts, prompt_ids, completions, index, correct, result.num_failed)
+        return Rollouts(
+            prompts,
+            previous.prompt_ids + prompt_ids,
+            previous.completions + completions,
+            torch.cat([previous.index, index]),  # [N + n]
+            torch.cat([previous.correct, correct]),  # [N + n]
+            previous.verifier_failures + result.num_failed,
         )
 
-    def advantages(self, rollouts: Rollouts) -> torch.Tensor:
-        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
-        options = dict(self.hparams.advantage_options or {})
-        if "token_counts" in inspect.signature(ESTIMATORS[self.hparams.advantage].fn).parameters:
-            options["token_counts"] = torch.tensor(
-                [len(c.token_ids) for c in rollouts.completions], dtype=torch.long
+    def osla_rounds(self, rollouts: Rollouts, prior: torch.Tensor, timings: dict[str, float]) -> Rollouts:
+        """OSLA: add rollouts to prompts whose target N* exceeds their count, round by round."""
+        osla = self.osla
+        for round_no in range(1, osla.max_rounds + 1):
+            counts, means = group_counts_means(rollouts)  # [P], [P]
+            extra = osla_extra_rollouts(
+                counts, means, prior, c=osla.c, k_init=self.hparams.group_size,
+                pad_to=osla.pad_to, min_active_frac=osla.min_active_frac,
+            )  # fmt: skip
+            if int(extra.sum()) == 0:
+                break
+            rollouts = self.collect_rollouts(
+                rollouts.prompts, extra.tolist(), timings, rollouts, salt=round_no
             )
-        return compute_advantages(self.hparams.advantage, rewards, rollouts.index, **options)  # [N]
+        return rollouts
+
+    def query_prior(self, prompts: list[PromptRow]) -> torch.Tensor | None:
+        """The prior V on the ±1 scale `[P]`, or None when the step must use the empirical baseline."""
+        if self.prior is None or not self.support.ready():
+            return None
+        rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
+        context_prompts, context_success = self.support.sample(rng)
+        queries = [prompt_text(r.prompt) for r in prompts]
+        try:
+            p = torch.as_tensor(
+                self.prior.predict(context_prompts, context_success, queries), dtype=torch.float32
+            )
+            p = p.flatten()  # [P]
+            if p.shape != (len(prompts),) or not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+                raise ValueError(f"prior returned {tuple(p.shape)} values, non-finite or outside [0, 1]")
+        except Exception as err:  # a failing prior must never take the run down
+            self._prior_failures += 1
+            log.warning("step %d: value prior failed (%s); using the empirical baseline", self.rl_step, err)
+            return None
+        return 2.0 * p - 1.0  # [P]
+
+    def advantages(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
+        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
+        name = self.hparams.advantage
+        options = dict(self.hparams.advantage_options or {})
+        if "token_counts" in inspect.signature(ESTIMATORS[name].fn).parameters:
+            lengths = [len(c.token_ids) for c in rollouts.completions]
+            options["token_counts"] = torch.tensor(lengths, dtype=torch.long)  # [N]
+        if ESTIMATORS[name].needs_prior:
+            per_prompt = prior if prior is not None else empirical_prior(rewards, rollouts.index)  # [P]
+            options["prior"] = per_prompt[rollouts.index]  # [N]
+        return compute_advantages(name, rewards, rollouts.index, **options)  # [N]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
         """PPO-clip updates on one step's responses; returns averaged statistics."""
@@ -539,6 +630,10 @@ class PolicyTrainer(L.LightningModule):
             client.log_artifacts(run_id, str(self.run_dir / "exports" / f"step_{self.rl_step:06d}"), "policy")
             if self._pass_curves:
                 client.log_figure(run_id, pass_at_k_figure(self._pass_curves), "pass_at_k_vs_k.png")
+            for name, values in self._v05_history.items():
+                if values:
+                    figure = histogram_figure(values, name.replace("_", " "))
+                    client.log_figure(run_id, figure, f"v05_{name}_hist.png")
 
     # ----------------------------------------------------------------- records, exports, logging
 
@@ -548,6 +643,7 @@ class PolicyTrainer(L.LightningModule):
         advantages: torch.Tensor,
         update: dict[str, float],
         timings: dict[str, float],
+        prior: torch.Tensor | None,
     ) -> None:
         lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
         truncated = torch.tensor(
@@ -571,12 +667,49 @@ class PolicyTrainer(L.LightningModule):
             **{f"time/{k}": v for k, v in timings.items()},
         }
         metrics["time/step"] = sum(timings.values())
+        metrics["train/rollouts_total"] = float(self.rollouts_total)
+        if self.prior is not None:
+            metrics.update(self.prior_diagnostics(rollouts, prior, timings))
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
         every = self.hparams.export_every_n_steps
         if every and self.rl_step % every == 0:
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
+
+    def prior_diagnostics(
+        self, rollouts: Rollouts, prior: torch.Tensor | None, timings: dict[str, float]
+    ) -> dict[str, float]:
+        """V0.5's own per-step diagnostics: rollouts per prompt, rejections, fusion weights, Brier, ..."""
+        counts, means = group_counts_means(rollouts)  # [P], [P]
+        self._v05_history["rollouts_per_prompt"] += counts.tolist()
+        metrics = {
+            "v05/prior_used": float(prior is not None),
+            "v05/prior_failures": float(self._prior_failures),
+            "v05/support_size": float(len(self.support)),
+            "v05/rollouts_per_prompt": float(counts.float().mean()),
+            "v05/rollouts_per_prompt_max": float(counts.max()),
+            "v05/prior_time_frac": timings["prior"] / max(sum(timings.values()), 1e-9),
+        }
+        if prior is None:
+            return metrics
+        baseline, weight = fused_baseline(means, counts, prior)  # [P], [P]
+        self._v05_history["fusion_weight"] += weight.tolist()
+        metrics["v05/prior_rejected_frac"] = float((weight > 0).float().mean())
+        metrics["v05/fusion_weight_mean"] = float(weight.mean())
+        metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
+        metrics["v05/prior_brier"] = float((((prior + 1) / 2 - (means + 1) / 2) ** 2).mean())
+        if self.hparams.heldout_rollouts:
+            heldout = self.heldout_mean_reward(rollouts.prompts)  # [P]
+            metrics["v05/baseline_sq_error_heldout"] = float(((baseline - heldout) ** 2).mean())
+            metrics["v05/empirical_sq_error_heldout"] = float(((means - heldout) ** 2).mean())
+        return metrics
+
+    def heldout_mean_reward(self, prompts: list[PromptRow]) -> torch.Tensor:
+        """Mean ±1 reward `[P]` of `heldout_rollouts` fresh samples per prompt (never trained on)."""
+        k = self.hparams.heldout_rollouts
+        heldout = self.collect_rollouts(prompts, [k] * len(prompts), {}, salt=1000)
+        return group_counts_means(heldout)[1]  # [P]
 
     def log_metrics(self, metrics: dict[str, float], series: str) -> None:
         """Average `metrics` over ranks and write them at step = RL step. A step of `series` ("train"
@@ -753,6 +886,44 @@ def export_policy(
 _SERIES_SENTINEL = {"train": "train/reward_mean", "val": "val/mean_at_k"}
 
 
+def group_counts_means(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rollouts per prompt `[P]` (int64) and mean ±1 reward per prompt `[P]` (0 where none)."""
+    num = len(rollouts.prompts)
+    counts = torch.bincount(rollouts.index, minlength=num)  # [P]
+    sums = torch.zeros(num).index_add_(0, rollouts.index, 2.0 * rollouts.correct - 1.0)  # [P]
+    return counts, sums / counts.clamp(min=1)  # [P], [P]
+
+
+def success_rates(rollouts: Rollouts) -> torch.Tensor:
+    """Fraction of correct responses per prompt `[P]`."""
+    return (group_counts_means(rollouts)[1] + 1.0) / 2.0  # [P]
+
+
+def empirical_prior(rewards: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The fallback "prior" per prompt `[P]` when V0 cannot be used: the group mean for groups of 2+,
+    else the batch mean. With it, V0.5's fused baseline is the group mean and BASIS's the batch mean."""
+    num = int(index.max()) + 1
+    counts = torch.bincount(index, minlength=num)  # [P]
+    if int(counts.max()) == 1:
+        return torch.full((num,), float(rewards.mean()))  # [P]
+    return torch.zeros(num).index_add_(0, index, rewards) / counts.clamp(min=1)  # [P]
+
+
+def histogram_figure(values: list[float], label: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(values, bins=min(32, max(4, len(set(values)))), color="tab:blue", alpha=0.8)
+    ax.set_xlabel(label)
+    ax.set_ylabel("prompts")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
     """Fraction of prompt groups whose responses all got the same reward."""
     groups = torch.unique(index)
@@ -783,6 +954,20 @@ def pass_at_k_figure(curves: dict[int, dict[int, float]]) -> Any:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _validate_prior_settings(advantage: str, prior: Any, osla: OslaSettings | None, group_size: int) -> None:
+    needs_prior = advantage in ESTIMATORS and ESTIMATORS[advantage].needs_prior
+    if needs_prior and prior is None:
+        raise ValueError(
+            f"model.advantage={advantage!r} needs a value prior: set model.prior to an exported prior folder"
+        )
+    if osla is not None and advantage != "v05":
+        raise ValueError(f"model.osla is the V0.5 budget; it needs model.advantage='v05', not {advantage!r}")
+    if osla is not None and group_size > osla.k_max:
+        raise ValueError(
+            f"model.group_size={group_size} (k_init) exceeds OSLA's k_max={osla.k_max} for c={osla.c}"
+        )
 
 
 def _validate_settings(advantage: str, group_size: int, ppo_epochs: int, mini_batches: int, micro_batch_size: int,

@@ -1,0 +1,137 @@
+"""V0.5 pieces the policy trainer composes: the prior protocol, the support buffer, OSLA settings.
+
+design.md §4: the frozen V0 prior predicts each prompt's success rate from a context of the current
+policy's recent (prompt, success) pairs. That context is the `SupportBuffer`, a FIFO of the trainer's
+own per-prompt outcomes (capacity 512; each prior query samples 256 of them). Until the buffer holds
+`min_context` pairs of both classes (the prior's head labels `success >= 0.5`), or when the prior fails
+at run time (exception, non-finite output), the trainer falls back to the empirical baseline for that
+step and logs it.
+
+The math (fused baseline, OSLA budget, estimators) lives in `basis.advantages`; this module holds the
+state and the I/O-free glue around it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+BUFFER_FORMAT = 1
+
+
+@runtime_checkable
+class SuccessPrior(Protocol):
+    """What the trainer needs from a value prior (`value_prior.ValuePrior` implements it)."""
+
+    def predict(
+        self, context_prompts: Sequence[str], context_success: Sequence[float], query_prompts: Sequence[str]
+    ) -> torch.Tensor:
+        """Success probabilities `[Q]` in [0, 1] for `query_prompts`, given the policy's context pairs."""
+        ...
+
+
+@dataclass(frozen=True)
+class OslaSettings:
+    """OSLA adaptive budget (design.md §4); paper values as defaults.
+
+    Args:
+        c: Cost per rollout in R(k) = MSE(k) + c k; k_max = floor(1/sqrt(c)) (0.0039 -> 16).
+        pad_to: Pad each round's total rollouts to a multiple of this (our choice; paper: a multiple of
+            the engine's parallel width). 1 disables padding.
+        min_active_frac: Skip a round for the whole batch when fewer than this fraction of prompts still
+            need rollouts (our choice; 0 never skips).
+        max_rounds: Safety cap on rounds after the initial k_init round.
+    """
+
+    c: float = 0.0039
+    pad_to: int = 1
+    min_active_frac: float = 0.0
+    max_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 < self.c <= 1:
+            raise ValueError(f"model.osla.c must lie in (0, 1], got {self.c}")
+        if self.pad_to < 1 or self.max_rounds < 1:
+            raise ValueError("model.osla.pad_to and model.osla.max_rounds must be >= 1")
+        if not 0 <= self.min_active_frac <= 1:
+            raise ValueError(f"model.osla.min_active_frac must lie in [0, 1], got {self.min_active_frac}")
+
+    @property
+    def k_max(self) -> int:
+        return math.floor(1.0 / math.sqrt(self.c) + 1e-9)
+
+
+class SupportBuffer:
+    """FIFO of the current policy's recent (prompt, success rate) pairs: the prior's context.
+
+    Args:
+        capacity: Pairs kept (oldest dropped first).
+        context_size: Pairs sampled (without replacement) for one prior query.
+        min_context: Pairs needed, with both classes present, before the buffer serves a context.
+    """
+
+    def __init__(self, capacity: int = 512, context_size: int = 256, min_context: int = 32) -> None:
+        if not 1 <= min_context <= context_size <= capacity:
+            raise ValueError(
+                f"need 1 <= min_context ({min_context}) <= context_size ({context_size}) <= capacity ({capacity})"
+            )
+        self.capacity, self.context_size, self.min_context = capacity, context_size, min_context
+        self.pairs: deque[tuple[str, float]] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def add(self, prompts: Sequence[str], success: Sequence[float]) -> None:
+        for prompt, rate in zip(prompts, success, strict=True):
+            self.pairs.append((prompt, float(rate)))
+
+    def ready(self) -> bool:
+        """True when a context can be served: enough pairs and both labels (success >= 0.5 or not)."""
+        if len(self.pairs) < self.min_context:
+            return False
+        labels = {rate >= 0.5 for _, rate in self.pairs}
+        return len(labels) == 2
+
+    def sample(self, rng: np.random.Generator) -> tuple[list[str], list[float]]:
+        """A context of `min(context_size, len)` pairs drawn without replacement."""
+        take = min(self.context_size, len(self.pairs))
+        chosen = rng.choice(len(self.pairs), size=take, replace=False)
+        pairs = [self.pairs[i] for i in np.sort(chosen)]
+        return [p for p, _ in pairs], [s for _, s in pairs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": BUFFER_FORMAT, "capacity": self.capacity, "prompts": [p for p, _ in self.pairs],
+                "success": [s for _, s in self.pairs]}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != BUFFER_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"support buffer in the checkpoint has format {found!r}; this trainer reads format "
+                f"{BUFFER_FORMAT}. Resume with the version that wrote it, or start a new run."
+            )
+        self.pairs.clear()
+        self.add(state["prompts"][-self.capacity :], state["success"][-self.capacity :])
+
+
+def load_prior(prior: str | SuccessPrior) -> SuccessPrior:
+    """A prior object as is, or an exported prior artifact folder loaded with `ValuePrior.load`."""
+    if not isinstance(prior, str):
+        if not isinstance(prior, SuccessPrior):
+            raise ValueError(
+                f"model.prior must be a path or an object with predict(...); got {type(prior).__name__}"
+            )
+        return prior
+    from pathlib import Path
+
+    if not Path(prior).exists():
+        raise ValueError(f"model.prior {prior!r} does not exist; export one with `value-prior fit`")
+    from value_prior import ValuePrior
+
+    return ValuePrior.load(prior)

@@ -1,0 +1,183 @@
+"""V0.5 in the trainer: support buffer, prior fusion, OSLA budgets, fallbacks – real tiny model and MLflow.
+
+The priors here are test doubles standing in for V0 at known extremes (named as such): the untrained
+tiny model essentially never answers, so its true success rate is ~0; `ConstantPrior(0.0)` is then a
+perfect prior and `ConstantPrior(1.0)` an adversarial one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from basis.data import PromptDataModule
+from basis.tasks import write_arithmetic_task
+from basis.tracking import MLflowLogger
+from basis.trainer import PolicyTrainer
+from basis.v05 import OslaSettings, SupportBuffer
+
+
+class ConstantPrior:
+    """Test double for V0: predicts the same success probability for every query."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+        self.calls = 0
+
+    def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+        self.calls += 1
+        assert len(context_prompts) == len(context_success) > 0
+        return torch.full((len(query_prompts),), self.p)
+
+
+class BrokenPrior:
+    """Test double for a prior that fails at run time: raises first, then returns NaN."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("embedding server down")
+        return torch.full((len(query_prompts),), float("nan"))
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("arith")
+    write_arithmetic_task(out, seed=0, n_train=64, n_val=8, n_test=8)
+    return out
+
+
+def primed(module: PolicyTrainer) -> PolicyTrainer:
+    """Give the support buffer a two-class context so the prior is used from the first step."""
+    module.support.add([f"Q{i}" for i in range(8)], [1.0, 0.0] * 4)
+    return module
+
+
+def fit(module: PolicyTrainer, task_dir: Path, tmp_path: Path, steps: int, logger=None) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=logger or False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=PromptDataModule(str(task_dir), prompts_per_step=4))
+
+
+def module_for(tiny_lm_path: str, tmp_path: Path, **kwargs) -> PolicyTrainer:
+    defaults = dict(
+        advantage="v05", group_size=4, max_new_tokens=8, run_dir=str(tmp_path), min_context=4, context_size=8
+    )
+    return PolicyTrainer(tiny_lm_path, **{**defaults, **kwargs})
+
+
+def history(name: str, run_id: str) -> list[float]:
+    return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, name), key=lambda m: m.step)]
+
+
+def test_support_buffer_fifo_readiness_sampling_and_state() -> None:
+    buffer = SupportBuffer(capacity=4, context_size=3, min_context=2)
+    buffer.add(["a", "b"], [0.0, 0.0])
+    assert not buffer.ready()  # one class only
+    buffer.add(["c", "d", "e"], [1.0, 0.2, 0.9])
+    assert len(buffer) == 4 and [p for p, _ in buffer.pairs] == ["b", "c", "d", "e"]
+    assert buffer.ready()
+    prompts, success = buffer.sample(np.random.default_rng(0))
+    assert len(prompts) == 3 and len(set(prompts)) == 3
+    restored = SupportBuffer(capacity=4, context_size=3, min_context=2)
+    restored.load_state_dict(buffer.state_dict())
+    assert list(restored.pairs) == list(buffer.pairs)
+    with pytest.raises(ValueError, match="format 0"):
+        restored.load_state_dict({"format": 0, "prompts": [], "success": []})
+
+
+def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bound(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    runs = {}
+    for label, p in [("perfect", 0.0), ("adversarial", 1.0)]:
+        prior = ConstantPrior(p)
+        module = primed(
+            module_for(tiny_lm_path, tmp_path / label, prior=prior, osla=OslaSettings(), heldout_rollouts=16)
+        )
+        logger = MLflowLogger(experiment_name="v05-test", run_name=label)
+        fit(module, task_dir, tmp_path / label, steps=2, logger=logger)
+        assert prior.calls == 2
+        runs[label] = logger.run_id
+
+    perfect, adversarial = runs["perfect"], runs["adversarial"]
+    assert history("v05/rollouts_per_prompt", perfect) == [4.0, 4.0]
+    assert history("v05/prior_rejected_frac", perfect) == [0.0, 0.0]
+    assert history("train/rollouts", perfect) == [16.0, 16.0]
+
+    spent = history("v05/rollouts_per_prompt", adversarial)
+    assert all(k == 16.0 for k in spent)  # rejected at k=4, then OSLA's N* -> k_max = 16
+    assert history("v05/prior_rejected_frac", adversarial) == [1.0, 1.0]
+    assert history("train/rollouts_total", adversarial) == [64.0, 128.0]
+    for error in history("v05/baseline_sq_error_heldout", adversarial):
+        assert error <= 1 / 16  # |b - mu| <= 1/sqrt(k) with k = 16 (held-out mu of the same policy)
+
+
+def test_without_context_the_step_falls_back_and_logs_it(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    prior = ConstantPrior(0.5)
+    module = module_for(tiny_lm_path, tmp_path, prior=prior, osla=OslaSettings())
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=2, logger=logger)
+    assert prior.calls == 0  # an untrained model only ever fails: a one-class buffer never serves
+    assert history("v05/prior_used", logger.run_id) == [0.0, 0.0]
+    assert history("v05/support_size", logger.run_id) == [0.0, 4.0]
+    assert len(module.support) == 8
+
+
+def test_a_failing_prior_falls_back_for_that_step(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    prior = BrokenPrior()
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=prior, osla=OslaSettings()))
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=2, logger=logger)
+    assert prior.calls == 2
+    assert history("v05/prior_failures", logger.run_id) == [1.0, 2.0]
+    assert history("v05/prior_used", logger.run_id) == [0.0, 0.0]
+    assert all(np.isfinite(history("train/advantage_std", logger.run_id)))
+
+
+def test_basis_single_rollout_estimator_runs_with_the_prior(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    prior = ConstantPrior(0.3)
+    module = primed(module_for(tiny_lm_path, tmp_path, advantage="basis", group_size=1, prior=prior))
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=2, logger=logger)
+    assert history("train/rollouts", logger.run_id) == [4.0, 4.0]
+    assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
+
+
+def test_prior_settings_are_checked_before_training(tiny_lm_path: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a value prior"):
+        module_for(tiny_lm_path, tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        module_for(tiny_lm_path, tmp_path, prior=str(tmp_path / "no-prior"))
+    with pytest.raises(ValueError, match="model.osla is the V0.5 budget"):
+        module_for(tiny_lm_path, tmp_path, advantage="grpo", prior=None, osla=OslaSettings())
+
+
+def test_checkpoint_carries_the_support_buffer_and_rejects_old_formats(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.5)))
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh = module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.5))
+    fresh.on_load_checkpoint(checkpoint)
+    assert list(fresh.support.pairs) == list(module.support.pairs)
+    checkpoint["basis_state"]["support_buffer"] = {"format": 0}
+    with pytest.raises(ValueError, match="support buffer in the checkpoint has format 0"):
+        fresh.on_load_checkpoint(checkpoint)
