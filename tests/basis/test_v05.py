@@ -87,7 +87,7 @@ def test_support_buffer_fifo_readiness_sampling_and_state() -> None:
     buffer.add(["c", "d", "e"], [1.0, 0.2, 0.9])
     assert len(buffer) == 4 and [p for p, _ in buffer.pairs] == ["b", "c", "d", "e"]
     assert buffer.ready()
-    prompts, success = buffer.sample(np.random.default_rng(0))
+    prompts, _ = buffer.sample(np.random.default_rng(0))
     assert len(prompts) == 3 and len(set(prompts)) == 3
     restored = SupportBuffer(capacity=4, context_size=3, min_context=2)
     restored.load_state_dict(buffer.state_dict())
@@ -165,7 +165,7 @@ def test_prior_settings_are_checked_before_training(tiny_lm_path: str, tmp_path:
         module_for(tiny_lm_path, tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         module_for(tiny_lm_path, tmp_path, prior=str(tmp_path / "no-prior"))
-    with pytest.raises(ValueError, match="model.osla is the V0.5 budget"):
+    with pytest.raises(ValueError, match=r"model\.osla is the V0\.5 budget"):
         module_for(tiny_lm_path, tmp_path, advantage="grpo", prior=None, osla=OslaSettings())
 
 
