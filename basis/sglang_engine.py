@@ -41,6 +41,8 @@ Deviations and facts checked in SGLang 0.5.23's source:
 - Seeds: `SamplingParams.seed` becomes `sampling_seed = seed + i` for prompt i; SGLang only honours it
   when the engine runs with `enable_deterministic_inference` (otherwise sampling is unseeded).
 - Stop strings: `no_stop_trim=True`, so `text` ends with the stop string like `HFEngine`'s.
+- Names: transformers-5 models whose in-memory layout differs from their checkpoint (fused MoE
+  experts) or quantized checkpoints do not map and are refused; dense HF models (Qwen3, Llama) map 1:1.
 - Tensors: `update_weights_from_tensor` over HTTP carries `ForkingPickler` pickles (the bytes of
   SGLang's `MultiprocessingSerializer`), base64-encoded, one copy per tensor-parallel rank (`tp_size`);
   CUDA tensors become IPC handles, so the server must share the host and the GPUs. FSDP2 `DTensor`
@@ -65,7 +67,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Literal
 
@@ -87,7 +89,7 @@ logger = logging.getLogger(__name__)
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod", "base_layer")
 # peft's PeftModel prefix in front of the wrapped model's own names.
 PEFT_PREFIX = "base_model.model."
-# SGLang's output routes answer log-probs as [logprob, token_id, text-or-null] triples.
+# SGLang finish_reason types -> Completion.finish_reason ("abort" and unfinished results are errors).
 _SGLANG_FINISH = {"stop": "stop", "length": "length"}
 # Used as the probe when `update_weights` runs before any `generate` gave a real sequence.
 _FALLBACK_PROBE_LEN = 32
@@ -127,7 +129,7 @@ class CheckpointLayout:
     vocab_size: int
     source: str
 
-    @property
+    @cached_property
     def expected(self) -> frozenset[str]:
         tied = {"lm_head.weight"} if self.tie_word_embeddings else set()
         return frozenset(self.shapes) - tied
