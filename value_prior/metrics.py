@@ -1,0 +1,182 @@
+"""Evaluation metrics of V0 and its baselines (design.md §3): AUC, gAUC, pair accuracy, Brier, ECE.
+
+All metrics score a predicted success probability `p` (V0's output: the expected success rate of
+the policy on the prompt) against the observed success rate `y = successes / n`:
+
+- AUC: ROC AUC of `p` against the binary label `1[y >= 0.5]` over all items (torchmetrics).
+- gAUC: AUC within each context pool (policy, step), averaged with weights = items per pool; pools
+  whose queries have one class are skipped. Shared prompt difficulty cannot inflate it across pools,
+  and a constant per-pool prediction (the context mean) scores exactly 0.5.
+- Pair accuracy: within each pool, the share of prompt pairs with different success rates that `p`
+  orders correctly (ties in `p` count one half). Unlike gAUC it uses the graded success rates.
+- Brier: mean `(p - y)^2` against the graded success rate (torchmetrics MSE).
+- ECE: `sum_b |B_b|/N * |mean(p in b) - mean(y in b)|` over `n_bins` equal-width bins of `p`.
+  torchmetrics' calibration error needs 0/1 targets; success rates are graded, so it is computed here.
+
+`bootstrap_ci` gives percentile intervals by resampling query items; `paired_bootstrap_diff` gives
+the interval of a difference between two predictors on the same items (much tighter than comparing
+two separate intervals).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics.functional import mean_squared_error
+from torchmetrics.functional.classification import binary_auroc
+
+SUCCESS_THRESHOLD = 0.5
+
+
+def _as_tensor(values: Sequence[float] | np.ndarray | Tensor) -> Tensor:
+    return torch.as_tensor(
+        np.asarray(values, dtype=np.float64) if not isinstance(values, Tensor) else values
+    ).double()
+
+
+def _groups_as_ids(groups: Sequence[object] | np.ndarray | Tensor) -> np.ndarray:
+    _, ids = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+    return ids
+
+
+def _check(prob: Tensor, success: Tensor) -> None:
+    if prob.shape != success.shape or prob.ndim != 1:
+        raise ValueError(
+            f"predictions {tuple(prob.shape)} and success rates {tuple(success.shape)} must be equal 1-D"
+        )
+    if prob.numel() == 0:
+        raise ValueError("no items to score")
+
+
+def auc(prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor) -> float:
+    """ROC AUC of `prob` against `1[success >= 0.5]` (NaN when one class)."""
+    p, y = _as_tensor(prob), _as_tensor(success)
+    _check(p, y)
+    label = (y >= SUCCESS_THRESHOLD).long()
+    if label.min() == label.max():
+        return float("nan")
+    return float(binary_auroc(p, label))
+
+
+def grouped_auc(
+    prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor, groups: Sequence[object]
+) -> float:
+    """Item-weighted mean of the per-pool AUC (pools with one class skipped; NaN if none left)."""
+    p, y = _as_tensor(prob), _as_tensor(success)
+    _check(p, y)
+    ids = _groups_as_ids(groups)
+    if len(ids) != len(p):
+        raise ValueError(f"{len(ids)} group ids for {len(p)} predictions")
+    total, weighted = 0, 0.0
+    for group in np.unique(ids):
+        mask = torch.as_tensor(ids == group)
+        value = auc(p[mask], y[mask])
+        if not np.isnan(value):
+            weighted += value * int(mask.sum())
+            total += int(mask.sum())
+    return weighted / total if total else float("nan")
+
+
+def pair_accuracy(
+    prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor, groups: Sequence[object]
+) -> float:
+    """Share of within-pool pairs with different success rates that `prob` orders correctly."""
+    p, y = _as_tensor(prob), _as_tensor(success)
+    _check(p, y)
+    ids = torch.as_tensor(_groups_as_ids(groups))
+    same_group = ids[:, None] == ids[None, :]  # [N, N]
+    better = (y[:, None] > y[None, :]) & same_group  # [N, N] item i truly better than j
+    if not better.any():
+        return float("nan")
+    diff = p[:, None] - p[None, :]  # [N, N]
+    correct = (diff > 0).double() + 0.5 * (diff == 0).double()  # [N, N]
+    return float(correct[better].mean())
+
+
+def brier(prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor) -> float:
+    """Mean squared error between the predicted and the observed success rate."""
+    p, y = _as_tensor(prob), _as_tensor(success)
+    _check(p, y)
+    return float(mean_squared_error(p, y))
+
+
+def expected_calibration_error(
+    prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor, n_bins: int = 10
+) -> float:
+    """ECE over `n_bins` equal-width probability bins against graded success rates."""
+    p, y = _as_tensor(prob), _as_tensor(success)
+    _check(p, y)
+    bins = torch.clamp((p * n_bins).long(), 0, n_bins - 1)  # [N]
+    count = torch.bincount(bins, minlength=n_bins).double()  # [n_bins]
+    mean_p = torch.bincount(bins, weights=p, minlength=n_bins) / count.clamp(min=1)  # [n_bins]
+    mean_y = torch.bincount(bins, weights=y, minlength=n_bins) / count.clamp(min=1)  # [n_bins]
+    return float(((count / len(p)) * (mean_p - mean_y).abs()).sum())
+
+
+def score_predictions(
+    prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor, groups: Sequence[object]
+) -> dict[str, float]:
+    """All five metrics: `{"gauc", "auc", "pair_acc", "brier", "ece"}`."""
+    return {
+        "gauc": grouped_auc(prob, success, groups),
+        "auc": auc(prob, success),
+        "pair_acc": pair_accuracy(prob, success, groups),
+        "brier": brier(prob, success),
+        "ece": expected_calibration_error(prob, success),
+    }
+
+
+MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+
+def bootstrap_ci(
+    metric: MetricFn,
+    prob: np.ndarray,
+    success: np.ndarray,
+    groups: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile interval of `metric(prob, success, groups)` over item resamples (within each pool)."""
+    rng = np.random.default_rng(seed)
+    prob, success, groups = np.asarray(prob), np.asarray(success), np.asarray([str(g) for g in groups])
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    values = []
+    for _ in range(n_resamples):
+        index = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        values.append(metric(prob[index], success[index], groups[index]))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_diff(
+    metric: MetricFn,
+    prob_a: np.ndarray,
+    prob_b: np.ndarray,
+    success: np.ndarray,
+    groups: np.ndarray,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """`(diff, lo, hi)`: metric(a) - metric(b) on the same items, with a paired percentile interval."""
+    rng = np.random.default_rng(seed)
+    prob_a, prob_b, success = np.asarray(prob_a), np.asarray(prob_b), np.asarray(success)
+    groups = np.asarray([str(g) for g in groups])
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    diffs = []
+    for _ in range(n_resamples):
+        index = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        diffs.append(
+            metric(prob_a[index], success[index], groups[index])
+            - metric(prob_b[index], success[index], groups[index])
+        )
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(diffs, [tail, 100 - tail])
+    point = metric(prob_a, success, groups) - metric(prob_b, success, groups)
+    return float(point), float(lo), float(hi)
