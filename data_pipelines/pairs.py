@@ -172,8 +172,8 @@ def validate_pairs(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
     (warning) single-class context pools.
     """
     problems = _schema_problems(dataset, source)
-    if any(p.field in PAIR_COLUMNS and "missing" in p.message for p in problems):
-        return problems  # rows cannot be read without the columns
+    if problems:
+        return problems  # row checks need every column with its contract dtype
     first_row: dict[tuple[str, int, str], int] = {}
     text_of: dict[str, tuple[str, int]] = {}
     classes: dict[tuple[str, int], Counter] = defaultdict(Counter)

@@ -1,0 +1,141 @@
+"""Tests of the pair contract: loading (parquet file, folder, jsonl) and row/field-level validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from data_pipelines.pairs import (
+    PAIR_COLUMNS,
+    PAIR_FEATURES,
+    PairsError,
+    load_pairs,
+    load_valid_pairs,
+    success_rate,
+    validate_pairs,
+)
+
+
+def pair(
+    policy: str = "p", step: int = 1, prompt_id: str = "a", successes: int = 3, n: int = 4, **kw
+) -> dict:
+    row = {
+        "policy": policy,
+        "step": step,
+        "prompt_id": prompt_id,
+        "prompt": f"Q: {prompt_id}?",
+        "n": n,
+        "successes": successes,
+        "score": 2 * successes / n - 1 if n else 0.0,
+    }
+    return row | kw
+
+
+def as_dataset(rows: list[dict]) -> datasets.Dataset:
+    return datasets.Dataset.from_list(rows, features=PAIR_FEATURES)
+
+
+GOOD = [pair(prompt_id="a", successes=4), pair(prompt_id="b", successes=0), pair(prompt_id="c", successes=2)]
+
+
+def test_success_rate_and_columns() -> None:
+    assert success_rate(3, 4) == 0.75
+    assert PAIR_COLUMNS == ("policy", "step", "prompt_id", "prompt", "n", "successes", "score")
+    with pytest.raises(ValueError, match="n must be positive"):
+        success_rate(1, 0)
+
+
+def test_valid_pairs_have_no_problems() -> None:
+    assert validate_pairs(as_dataset(GOOD), "mem") == []
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "folder", "jsonl"])
+def test_load_pairs_formats(tmp_path: Path, fmt: str) -> None:
+    dataset = as_dataset(GOOD)
+    if fmt == "parquet":
+        path = tmp_path / "pairs.parquet"
+        dataset.to_parquet(str(path))
+    elif fmt == "folder":
+        path = tmp_path / "shards"
+        (path / "p" / "step_1").mkdir(parents=True)
+        as_dataset(GOOD[:2]).to_parquet(str(path / "p" / "step_1" / "shard-00000.parquet"))
+        as_dataset(GOOD[2:]).to_parquet(str(path / "p" / "step_1" / "shard-00001.parquet"))
+    else:
+        path = tmp_path / "pairs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    loaded = load_valid_pairs(path)
+    assert loaded.features == PAIR_FEATURES
+    assert sorted(loaded["prompt_id"]) == ["a", "b", "c"]
+
+
+def test_load_pairs_bad_paths(tmp_path: Path) -> None:
+    with pytest.raises(PairsError, match="no such pairs file"):
+        load_pairs(tmp_path / "missing.parquet")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(PairsError, match="unknown pairs format"):
+        load_pairs(tmp_path / "x.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PairsError, match=r"no \*.parquet or \*.jsonl"):
+        load_pairs(tmp_path / "empty")
+
+
+def test_missing_column_is_named() -> None:
+    rows = [{k: v for k, v in r.items() if k != "successes"} for r in GOOD]
+    problems = validate_pairs(datasets.Dataset.from_list(rows), "mem")
+    assert [(p.field, p.row) for p in problems] == [("successes", None)]
+    assert "required column is missing" in str(problems[0])
+
+
+def test_wrong_dtype_is_named() -> None:
+    rows = [r | {"step": str(r["step"])} for r in GOOD]
+    problems = validate_pairs(datasets.Dataset.from_list(rows), "mem")
+    assert any(p.field == "step" and "dtype string" in p.message for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "text"),
+    [
+        (pair(n=0, successes=0, score=0.0), "n", "must be >= 1"),
+        (pair(successes=5, n=4, score=1.0), "successes", "[0, n=4]"),
+        (pair(successes=3, n=4, score=0.9), "score", "disagrees with successes/n"),
+        (pair(score=1.5), "score", "[-1, 1]"),
+        (pair(step=-1), "step", ">= 0"),
+        (pair(prompt=""), "prompt", "non-empty string"),
+        (pair(policy=" "), "policy", "non-empty string"),
+    ],
+)
+def test_row_problems_name_row_and_field(row: dict, field: str, text: str) -> None:
+    problems = [p for p in validate_pairs(as_dataset([*GOOD, row]), "pairs.parquet") if p.severity == "error"]
+    assert len(problems) == 1
+    assert problems[0].row == 3 and problems[0].field == field
+    assert text in problems[0].message
+    assert str(problems[0]).startswith(f"error: pairs.parquet row 3 field {field!r}")
+
+
+def test_duplicates_and_text_conflicts() -> None:
+    rows = [*GOOD, pair(prompt_id="a", successes=1), pair(policy="q", prompt_id="b", prompt="another text")]
+    problems = validate_pairs(as_dataset(rows), "mem")
+    duplicate = next(p for p in problems if "duplicate" in p.message)
+    assert duplicate.row == 3 and "row 0" in duplicate.message
+    conflict = next(p for p in problems if "another text" in p.message)
+    assert conflict.row == 4 and conflict.field == "prompt"
+
+
+def test_single_class_pool_is_a_warning() -> None:
+    rows = [*GOOD, pair(policy="q", prompt_id="a", successes=4), pair(policy="q", prompt_id="b", successes=3)]
+    problems = validate_pairs(as_dataset(rows), "mem")
+    assert [p.severity for p in problems] == ["warning"]
+    assert "q@step1 has only successes" in problems[0].message
+
+
+def test_load_valid_pairs_raises_listing_errors(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    rows = [*GOOD, pair(prompt_id="d", successes=9, n=4, score=1.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        PairsError, match=r"1 pair contract error\(s\):\n  error: .*bad.jsonl row 3 field 'successes'"
+    ):
+        load_valid_pairs(path)

@@ -1,0 +1,89 @@
+"""Tests of the V0 release importer on a tiny release folder and on the real release data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_pipelines.pairs import PAIR_FEATURES, PairsError, load_valid_pairs
+from data_pipelines.v0_release import read_v0_release, release_row_to_pair, write_release_pairs
+
+REAL_RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0-release"
+
+
+def make_release(folder: Path, rows: list[dict], prompts: dict[str, str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompt_dict.json").write_text(json.dumps(prompts))
+    (folder / "context.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train.jsonl").write_text(json.dumps(rows[0] | {"type": "train_query"}) + "\n")
+    return folder
+
+
+ROWS = [
+    {"id": 1, "score": 0.6, "type": "context", "model": "M", "step": 16, "dataset": "dapomath"},
+    {"id": 2, "score": -1.0, "type": "context", "model": "M", "step": 16, "dataset": "dapomath"},
+    {"id": 3, "score": 0.2, "type": "context", "model": "N", "step": 64, "dataset": "dapomath"},
+]
+PROMPTS = {"dapomath_1": "one", "dapomath_2": "two", "dapomath_3": "three"}
+
+
+def test_row_mapping() -> None:
+    got = release_row_to_pair(ROWS[0], PROMPTS, "x row 0")
+    assert got == {
+        "policy": "M",
+        "step": 16,
+        "prompt_id": "dapomath_1",
+        "prompt": "one",
+        "n": 10,
+        "successes": 8,
+        "score": pytest.approx(0.6),
+    }
+    assert release_row_to_pair(ROWS[1], PROMPTS, "x")["successes"] == 0
+
+
+def test_read_and_write(tmp_path: Path) -> None:
+    release = make_release(tmp_path / "rel", ROWS, PROMPTS)
+    dataset = read_v0_release(release, "context")
+    assert dataset.features == PAIR_FEATURES
+    assert dataset["successes"] == [8, 0, 6]
+    manifest = write_release_pairs(release, tmp_path / "out")
+    assert json.loads(manifest.read_text())["rows"] == {"context": 3, "train": 1}
+    assert len(load_valid_pairs(tmp_path / "out" / "context")) == 3
+
+
+def test_prompt_without_text_names_file_and_row(tmp_path: Path) -> None:
+    release = make_release(tmp_path / "rel", ROWS, {"dapomath_1": "one", "dapomath_3": "three"})
+    with pytest.raises(PairsError, match=r"context.jsonl row 1: prompt id 'dapomath_2' has no text"):
+        read_v0_release(release, "context")
+
+
+@pytest.mark.parametrize(
+    ("row", "text"),
+    [
+        ({"id": 1, "score": 0.55, "model": "M", "step": 1, "dataset": "dapomath"}, "not a multiple of 0.2"),
+        ({"id": 1, "score": 2.0, "model": "M", "step": 1, "dataset": "dapomath"}, "must lie in"),
+        ({"id": 1, "model": "M", "step": 1, "dataset": "dapomath"}, "missing field"),
+    ],
+)
+def test_bad_rows(tmp_path: Path, row: dict, text: str) -> None:
+    release = make_release(tmp_path / "rel", [ROWS[0], row], PROMPTS)
+    with pytest.raises(PairsError, match=text):
+        read_v0_release(release, "context")
+
+
+def test_not_a_release_folder(tmp_path: Path) -> None:
+    with pytest.raises(PairsError, match="not a V0 release folder"):
+        read_v0_release(tmp_path, "context")
+    with pytest.raises(ValueError, match="split must be one of"):
+        read_v0_release(tmp_path, "query")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not REAL_RELEASE.exists(), reason="V0 release data not present")
+def test_real_release() -> None:
+    context = read_v0_release(REAL_RELEASE, "context")
+    train = read_v0_release(REAL_RELEASE, "train")
+    assert len(context) == 3072 and len(train) == 192
+    assert set(context["n"]) == {10}
+    assert not set(context["prompt_id"]) & set(train["prompt_id"])
