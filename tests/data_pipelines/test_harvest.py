@@ -1,0 +1,512 @@
+"""`data_pipelines.harvest`: pure functions, checkpoint resolution, real harvests of tiny untrained
+checkpoints (resume after SIGKILL in a real subprocess, corrupted shards, determinism, MLflow), from-logs,
+validate and import-v0.
+
+The checkpoints are untrained tiny Qwen3 models exported by the trainer's own `export_policy`. They
+answer single-digit prompts correctly a few percent of the time, so pairs have varied success counts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from data_pipelines.harvest import (
+    MANIFEST,
+    CheckpointSpec,
+    HarvestError,
+    harvest_data_files,
+    main,
+    metric_name,
+    pair_row,
+    pairs_from_records,
+    resolve_checkpoints,
+    run,
+    shard_ranges,
+    shard_seed,
+    step_from_name,
+    success_rate,
+    validate,
+    window_step,
+)
+from data_pipelines.pairs import PAIR_COLUMNS, load_pairs, validate_pairs
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE = REPO.parent / "shared" / "data" / "v0-release"
+
+# Small but real: 2 checkpoints x 24 prompts x 4 rollouts, 6 prompts per shard -> 8 shards.
+SMALL = {
+    "rollouts_per_prompt": 4,
+    "sampling": {"max_new_tokens": 16},
+    "prompts_per_shard": 6,
+    "batch_size": 64,
+    "experiment": None,
+    "progress": False,
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two trainer exports of untrained tiny policies (steps 5 and 10) and a digit prompt set."""
+    from basis.tiny_policy import build_model, build_tokenizer
+    from basis.trainer import export_policy
+
+    root = tmp_path_factory.mktemp("harvest")
+    tokenizer = build_tokenizer()
+    for seed, step in ((0, 5), (1, 10)):
+        model = build_model(tokenizer, hidden_size=64, num_layers=2, intermediate_size=128, seed=seed)
+        export_policy(
+            model,
+            tokenizer,
+            root / "run" / "exports" / f"step_{step:06d}",
+            {"rl_step": step, "model_path": "x"},
+        )
+    (root / "run" / "exports" / "step_000015.tmp").mkdir()  # an export killed mid-write is no checkpoint
+    rows = [
+        {"prompt_id": f"d{i}", "prompt": f"{i}+0", "answer": str(i % 10), "data_source": "digits"}
+        for i in range(24)
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(root / "digits.parquet"))
+    return root
+
+
+def harvest(workdir: Path, out: Path, **overrides) -> object:
+    config = {**SMALL, **overrides}
+    config["sampling"] = _sampling(config["sampling"])
+    return run(
+        checkpoints=[str(workdir / "run")], prompts=str(workdir / "digits.parquet"), out=str(out), **config
+    )
+
+
+def _sampling(values: dict):
+    from basis.rollout import SamplingParams
+
+    return SamplingParams(**values)
+
+
+def pair_rows(out: Path) -> list[dict]:
+    return pq.read_table(harvest_data_files(out)).to_pylist()
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    return {str(Path(f).relative_to(out)): Path(f).read_bytes() for f in harvest_data_files(out)}
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> Path:
+    """An uninterrupted harvest every other test compares against."""
+    out = workdir / "reference"
+    harvest(workdir, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+
+
+def test_success_rate_and_pair_row_by_hand() -> None:
+    assert success_rate([1, 0, 0, 1, 1]) == pytest.approx(0.6)
+    row = pair_row("p", 7, "q1", "1+1", [1.0, 0.0, 0.0, 1.0, 1.0])
+    assert row == {"policy": "p", "step": 7, "prompt_id": "q1", "prompt": "1+1", "n": 5, "successes": 3,
+                   "score": pytest.approx(0.2)}  # fmt: skip
+    assert pair_row("p", 0, "q", "x", [0, 0])["score"] == -1.0
+    assert pair_row("p", 0, "q", "x", [1] * 10)["score"] == 1.0
+    with pytest.raises(ValueError, match="0 or 1"):
+        success_rate([1, 0.5])
+    with pytest.raises(ValueError, match="at least one"):
+        success_rate([])
+
+
+def test_shard_seed_is_stable_and_separates_its_inputs() -> None:
+    assert shard_seed(0, "grpo-tiny", 100, 0) == shard_seed(0, "grpo-tiny", 100, 0) == 1851814645
+    seeds = {shard_seed(s, p, st, i) for s in (0, 1) for p in ("a", "b") for st in (0, 1) for i in (0, 1)}
+    assert len(seeds) == 16
+    assert all(0 <= s < 2**31 for s in seeds)
+
+
+def test_window_step_labels_windows_by_their_last_step() -> None:
+    assert [window_step(s, 50, 200) for s in (1, 50, 51, 100, 200)] == [50, 50, 100, 100, 200]
+    assert window_step(172, 50, 173) == 173  # a partial last window takes the run's last step
+    with pytest.raises(ValueError, match="window"):
+        window_step(1, 0, 10)
+    with pytest.raises(ValueError, match="last_step"):
+        window_step(11, 5, 10)
+
+
+def test_step_from_name_and_shard_ranges_and_metric_names() -> None:
+    assert step_from_name("step_000050") == 50
+    assert step_from_name("checkpoint-200") == 200
+    assert step_from_name("step_000050.tmp") is None
+    assert step_from_name("tiny-policy") is None
+    assert shard_ranges(13, 5) == [range(0, 5), range(5, 10), range(10, 13)]
+    assert metric_name("mean_success/Qwen3@4B (x)") == "mean_success/Qwen3_4B _x_"
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def test_export_folder_run_folder_and_glob_resolve_to_tagged_checkpoints(workdir: Path) -> None:
+    exports = workdir / "run" / "exports"  # also holds a half-written `step_000015.tmp`, which is skipped
+    for spec in (str(exports), str(workdir / "run"), str(exports / "step_*")):
+        resolved = resolve_checkpoints([spec])
+        assert [(c.policy, c.step) for c in resolved] == [("run", 5), ("run", 10)]
+    explicit = resolve_checkpoints([CheckpointSpec(str(exports / "step_000010"), policy="grpo", step=99)])
+    assert [(c.policy, c.step) for c in explicit] == [("grpo", 99)]
+
+
+@pytest.mark.parametrize(
+    ("specs", "message"),
+    [
+        (["{root}/nowhere"], "nowhere' does not exist"),
+        (["{root}/run/exports/zz_*"], "matches no folder"),
+        (["{root}/run", "{root}/run/exports/step_000005"], "are both run@step5"),
+        ([CheckpointSpec("{root}/run", step=3)], "step can only tag one"),
+        (["{root}/digits.parquet"], "is a file"),
+        ([], "empty"),
+    ],
+)
+def test_bad_checkpoint_specs_name_the_path(workdir: Path, specs: list, message: str) -> None:
+    specs = [
+        CheckpointSpec(s.path.format(root=workdir), s.policy, s.step)
+        if isinstance(s, CheckpointSpec)
+        else s.format(root=workdir)
+        for s in specs
+    ]
+    with pytest.raises(HarvestError, match=message):
+        resolve_checkpoints(specs)
+
+
+def test_model_folder_without_a_step_asks_for_one(tiny_lm_path: str) -> None:
+    with pytest.raises(HarvestError, match="cannot tell its step"):
+        resolve_checkpoints([tiny_lm_path])
+    assert resolve_checkpoints([CheckpointSpec(tiny_lm_path, policy="base", step=0)])[0].step == 0
+
+
+def test_unloadable_checkpoint_fails_before_any_rollout(workdir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "step_000020"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "qwen3"')  # truncated JSON
+    out = tmp_path / "out"
+    with pytest.raises(HarvestError, match=f"checkpoint '{broken}'.*not loadable"):
+        run(checkpoints=[str(workdir / "run"), str(broken)], prompts=str(workdir / "digits.parquet"),
+            out=str(out), **{**SMALL, "sampling": _sampling(SMALL["sampling"])})  # fmt: skip
+    assert not out.exists()  # nothing was sampled or written
+
+
+def test_prompt_dataset_without_answers_names_file_and_column(workdir: Path, tmp_path: Path) -> None:
+    file = tmp_path / "no_answers.parquet"
+    datasets.Dataset.from_list([{"prompt_id": "a", "prompt": "1+1"}]).to_parquet(str(file))
+    with pytest.raises(ValueError, match=rf"{file}.*missing column 'answer'"):
+        run(checkpoints=[str(workdir / "run")], prompts=str(file), out=str(tmp_path / "out"),
+            **{**SMALL, "sampling": _sampling(SMALL["sampling"])})  # fmt: skip
+
+
+def test_answers_the_verifier_cannot_read_fail_before_any_rollout(workdir: Path, tmp_path: Path) -> None:
+    file = tmp_path / "words.parquet"
+    datasets.Dataset.from_list([{"prompt_id": "a", "prompt": "one", "answer": "one"}]).to_parquet(str(file))
+    with pytest.raises(HarvestError, match="verifier rejects an answer"):
+        run(checkpoints=[str(workdir / "run")], prompts=str(file), out=str(tmp_path / "out"),
+            **{**SMALL, "sampling": _sampling(SMALL["sampling"])})  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Harvest runs
+
+
+def test_harvest_writes_the_pair_contract_manifest_and_mlflow_run(
+    workdir: Path, reference: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "logged"
+    summary = harvest(workdir, out, experiment="harvest-test")
+    # Loadable by datasets and by the value prior's loader, with no contract errors.
+    loaded = datasets.load_dataset("parquet", data_files=harvest_data_files(out), split="train")
+    assert tuple(loaded.column_names) == PAIR_COLUMNS and len(loaded) == 48
+    pairs = load_pairs(out)
+    assert [p for p in validate_pairs(pairs, str(out)) if p.severity == "error"] == []
+    assert set(pairs["n"]) == {4}
+    assert len(set(pairs["successes"])) > 1  # varied outcomes, not a degenerate all-zero harvest
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["kind"] == "rollouts" and manifest["rows"] == 48 and len(manifest["shards"]) == 8
+    assert manifest["shards"][0]["path"] == "data/run/step_000005/shard-00000.parquet"
+    assert manifest["config"]["rollouts_per_prompt"] == 4 and "torch" in manifest["versions"]
+    # Per-checkpoint means agree with the rows.
+    for checkpoint in summary.checkpoints:
+        rows = [r for r in loaded if r["step"] == checkpoint.step]
+        assert checkpoint.mean_success == pytest.approx(
+            sum(r["successes"] / r["n"] for r in rows) / len(rows)
+        )
+    assert pair_rows(out) == pair_rows(reference)  # MLflow on or off, same pairs
+    client = MlflowClient(mlflow_store)
+    mlflow_run = client.get_run(summary.mlflow_run_id)
+    assert mlflow_run.data.params["rollouts_per_prompt"] == "4"
+    assert mlflow_run.data.params["num_checkpoints"] == "2"
+    assert mlflow_run.data.metrics["pairs"] == 48 and mlflow_run.data.metrics["rollouts"] == 192
+    assert mlflow_run.data.metrics["pairs_per_minute"] > 0 and mlflow_run.data.metrics["tokens_per_s"] > 0
+    history = client.get_metric_history(summary.mlflow_run_id, "mean_success/run")
+    assert sorted(m.step for m in history) == [5, 10]
+    artifacts = {a.path for a in client.list_artifacts(summary.mlflow_run_id)}
+    assert {"success_rate_histogram.png", "manifest.json", "per_checkpoint.json"} <= artifacts
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs(workdir: Path, reference: Path, tmp_path: Path) -> None:
+    harvest(workdir, tmp_path / "again")
+    assert shard_bytes(tmp_path / "again") == shard_bytes(reference)  # byte-identical shards
+    harvest(workdir, tmp_path / "seed1", seed=1)
+    assert pair_rows(tmp_path / "seed1") != pair_rows(reference)
+
+
+def test_corrupted_and_unrecorded_shards_are_reported_and_redone(
+    workdir: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "damaged"
+    harvest(workdir, out)
+    corrupted = out / "data/run/step_000005/shard-00001.parquet"
+    corrupted.write_bytes(corrupted.read_bytes()[:-40])  # a torn write
+    (out / "progress/run/step_000010/shard-00002.json").unlink()  # killed between shard and record
+
+    report = validate(str(out))
+    assert not report.ok
+    assert any(str(corrupted) in str(p) and "corrupted shard" in str(p) for p in report.errors)
+
+    capsys.readouterr()
+    summary = harvest(workdir, out)
+    err = capsys.readouterr().err
+    assert f"redoing shard {corrupted}: sha256" in err
+    assert "shard-00002.parquet: shard without a checksum record" in err
+    assert summary.skipped_shards == 6 and len(summary.redone_shards) == 2 and summary.new_pairs == 12
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert validate(str(out)).ok
+
+
+def test_rerun_with_other_settings_into_the_same_folder_is_refused(
+    workdir: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "settings"
+    harvest(workdir, out)
+    with pytest.raises(HarvestError, match=r"other settings.*rollouts_per_prompt: recorded 4, now 5"):
+        harvest(workdir, out, rollouts_per_prompt=5)
+    with pytest.raises(HarvestError, match="shards that are not part of this harvest"):
+        harvest(workdir, out, prompts_per_shard=12)
+
+
+def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(workdir: Path, reference: Path) -> None:
+    out = workdir / "killed"
+    config = {
+        "checkpoints": [str(workdir / "run")],
+        "prompts": str(workdir / "digits.parquet"),
+        "out": str(out),
+        **SMALL,
+        "prompts_per_shard": 6,
+    }
+    (workdir / "killed.yaml").write_text(yaml.safe_dump(config))
+    command = [
+        sys.executable,
+        "-m",
+        "data_pipelines.harvest",
+        "run",
+        "--config",
+        str(workdir / "killed.yaml"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    records = out / "progress" / "run" / "step_000005"
+    deadline = time.time() + 180
+    while not (records.is_dir() and len(list(records.glob("*.json"))) >= 2):
+        assert proc.poll() is None, f"harvest ended before it could be killed: {proc.stderr.read().decode()}"
+        assert time.time() < deadline, "harvest stalled"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / MANIFEST).exists()  # it really died midway
+    done = len(list((out / "progress").rglob("*.json")))
+    assert 2 <= done < 8
+
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    assert f"resumed: {done} shards verified and kept" in result.stdout
+    assert shard_bytes(out) == shard_bytes(reference)
+    rows = pair_rows(out)
+    keys = [(r["policy"], r["step"], r["prompt_id"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 48  # no duplicate, no missing (checkpoint, prompt) pair
+
+
+def test_sglang_engine_harvests_through_its_http_protocol(workdir: Path, tmp_path: Path) -> None:
+    """Wiring of `engine: sglang` against the FAKE SGLang server of tests/basis (real tiny model behind it)."""
+    spec = importlib.util.spec_from_file_location(
+        "fake_sglang_server", REPO / "tests/basis/fake_sglang_server.py"
+    )
+    fake = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fake)
+    checkpoint = workdir / "run" / "exports" / "step_000005"
+    with fake.FakeSGLangServer(str(checkpoint)) as server:
+        config = {**SMALL, "sampling": _sampling(SMALL["sampling"])}
+        summary = run(checkpoints=[str(checkpoint)], prompts=str(workdir / "digits.parquet"),
+                      out=str(tmp_path / "sglang"), engine="sglang",
+                      engine_options={"server_url": server.url, "request_timeout_s": 30.0}, **config)  # fmt: skip
+        assert "/generate" in server.calls
+    assert summary.pairs == 24 and summary.rollouts == 96
+    assert validate(str(tmp_path / "sglang")).ok
+    with pytest.raises(HarvestError, match="server_url serves one checkpoint"):
+        run(checkpoints=[str(workdir / "run")], prompts=str(workdir / "digits.parquet"), out=str(tmp_path / "x"),
+            engine="sglang", engine_options={"server_url": "http://127.0.0.1:1"}, **config)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# from-logs
+
+
+def write_records(folder: Path, step: int, rows: list[tuple[str, str, float]]) -> Path:
+    """A rollout record file exactly as `basis.trainer.PolicyTrainer.write_rollout_records` writes it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:06d}-rank0.parquet"
+    table = pa.table({
+        "step": [step] * len(rows),
+        "prompt_id": [r[0] for r in rows],
+        "prompt": [r[1] for r in rows],
+        "reward": [r[2] for r in rows],
+        "response_length": [5] * len(rows),
+        "finish_reason": ["stop"] * len(rows),
+        "response": ["#### 1"] * len(rows),
+    })  # fmt: skip
+    pq.write_table(table, path)
+    return path
+
+
+def test_from_logs_pools_records_by_step_window(tmp_path: Path, mlflow_store: str) -> None:
+    chat = json.dumps([{"role": "user", "content": "2+2"}])
+    rollouts = tmp_path / "run" / "rollouts"
+    write_records(rollouts, 1, [("a", "1+1", 1.0), ("a", "1+1", 0.0), ("b", chat, 0.0)])
+    write_records(rollouts, 2, [("a", "1+1", 1.0), ("b", chat, 1.0)])
+    write_records(rollouts, 3, [("a", "1+1", 0.0), ("a", "1+1", 0.0)])
+    out = tmp_path / "pairs"
+    code = None
+    try:
+        main(["from-logs", f"--run_dir={tmp_path / 'run'}", "--policy=grpo", f"--out={out}", "--window=2"])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code is None
+    rows = pq.read_table(harvest_data_files(out)).to_pylist()
+    assert [(r["step"], r["prompt_id"], r["n"], r["successes"]) for r in rows] == [
+        (2, "a", 3, 2), (2, "b", 2, 1), (3, "a", 2, 0)
+    ]  # fmt: skip
+    assert rows[1]["prompt"] == "2+2"  # chat records keep their text
+    assert rows[0]["score"] == pytest.approx(2 * 2 / 3 - 1)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (
+        manifest["kind"] == "from-logs"
+        and manifest["config"]["window"] == 2
+        and len(manifest["sources"]) == 3
+    )
+    assert validate(str(out)).ok
+
+
+def test_from_logs_bad_records_name_file_row_and_field(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    write_records(good, 1, [("a", "1+1", 1.0)])
+    bad_reward = tmp_path / "bad_reward"
+    file = write_records(bad_reward, 1, [("a", "1+1", 1.0), ("b", "2+2", 0.5)])
+    with pytest.raises(HarvestError, match=rf"{file}: row 1, field 'reward'"):
+        run_from_logs(bad_reward, tmp_path / "o1")
+    no_reward = tmp_path / "no_reward" / "step_000001-rank0.parquet"
+    no_reward.parent.mkdir()
+    pq.write_table(pa.table({"step": [1], "prompt_id": ["a"], "prompt": ["x"]}), no_reward)
+    with pytest.raises(HarvestError, match=rf"{no_reward}: missing column\(s\) \['reward'\]"):
+        run_from_logs(no_reward.parent, tmp_path / "o2")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(HarvestError, match="not empty"):
+        run_from_logs(good, tmp_path / "full")
+    with pytest.raises(HarvestError, match="another text"):
+        pairs_from_records([(1, "a", "1+1", 1.0, "f", 0), (2, "a", "1+2", 1.0, "g", 3)], "p", 2)
+
+
+def run_from_logs(run_dir: Path, out: Path):
+    from data_pipelines.harvest import from_logs
+
+    return from_logs(run_dir=str(run_dir), policy="p", out=str(out), window=2, experiment=None)
+
+
+# --------------------------------------------------------------------------------------------------
+# validate and import-v0
+
+
+def test_validate_cli_reports_problems_by_row_and_exits_nonzero(tmp_path: Path, capsys) -> None:
+    rows = [
+        {"policy": "p", "step": 1, "prompt_id": "a", "prompt": "x", "n": 10, "successes": 7, "score": 0.4},
+        {"policy": "p", "step": 1, "prompt_id": "b", "prompt": "y", "n": 10, "successes": 12, "score": 1.4},
+        {"policy": "p", "step": 1, "prompt_id": "a", "prompt": "x", "n": 10, "successes": 2, "score": -0.6},
+        {"policy": "p", "step": 1, "prompt_id": "c", "prompt": "z", "n": 10, "successes": 3, "score": 0.0},
+    ]
+    bad = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(bad))
+    with pytest.raises(SystemExit) as exit_:
+        main(["validate", str(bad)])
+    assert exit_.value.code == 1
+    report = capsys.readouterr().out
+    assert "row 1 field 'successes'" in report
+    assert "row 2 field 'prompt_id': duplicate of row 0" in report
+    assert "row 3 field 'score'" in report
+    assert "FAILED: 3 error(s)" in report
+
+    good = tmp_path / "good.parquet"
+    datasets.Dataset.from_list([rows[0], rows[2] | {"prompt_id": "d", "prompt": "w"}]).to_parquet(str(good))
+    main(["validate", str(good)])  # no SystemExit: exit status 0
+    report = capsys.readouterr().out
+    assert "OK: 0 error(s)" in report and "p          " in report
+
+
+def test_validate_flags_an_unfinished_harvest(workdir: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "unfinished"
+    harvest(workdir, out)
+    (out / MANIFEST).unlink()
+    report = validate(str(out))
+    assert not report.ok and "unfinished harvest" in str(report)
+
+
+@pytest.mark.skipif(not RELEASE.is_dir(), reason="V0 release data not present")
+def test_import_v0_release_into_the_contract(tmp_path: Path, capsys) -> None:
+    main(["import-v0", f"--release={RELEASE}", f"--out={tmp_path / 'v0'}"])
+    report = capsys.readouterr().out
+    assert "3264 pairs in 6 context pool(s)" in report and "OK: 0 error(s)" in report
+    assert len(load_pairs(tmp_path / "v0")) == 3264
+
+
+def test_bad_input_exits_2_with_the_message(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(
+            [
+                "run",
+                f"--checkpoints+={tmp_path / 'missing'}",
+                f"--prompts={tmp_path}",
+                f"--out={tmp_path / 'o'}",
+            ]
+        )
+    assert exit_.value.code == 2
+    assert f"checkpoint path '{tmp_path / 'missing'}' does not exist" in capsys.readouterr().err
+
+
+def test_tiny_config_parses_into_the_run_signature() -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(run)
+    config = parser.instantiate(parser.parse_args(["--config", str(REPO / "configs/harvest/tiny.yaml")]))
+    assert [(c.policy, c.step) for c in config.checkpoints] == [("grpo-tiny", 0), ("grpo-tiny", None),
+                                                               ("grpo-tiny", None)]  # fmt: skip
+    assert config.num_prompts == 200 and config.rollouts_per_prompt == 10
+    assert config.sampling.max_new_tokens == 48 and config.sampling.seed is None
