@@ -40,6 +40,7 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/baseline_mse.py
+	$(PY) benchmarks/harvest_throughput.py
 
 # Not in CI: builds .venv-sglang with the real sglang==0.5.23 (it pins torch 2.14.1 and transformers
 # 5.19.0, ~11 GB) plus this project without its dependencies, then checks every request the SGLang engine
