@@ -43,6 +43,7 @@ Run: `harvest run --config configs/harvest/tiny.yaml`, `harvest validate OUT`, `
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import hashlib
 import json
 import math
@@ -207,7 +208,7 @@ def _step_folders(folder: Path) -> list[Path]:
 
 def _expand(spec: CheckpointSpec) -> list[Path]:
     if _GLOB_CHARS.search(spec.path):
-        matches = sorted(Path(p) for p in _glob(spec.path))
+        matches = sorted(Path(p) for p in glob.glob(spec.path))
         folders = [p for p in matches if p.is_dir() and not p.name.endswith(".tmp")]
         if not folders:
             raise HarvestError(f"checkpoint pattern {spec.path!r} matches no folder")
@@ -227,12 +228,6 @@ def _expand(spec: CheckpointSpec) -> list[Path]:
             "(no step_* folders inside)"
         )
     return folders
-
-
-def _glob(pattern: str) -> list[str]:
-    import glob
-
-    return glob.glob(pattern)
 
 
 def _export_metadata(path: Path) -> dict[str, Any]:
@@ -517,6 +512,27 @@ def checkpoint_summaries(
     ]  # fmt: skip
 
 
+def manifest_payload(
+    kind: Literal["rollouts", "from-logs"],
+    rows: int,
+    shards: Sequence[ShardRecord],
+    summaries: Sequence[CheckpointSummary],
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest of a finished pairs dataset: shards with rows and sha256, per-pool means, config, versions."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "kind": kind,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "columns": list(PAIR_COLUMNS),
+        "rows": rows,
+        "shards": [asdict(shard) for shard in shards],
+        "checkpoints": [asdict(summary) for summary in summaries],
+        "config": config,
+        "versions": _versions(),
+    }
+
+
 def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     """Write `out/manifest.json` atomically (the last file a harvest writes)."""
     path = out / MANIFEST
@@ -524,24 +540,29 @@ def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def success_histogram(rates: dict[str, list[float]], rollouts_per_prompt: int | None = None) -> Any:
-    """Matplotlib figure: one histogram of per-prompt success rates per checkpoint label."""
-    import matplotlib
+def success_histogram(rows: Iterable[dict[str, Any]], rollouts_per_prompt: int | None = None) -> Any:
+    """Matplotlib figure: the per-prompt success rates of each (policy, step) pool, one panel per pool.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Args:
+        rows: Pairs (at least `policy, step, n, successes`).
+        rollouts_per_prompt: `n` of every pair, for one bin per possible rate; None uses 10 bins.
+    """
+    from matplotlib.figure import Figure
 
+    rates: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        rates[pool_key(row["policy"], row["step"])].append(row["successes"] / row["n"])
     labels = list(rates)
-    cols = min(4, len(labels))
-    rows = math.ceil(len(labels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    cols = min(4, max(len(labels), 1))
+    nrows = max(math.ceil(len(labels) / cols), 1)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
     n = rollouts_per_prompt or 10
-    edges = [(k - 0.5) / n for k in range(n + 2)]  # one bin per possible successes/n value
+    edges = [(k - 0.5) / n for k in range(n + 2)]  # one bin per possible successes / n value
     for ax, label in zip(axes.flat, labels):
         values = rates[label]
         ax.hist(values, bins=edges, color="tab:blue", edgecolor="white")
-        mean = sum(values) / max(len(values), 1)
-        ax.set_title(f"{label}\nmean {mean:.3f}, {len(values)} prompts", fontsize=8)
+        ax.set_title(f"{label}\nmean {sum(values) / len(values):.3f}, {len(values)} prompts", fontsize=8)
         ax.set_xlabel("success rate")
     for ax in list(axes.flat)[len(labels) :]:
         ax.axis("off")
@@ -556,27 +577,22 @@ def _log_to_mlflow(
     params: dict[str, Any],
     metrics: dict[str, float],
     summaries: Sequence[CheckpointSummary],
-    rates: dict[str, list[float]],
+    rows: Sequence[dict[str, Any]],
     rollouts_per_prompt: int | None,
     manifest: Path,
 ) -> str:
-    """One MLflow run with params, metrics, per-checkpoint mean success (series over step per policy),
+    """One MLflow run with params, metrics, per-checkpoint mean success (a series over step per policy),
     the success-rate histogram PNG and the manifest; returns the run id."""
-    import matplotlib.pyplot as plt
-
     import mlflow
     from basis.tracking import mlflow_run
 
     with mlflow_run(experiment, run_name=run_name) as run:
-        mlflow.log_params({k: (str(v)[:5000]) for k, v in params.items()})
+        mlflow.log_params({key: str(value)[:5000] for key, value in params.items()})  # MLflow caps values
         mlflow.log_metrics(metrics)
         for summary in summaries:
-            mlflow.log_metric(
-                metric_name(f"mean_success/{summary.policy}"), summary.mean_success, step=summary.step
-            )
-        figure = success_histogram(rates, rollouts_per_prompt)
-        mlflow.log_figure(figure, "success_rate_histogram.png")
-        plt.close(figure)
+            name = metric_name(f"mean_success/{summary.policy}")
+            mlflow.log_metric(name, summary.mean_success, step=summary.step)
+        mlflow.log_figure(success_histogram(rows, rollouts_per_prompt), "success_rate_histogram.png")
         mlflow.log_dict([asdict(s) for s in summaries], "per_checkpoint.json")
         mlflow.log_artifact(str(manifest))
         return run.info.run_id
@@ -626,6 +642,28 @@ def _prompt_rows(prompts: str, split: str, column_map: dict[str, str] | None, li
     if len(dataset) == 0:
         raise HarvestError(f"prompts {prompts!r} (split {split!r}): no prompt rows")
     return rows_from_dataset(dataset)
+
+
+def _check_run_arguments(
+    rollouts_per_prompt: int,
+    num_prompts: int | None,
+    sampling: SamplingParams,
+    batch_size: int,
+    engine: str,
+    engine_options: dict[str, Any] | None,
+) -> None:
+    if rollouts_per_prompt < 1:
+        raise HarvestError(f"rollouts_per_prompt must be >= 1, got {rollouts_per_prompt}")
+    if num_prompts is not None and num_prompts < 1:
+        raise HarvestError(f"num_prompts must be >= 1 or None, got {num_prompts}")
+    if sampling.seed is not None:
+        raise HarvestError("sampling.seed must stay unset: shard seeds derive from `seed`")
+    if batch_size < 1:
+        raise HarvestError(f"batch_size must be >= 1, got {batch_size}")
+    if engine not in ("hf", "sglang"):
+        raise HarvestError(f"engine must be 'hf' or 'sglang', got {engine!r}")
+    if engine == "hf" and engine_options:
+        raise HarvestError(f"engine_options {sorted(engine_options)} apply to engine 'sglang' only")
 
 
 def _check_answers(verifier: Any, rows: Sequence[Any], prompts: str) -> None:
@@ -869,19 +907,8 @@ def run(
             harvest; `ValueError` from `basis.tasks.load_prompts` for bad prompt rows.
     """
     start = time.perf_counter()
-    if rollouts_per_prompt < 1:
-        raise HarvestError(f"rollouts_per_prompt must be >= 1, got {rollouts_per_prompt}")
-    if num_prompts is not None and num_prompts < 1:
-        raise HarvestError(f"num_prompts must be >= 1 or None, got {num_prompts}")
-    if sampling.seed is not None:
-        raise HarvestError("sampling.seed must stay unset: shard seeds derive from `seed`")
-    if batch_size < 1:
-        raise HarvestError(f"batch_size must be >= 1, got {batch_size}")
+    _check_run_arguments(rollouts_per_prompt, num_prompts, sampling, batch_size, engine, engine_options)
     options = dict(engine_options or {})
-    if engine == "hf" and options:
-        raise HarvestError(f"engine_options {sorted(options)} apply to engine 'sglang' only")
-    if engine not in ("hf", "sglang"):
-        raise HarvestError(f"engine must be 'hf' or 'sglang', got {engine!r}")
     if torch_threads:
         import torch
 
@@ -896,19 +923,19 @@ def run(
             "to start an in-process engine per checkpoint"
         )
     prompt_rows = _prompt_rows(prompts, prompt_split, prompt_column_map, num_prompts)
+    settings = {  # everything that decides a shard's samples, recorded with each shard
+        "rollouts_per_prompt": rollouts_per_prompt,
+        "sampling": asdict(sampling) | {"stop": list(sampling.stop)},
+        "engine": engine,
+        "batch_size": batch_size if engine == "hf" else None,
+        "verifier": verifier,
+    }
+    plans = _plan(resolved, prompt_rows, prompts_per_shard, seed, settings)
     score = get_verifier(verifier)
     try:
         _check_answers(score, prompt_rows, prompts)
         for checkpoint in resolved:  # every checkpoint must load before any rollout is spent
             load_checkpoint(checkpoint)
-        settings = {
-            "rollouts_per_prompt": rollouts_per_prompt,
-            "sampling": asdict(sampling) | {"stop": list(sampling.stop)},
-            "engine": engine,
-            "batch_size": batch_size if engine == "hf" else None,
-            "verifier": verifier,
-        }
-        plans = _plan(resolved, prompt_rows, prompts_per_shard, seed, settings)
         _check_output_folder(out_dir, plans)
         work = _produce_shards(
             out_dir,
@@ -926,10 +953,7 @@ def run(
         if isinstance(score, MathVerifier):
             score.close()
     pairs = read_shards([out_dir / r.path for r in work.records])
-    summaries = checkpoint_summaries(
-        pairs,
-        {(c.policy, c.step): str(c.path) for c in resolved},
-    )
+    summaries = checkpoint_summaries(pairs, {(c.policy, c.step): str(c.path) for c in resolved})
     seconds = time.perf_counter() - start
     config = {
         "checkpoints": [{"path": str(c.path), "policy": c.policy, "step": c.step} for c in resolved],
@@ -942,17 +966,9 @@ def run(
         "engine_options": options,
         **settings,
     }
-    manifest = write_manifest(out_dir, {
-        "format": MANIFEST_FORMAT,
-        "kind": "rollouts",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "columns": list(PAIR_COLUMNS),
-        "rows": len(pairs),
-        "shards": [asdict(r) for r in work.records],
-        "checkpoints": [asdict(s) for s in summaries],
-        "config": config,
-        "versions": _versions(),
-    })  # fmt: skip
+    manifest = write_manifest(
+        out_dir, manifest_payload("rollouts", len(pairs), work.records, summaries, config)
+    )
     summary = HarvestSummary(
         out=str(out_dir),
         manifest=str(manifest),
@@ -967,9 +983,6 @@ def run(
         redone_shards=work.redone,
     )
     if experiment is not None:
-        rates: dict[str, list[float]] = defaultdict(list)
-        for row in pairs:
-            rates[pool_key(row["policy"], row["step"])].append(row["successes"] / row["n"])
         summary.mlflow_run_id = _log_to_mlflow(
             experiment,
             run_name or out_dir.name,
@@ -997,7 +1010,7 @@ def run(
                 "shards_redone": float(len(work.redone)),
             },
             summaries,
-            rates,
+            pairs,
             rollouts_per_prompt,
             manifest,
         )
@@ -1143,27 +1156,16 @@ def from_logs(
         shards.append(ShardRecord(relative, len(rows), write_pairs_shard(out_dir / relative, rows), None))
     summaries = checkpoint_summaries(pairs, {(policy, step): str(folder) for step in sorted(by_step)})
     files = sorted({record[4] for record in records})
-    manifest = write_manifest(out_dir, {
-        "format": MANIFEST_FORMAT,
-        "kind": "from-logs",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "columns": list(PAIR_COLUMNS),
-        "rows": len(pairs),
-        "shards": [asdict(shard) for shard in shards],
-        "checkpoints": [asdict(s) for s in summaries],
-        "config": {"run_dir": str(source), "policy": policy, "window": window},
-        "sources": [{"path": f, "sha256": sha256_file(Path(f))} for f in files],
-        "versions": _versions(),
-    })  # fmt: skip
+    config = {"run_dir": str(source), "policy": policy, "window": window}
+    payload = manifest_payload("from-logs", len(pairs), shards, summaries, config)
+    payload["sources"] = [{"path": f, "sha256": sha256_file(Path(f))} for f in files]
+    manifest = write_manifest(out_dir, payload)
     seconds = time.perf_counter() - start
     summary = HarvestSummary(
         out=str(out_dir), manifest=str(manifest), pairs=len(pairs), new_pairs=len(pairs), rollouts=len(records),
         seconds=seconds, pairs_per_minute=60.0 * len(pairs) / seconds, checkpoints=summaries,
     )  # fmt: skip
     if experiment is not None:
-        rates: dict[str, list[float]] = defaultdict(list)
-        for pair in pairs:
-            rates[pool_key(policy, pair["step"])].append(pair["successes"] / pair["n"])
         summary.mlflow_run_id = _log_to_mlflow(
             experiment,
             run_name or f"from-logs-{policy}",
@@ -1171,7 +1173,7 @@ def from_logs(
              "record_files": len(files)},
             {"pairs": float(len(pairs)), "rollouts": float(len(records)), "seconds": seconds},
             summaries,
-            rates,
+            pairs,
             None,
             manifest,
         )  # fmt: skip

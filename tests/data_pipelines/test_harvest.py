@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,10 +196,18 @@ def test_model_folder_without_a_step_asks_for_one(tiny_lm_path: str) -> None:
     assert resolve_checkpoints([CheckpointSpec(tiny_lm_path, policy="base", step=0)])[0].step == 0
 
 
-def test_unloadable_checkpoint_fails_before_any_rollout(workdir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated config.json", "truncated weights", "no weights"])
+def test_unloadable_checkpoint_fails_before_any_rollout(workdir: Path, tmp_path: Path, damage: str) -> None:
     broken = tmp_path / "step_000020"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"model_type": "qwen3"')  # truncated JSON
+    shutil.copytree(workdir / "run" / "exports" / "step_000005", broken)
+    (broken / "basis_export.json").unlink()
+    if damage == "truncated config.json":
+        (broken / "config.json").write_text('{"model_type": "qwen3"')
+    elif damage == "truncated weights":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (broken / "model.safetensors").unlink()
     out = tmp_path / "out"
     with pytest.raises(HarvestError, match=f"checkpoint '{broken}'.*not loadable"):
         run(checkpoints=[str(workdir / "run"), str(broken)], prompts=str(workdir / "digits.parquet"),
