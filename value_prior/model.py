@@ -1,0 +1,400 @@
+"""V0 model: residual query adapter + in-context TabPFN head, and its pretraining LightningModule.
+
+Model (design.md §3, from the authors' code github Now-Join-Us/V0):
+
+    g  = H[:, -1]                                   # last token of the left-padded sequence
+    dQ = W2(Dropout(GELU(LN(W1 g))))                # W1: D->bottleneck, W2: ->K*d, W2 zero-init
+    Q  = Q_static + dQ.view(B, K, d)                # Q_static learnable, randn init
+    KV = Linear(D->d)(H)
+    Z  = MHA(query=LN_q(Q), key=LN_kv(KV), value=KV, key_padding_mask=~mask)
+    z  = Z.flatten(1)                               # [B, K*d] features of one prompt
+
+Support rows are `z(context prompts)` with labels `1[success_rate >= 0.5]`, query rows are
+`z(target prompts)`; the head returns logits over {fail, success} and `V0(x) = softmax[:, 1]`. The
+head is frozen by default; gradients reach the adapter through it, from both support and query
+features. Loss `L = w_pair * L_pair + w_ce * L_ce` (0.25 / 0.75): `L_pair = -mean log sigmoid(s+ -
+s-)` over (positive, negative) query pairs of one episode with `s = logit_1 - logit_0`, `L_ce` the
+cross-entropy against the soft success rate. AdamW (no decay on biases, LayerNorms, `Q_static`),
+cosine schedule with linear warm-up, gradient clipping in the Trainer.
+
+Deviations (ours, configurable): the CPU default emits K*d = 8 features instead of the paper's
+168 x 6 = 1,008, because TabPFN's cost is linear in feature columns and the prediction latency
+target is 100 ms; the paper shape is `configs/value_prior/v0_release_qwen3_gpu.yaml`.
+
+Run: `value-prior fit --config configs/value_prior/v0_release_minilm.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from value_prior.backbone import HFBackbone, TextBackbone
+from value_prior.head import load_head
+from value_prior.metrics import score_predictions
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEAD = str(Path(__file__).resolve().parent / "heads" / "capability_v2_small.ckpt")
+"""The shipped prior-fitted head (see value_prior/heads/README.md for the command that made it)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter
+# ----------------------------------------------------------------------------------------------
+
+
+def pad_left(hidden_states: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack `[T_i, D]` sequences into `[B, T_max, D]` with left padding and a `[B, T_max]` token mask."""
+    longest = max(h.shape[0] for h in hidden_states)
+    batch = hidden_states[0].new_zeros(len(hidden_states), longest, hidden_states[0].shape[1])  # [B, T, D]
+    mask = torch.zeros(len(hidden_states), longest, dtype=torch.bool, device=batch.device)  # [B, T]
+    for i, h in enumerate(hidden_states):
+        batch[i, longest - h.shape[0] :] = h
+        mask[i, longest - h.shape[0] :] = True
+    return batch, mask
+
+
+class ResidualQueryAdapter(nn.Module):
+    """The residual (dynamic) query adapter of V0: K learned queries, shifted per prompt, attend over H.
+
+    Args:
+        hidden_size: Backbone width D.
+        num_queries: K, learned queries (paper 168).
+        query_dim: d, width of each query and of the key/value projection (paper 6).
+        num_heads: Attention heads (must divide `query_dim`; paper 3).
+        bottleneck: Width of the query generator (paper 128).
+        dropout: Dropout in the query generator (paper 0.2).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_queries: int = 168,
+        query_dim: int = 6,
+        num_heads: int = 3,
+        bottleneck: int = 128,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if query_dim % num_heads:
+            raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads})")
+        self.num_queries = num_queries
+        self.query_dim = query_dim
+        self.generator_in = nn.Linear(hidden_size, bottleneck)
+        self.generator_norm = nn.LayerNorm(bottleneck)
+        self.generator_drop = nn.Dropout(dropout)
+        self.generator_out = nn.Linear(bottleneck, num_queries * query_dim)
+        nn.init.zeros_(self.generator_out.weight)  # start at the static queries
+        nn.init.zeros_(self.generator_out.bias)
+        self.static_queries = nn.Parameter(torch.randn(num_queries, query_dim))
+        self.key_value = nn.Linear(hidden_size, query_dim)
+        self.query_norm = nn.LayerNorm(query_dim)
+        self.key_norm = nn.LayerNorm(query_dim)
+        self.attention = nn.MultiheadAttention(query_dim, num_heads, batch_first=True)
+
+    @property
+    def num_features(self) -> int:
+        return self.num_queries * self.query_dim
+
+    def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        """Features `[B, K*d]` from left-padded hidden states `[B, T, D]` and token mask `[B, T]`."""
+        last = hidden[:, -1]  # [B, D] last real token (left padding)
+        shift = self.generator_out(
+            self.generator_drop(F.gelu(self.generator_norm(self.generator_in(last))))
+        )  # [B, K*d]
+        queries = self.static_queries + shift.view(-1, self.num_queries, self.query_dim)  # [B, K, d]
+        kv = self.key_value(hidden)  # [B, T, d]
+        z, _ = self.attention(
+            self.query_norm(queries), self.key_norm(kv), kv, key_padding_mask=~mask, need_weights=False
+        )  # [B, K, d]
+        return z.flatten(1)  # [B, K*d]
+
+
+def prompt_features(
+    adapter: ResidualQueryAdapter, backbone: TextBackbone, prompts: Sequence[str], chunk_size: int = 128
+) -> Tensor:
+    """Adapter features `[len(prompts), K*d]`, padding each length-sorted chunk only to its own longest prompt."""
+    hidden = backbone.hidden_states(prompts)
+    device = next(adapter.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: hidden[i].shape[0])
+    features = torch.empty(len(prompts), adapter.num_features, device=device)  # [U, F]
+    chunks = []
+    for start in range(0, len(order), chunk_size):
+        index = order[start : start + chunk_size]
+        batch, mask = pad_left([hidden[i].to(device) for i in index])  # [C, T, D], [C, T]
+        chunks.append((index, adapter(batch, mask)))  # [C, F]
+    if torch.is_grad_enabled():
+        features = torch.cat([z for _, z in chunks])[
+            torch.argsort(torch.tensor([i for idx, _ in chunks for i in idx]))
+        ]
+    else:
+        for index, z in chunks:
+            features[index] = z
+    return features  # [U, F]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+class EpisodeBatch(NamedTuple):
+    """Episodes of one step. Rows index into `prompts` (the unique texts of the batch)."""
+
+    prompts: list[str]  # U unique prompt texts
+    support_index: Tensor  # [B, N] long
+    support_success: Tensor  # [B, N] success rates in [0, 1]
+    query_index: Tensor  # [B, M] long
+    query_success: Tensor  # [B, M] success rates in [0, 1]
+    query_ids: list[list[str]]  # B x M prompt ids (for predictions)
+    pools: list[str]  # B context-pool names
+
+
+def success_labels(success: Tensor, threshold: float = 0.5) -> Tensor:
+    """Binary head labels `1[success_rate >= threshold]` as floats."""
+    return (success >= threshold).to(success.dtype)
+
+
+def v0_loss(
+    success_logit: Tensor, query_success: Tensor, pair_weight: float = 0.25, ce_weight: float = 0.75
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(loss, L_pair, L_ce)` of design.md §3 for one batch of episodes.
+
+    Args:
+        success_logit: `[B, M]` head scores `s = logit_1 - logit_0`.
+        query_success: `[B, M]` observed success rates (soft CE targets).
+
+    `L_pair` averages `-log sigmoid(s_i - s_j)` over all query pairs of an episode with
+    `y_i >= 0.5 > y_j` (the sampler draws M/2 positives and M/2 negatives, so these include the
+    design's 4 (pos, neg) pairs); episodes without such a pair contribute nothing.
+    """
+    ce = F.binary_cross_entropy_with_logits(success_logit, query_success)
+    label = success_labels(query_success)  # [B, M]
+    ordered = (label[:, :, None] > label[:, None, :]).to(success_logit.dtype)  # [B, M, M]
+    margin = success_logit[:, :, None] - success_logit[:, None, :]  # [B, M, M]
+    pair_terms = -F.logsigmoid(margin) * ordered  # [B, M, M]
+    pair = pair_terms.sum() / ordered.sum().clamp(min=1)
+    return pair_weight * pair + ce_weight * ce, pair, ce
+
+
+# ----------------------------------------------------------------------------------------------
+# LightningModule
+# ----------------------------------------------------------------------------------------------
+
+
+class V0Module(L.LightningModule):
+    """Pretrains V0's adapter on query-performance episodes through a frozen in-context head.
+
+    Args:
+        backbone: Frozen text encoder with its hidden-state cache (e.g. `value_prior.backbone.HFBackbone`).
+        head: TabPFN classifier checkpoint path; `"default"` is the shipped prior-fitted head.
+        freeze_head: Keep the head frozen (design.md §3). `False` fine-tunes it with `head_lr`.
+        head_lr: Learning rate of the head when it is not frozen.
+        num_queries: Adapter queries K.
+        query_dim: Adapter query width d (features = K * d).
+        num_heads: Adapter attention heads.
+        bottleneck: Adapter query-generator width.
+        dropout: Adapter query-generator dropout.
+        pair_weight: Weight of the pairwise ranking loss.
+        ce_weight: Weight of the soft cross-entropy loss.
+        lr: Peak AdamW learning rate of the adapter.
+        weight_decay: AdamW weight decay (not applied to biases, LayerNorms or the static queries).
+        warmup_frac: Share of the total steps spent in linear warm-up before the cosine decay.
+        label_threshold: Success rate at or above which a context pair is labelled a success.
+        export_dir: Where `fit` exports the frozen prior artifact (`None`: no export).
+        seed: Seed of the adapter initialisation.
+    """
+
+    def __init__(
+        self,
+        backbone: TextBackbone | None = None,
+        head: str = "default",
+        freeze_head: bool = True,
+        head_lr: float = 1e-5,
+        num_queries: int = 4,
+        query_dim: int = 2,
+        num_heads: int = 1,
+        bottleneck: int = 128,
+        dropout: float = 0.2,
+        pair_weight: float = 0.25,
+        ce_weight: float = 0.75,
+        lr: float = 2e-4,
+        weight_decay: float = 0.01,
+        warmup_frac: float = 0.05,
+        label_threshold: float = 0.5,
+        export_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if pair_weight < 0 or ce_weight < 0 or pair_weight + ce_weight == 0:
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got pair={pair_weight}, ce={ce_weight}"
+            )
+        if not 0 <= warmup_frac < 1:
+            raise ValueError(f"warmup_frac must lie in [0, 1), got {warmup_frac}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone if backbone is not None else HFBackbone()
+        self.head_path = DEFAULT_HEAD if head == "default" else head
+        torch.manual_seed(seed)
+        self.adapter = ResidualQueryAdapter(
+            self.backbone.hidden_size, num_queries, query_dim, num_heads, bottleneck, dropout
+        )
+        self.head = load_head(self.head_path)
+        self.freeze_head = freeze_head
+        self.head.requires_grad_(not freeze_head)
+        self._eval_records: list[tuple[str, str, float, float]] = []
+
+    @property
+    def num_features(self) -> int:
+        return self.adapter.num_features
+
+    def train(self, mode: bool = True) -> V0Module:
+        super().train(mode)
+        if self.freeze_head:
+            self.head.eval()  # frozen head: no dropout or other train-mode behaviour
+        return self
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def success_logits(self, batch: EpisodeBatch) -> Tensor:
+        """Head scores `s` `[B, M]` for the batch's queries."""
+        z = prompt_features(self.adapter, self.backbone, batch.prompts)  # [U, F]
+        support_z = z[batch.support_index]  # [B, N, F]
+        query_z = z[batch.query_index]  # [B, M, F]
+        support_y = success_labels(batch.support_success, self.hparams.label_threshold)  # [B, N]
+        return self.head.success_logit(support_z, support_y, query_z)  # [B, M]
+
+    def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
+        s = self.success_logits(batch)  # [B, M]
+        loss, pair, ce = v0_loss(s, batch.query_success, self.hparams.pair_weight, self.hparams.ce_weight)
+        size = len(batch.pools)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss_pair", pair, batch_size=size)
+        self.log("train/loss_ce", ce, batch_size=size)
+        return loss
+
+    # -- evaluation --------------------------------------------------------------------------
+
+    def _collect(self, batch: EpisodeBatch) -> Tensor:
+        s = self.success_logits(batch)  # [B, M]
+        prob = torch.sigmoid(s)  # [B, M]
+        for b, pool in enumerate(batch.pools):
+            for prompt_id, p, y in zip(batch.query_ids[b], prob[b].tolist(), batch.query_success[b].tolist()):
+                self._eval_records.append((pool, prompt_id, p, y))
+        return prob
+
+    def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        self._collect(batch)
+
+    def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> list[dict[str, Any]]:
+        prob = torch.sigmoid(self.success_logits(batch))  # [B, M]
+        return [
+            {"pool": pool, "prompt_id": pid, "prob": p, "success": y}
+            for b, pool in enumerate(batch.pools)
+            for pid, p, y in zip(batch.query_ids[b], prob[b].tolist(), batch.query_success[b].tolist())
+        ]
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_records = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_records = []
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        if not self._eval_records:
+            return
+        pools, _, prob, success = zip(*self._eval_records)
+        metrics = score_predictions(list(prob), list(success), list(pools))
+        for name, value in metrics.items():
+            if not math.isnan(value):
+                self.log(f"{stage}/{name}", value, prog_bar=name == "gauc")
+        log.info("%s epoch %d: %s", stage, self.current_epoch, {k: round(v, 4) for k, v in metrics.items()})
+        if not self.trainer.sanity_checking:
+            log_eval_plots(self.logger, stage, self.current_epoch, np.array(prob), np.array(success))
+
+    # -- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        decay, no_decay = [], []
+        for name, param in self.adapter.named_parameters():
+            is_norm_or_bias = param.ndim < 2 or "norm" in name or name == "static_queries"
+            (no_decay if is_norm_or_bias else decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if not self.freeze_head:
+            groups.append(
+                {"params": list(self.head.parameters()), "weight_decay": 0.0, "lr": self.hparams.head_lr}
+            )
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = max(1, int(self.hparams.warmup_frac * total))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def log_eval_plots(logger: Any, stage: str, epoch: int, prob: np.ndarray, success: np.ndarray) -> None:
+    """Log a reliability diagram and a score histogram (PNG) to MLflow, when the logger is MLflow."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not isinstance(logger, MLFlowLogger):
+        return
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = np.clip((prob * 10).astype(int), 0, 9)
+    counts = np.bincount(bins, minlength=10)
+    filled = counts > 0
+    mean_p = np.bincount(bins, weights=prob, minlength=10)[filled] / counts[filled]
+    mean_y = np.bincount(bins, weights=success, minlength=10)[filled] / counts[filled]
+    fig, (ax_rel, ax_hist) = plt.subplots(1, 2, figsize=(9, 4))
+    ax_rel.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax_rel.plot(mean_p, mean_y, "o-", label="V0")
+    ax_rel.set(
+        xlabel="predicted success probability", ylabel="observed success rate", title=f"{stage} reliability"
+    )
+    ax_rel.legend()
+    ax_hist.hist(
+        [prob[success >= 0.5], prob[success < 0.5]],
+        bins=20,
+        range=(0, 1),
+        label=["success >= 0.5", "success < 0.5"],
+    )
+    ax_hist.set(xlabel="predicted success probability", ylabel="queries", title=f"{stage} score histogram")
+    ax_hist.legend()
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{stage}_calibration_epoch{epoch:03d}.png"
+        fig.savefig(path, dpi=80)
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"plots/{stage}")
+    plt.close(fig)

@@ -1,0 +1,335 @@
+"""The exported, frozen V0 prior: save, load, predict (the artifact the policy trainer consumes).
+
+An artifact is one folder:
+
+    config.json          format version, adapter shape, label threshold, provenance (run, metrics)
+    backbone.json        backbone reference: model name/path, id, hidden size, max tokens
+    adapter.safetensors  residual query adapter weights
+    head.ckpt            the TabPFN head checkpoint (TabPFNClassifier-loadable)
+
+`ValuePrior.load(path).predict(context_prompts, context_success, query_prompts)` returns float32
+`[Q]` success probabilities V0(x) in [0, 1]. Context successes are success rates in [0, 1] (0/1
+outcomes work too); the head sees `1[success >= label_threshold]`. Adapter features are cached per
+prompt text in memory (the adapter is frozen, so they never change) and backbone hidden states also
+on disk when a cache folder is configured, so repeated prompts cost only the head.
+
+Behaviour at the edges (documented fallbacks and errors):
+- single-class context: returns the context mean for every query and warns (`SingleClassContextWarning`);
+- empty context, mismatched lengths, success rates outside [0, 1], empty prompts: `ValueError`;
+- context larger than `max_context`: a fixed-seed subsample of `max_context` pairs is used;
+- artifact with a missing file, a backbone whose width differs from the adapter's, or a head
+  checkpoint that is not a TabPFN classifier or whose feature count does not fit: `ValueError`.
+
+Run: `python -c "from value_prior import ValuePrior; p = ValuePrior.load('artifacts/priors/v0-release-minilm'); print(p.predict(['Q: 1+1='] * 2, [1.0, 0.0], ['Q: 23+45*2=']))"`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from value_prior.backbone import HFBackbone, TextBackbone
+from value_prior.head import HeadCheckpointError, InContextHead, load_head
+from value_prior.model import ResidualQueryAdapter, prompt_features
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = 1
+FILES = ("config.json", "backbone.json", "adapter.safetensors", "head.ckpt")
+
+
+class SingleClassContextWarning(UserWarning):
+    """The context had one class only; V0 returned the context mean instead of a head prediction."""
+
+
+class ValuePrior:
+    """A frozen V0: backbone + adapter + in-context head, with per-prompt feature caching.
+
+    Args:
+        backbone: Text backbone (its `hidden_size` must match the adapter).
+        adapter: Trained residual query adapter.
+        head: In-context TabPFN head.
+        adapter_config: The adapter's constructor arguments except `hidden_size`.
+        label_threshold: Context success rates at or above this are labelled successes.
+        max_context: Most context pairs given to the head (larger contexts are subsampled).
+        query_chunk: Queries per head call (query rows are independent given the support).
+        info: Provenance saved with the artifact (training run, metrics, data split).
+        device: `"cpu"` or a CUDA device.
+    """
+
+    def __init__(
+        self,
+        backbone: TextBackbone,
+        adapter: ResidualQueryAdapter,
+        head: InContextHead,
+        adapter_config: dict[str, Any],
+        label_threshold: float = 0.5,
+        max_context: int = 512,
+        query_chunk: int = 1024,
+        info: dict[str, Any] | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if adapter.key_value.in_features != backbone.hidden_size:
+            raise ValueError(
+                f"backbone {backbone.backbone_id!r} has width {backbone.hidden_size}, "
+                f"the adapter expects {adapter.key_value.in_features}"
+            )
+        self.backbone = backbone
+        self.adapter = adapter.to(device).eval().requires_grad_(False)
+        self.head = head.to(device).eval().requires_grad_(False)
+        self.adapter_config = dict(adapter_config)
+        self.label_threshold = label_threshold
+        self.max_context = max_context
+        self.query_chunk = query_chunk
+        self.info = dict(info or {})
+        self.device = device
+        self._features: dict[str, Tensor] = {}
+
+    @property
+    def backbone_name(self) -> str:
+        return self.backbone.backbone_id
+
+    @property
+    def num_features(self) -> int:
+        return self.adapter.num_features
+
+    # -- features --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def features(self, prompts: Sequence[str]) -> Tensor:
+        """Adapter features `[len(prompts), F]`, computed once per distinct prompt text."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._features))
+        if missing:
+            for prompt, z in zip(missing, prompt_features(self.adapter, self.backbone, missing)):
+                self._features[prompt] = z
+        return torch.stack([self._features[p] for p in prompts])  # [n, F]
+
+    # -- prediction ------------------------------------------------------------------------
+
+    def _check_inputs(
+        self,
+        context_prompts: Sequence[str],
+        context_success: Sequence[float] | Tensor,
+        query_prompts: Sequence[str],
+    ) -> Tensor:
+        if isinstance(context_prompts, str) or isinstance(query_prompts, str):
+            raise ValueError("context_prompts and query_prompts must be sequences of strings, not one string")
+        if len(context_prompts) == 0:
+            raise ValueError("context_prompts is empty: V0 needs at least one (prompt, success) context pair")
+        success = torch.as_tensor(
+            context_success.detach().cpu()
+            if isinstance(context_success, Tensor)
+            else np.asarray(context_success, dtype=np.float64),
+            dtype=torch.float32,
+        ).flatten()
+        if success.numel() != len(context_prompts):
+            raise ValueError(
+                f"context_success has {success.numel()} values for {len(context_prompts)} context_prompts"
+            )
+        bad = torch.nonzero(~((success >= 0) & (success <= 1))).flatten()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"context_success[{i}] = {float(success[i])} is not a success rate in [0, 1]")
+        for name, prompts in (("context_prompts", context_prompts), ("query_prompts", query_prompts)):
+            for i, prompt in enumerate(prompts):
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValueError(f"{name}[{i}] is {prompt!r}: prompts must be non-empty strings")
+        return success
+
+    @torch.no_grad()
+    def predict(
+        self,
+        context_prompts: Sequence[str],
+        context_success: Sequence[float] | Tensor,
+        query_prompts: Sequence[str],
+    ) -> Tensor:
+        """V0(x): float32 `[Q]` success probabilities of `query_prompts` given the policy's context."""
+        success = self._check_inputs(context_prompts, context_success, query_prompts)
+        if len(query_prompts) == 0:
+            return torch.zeros(0, dtype=torch.float32)
+        labels = (success >= self.label_threshold).float()  # [N]
+        if labels.min() == labels.max():
+            mean = float(success.mean())
+            warnings.warn(
+                f"single-class context ({len(labels)} pairs, all {'successes' if labels[0] else 'failures'}): "
+                f"returning the context mean {mean:.3f} for every query",
+                SingleClassContextWarning,
+                stacklevel=2,
+            )
+            return torch.full((len(query_prompts),), mean, dtype=torch.float32)
+        index = np.arange(len(context_prompts))
+        if len(index) > self.max_context:
+            index = np.sort(np.random.default_rng(0).choice(len(index), self.max_context, replace=False))
+            labels = labels[torch.as_tensor(index)]
+        support_z = self.features([context_prompts[i] for i in index])[None]  # [1, N, F]
+        support_y = labels.to(self.device)[None]  # [1, N]
+        probs = []
+        for start in range(0, len(query_prompts), self.query_chunk):
+            query_z = self.features(query_prompts[start : start + self.query_chunk])[None]  # [1, M, F]
+            s = self.head.success_logit(support_z, support_y, query_z)[0]  # [M]
+            probs.append(torch.sigmoid(s))
+        return torch.cat(probs).float().cpu()  # [Q]
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the artifact folder (config, backbone reference, adapter weights, head checkpoint)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        backbone = {
+            "model": getattr(self.backbone, "model_name", self.backbone.backbone_id),
+            "backbone_id": self.backbone.backbone_id,
+            "hidden_size": self.backbone.hidden_size,
+            "max_length": getattr(self.backbone, "max_length", None),
+        }
+        config = {
+            "format": ARTIFACT_FORMAT,
+            "adapter": self.adapter_config,
+            "num_features": self.num_features,
+            "label_threshold": self.label_threshold,
+            "max_context": self.max_context,
+            "info": self.info,
+        }
+        (path / "backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()},
+            str(path / "adapter.safetensors"),
+        )
+        self.head.save(path / "head.ckpt")
+        (path / "config.json").write_text(
+            json.dumps(config, indent=2, default=str) + "\n"
+        )  # last: marks a complete artifact
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", cache_dir: str | None = None) -> ValuePrior:
+        """Load an artifact folder written by `save` (or by `value-prior fit`).
+
+        Args:
+            path: The artifact folder.
+            device: Where the adapter and head run.
+            cache_dir: On-disk hidden-state cache for the backbone (`None`: memory only).
+        """
+        path = Path(path)
+        missing = [name for name in FILES if not (path / name).is_file()]
+        if missing:
+            raise ValueError(f"prior artifact {path}: missing {missing} (expected {list(FILES)})")
+        config = json.loads((path / "config.json").read_text())
+        if config.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(
+                f"prior artifact {path}: format {config.get('format')!r}, this code reads {ARTIFACT_FORMAT}"
+            )
+        reference = json.loads((path / "backbone.json").read_text())
+        backbone = HFBackbone(
+            reference["model"], max_length=reference["max_length"] or 256, cache_dir=cache_dir, device=device
+        )
+        if backbone.hidden_size != reference["hidden_size"]:
+            raise ValueError(
+                f"prior artifact {path}: backbone {reference['model']!r} now has width {backbone.hidden_size}, "
+                f"the artifact was trained on width {reference['hidden_size']}"
+            )
+        adapter = ResidualQueryAdapter(reference["hidden_size"], **config["adapter"])
+        try:
+            adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
+        except RuntimeError as err:
+            raise ValueError(
+                f"prior artifact {path}: adapter weights do not match config.json ({err})"
+            ) from err
+        if adapter.num_features != config["num_features"]:
+            raise ValueError(
+                f"prior artifact {path}: adapter emits {adapter.num_features} features, config says {config['num_features']}"
+            )
+        try:
+            head = load_head(path / "head.ckpt")
+        except HeadCheckpointError as err:
+            raise ValueError(str(err)) from err
+        return cls(
+            backbone,
+            adapter,
+            head,
+            config["adapter"],
+            label_threshold=config["label_threshold"],
+            max_context=config["max_context"],
+            info=config.get("info", {}),
+            device=device,
+        )
+
+
+class ExportPrior(L.Callback):
+    """At the end of `fit`, restore the best checkpoint's weights and export the frozen prior.
+
+    The artifact goes to the module's `export_dir` and is logged to MLflow (artifact path `prior`)
+    when the trainer logs to MLflow.
+
+    Args:
+        max_context: Most context pairs the exported prior gives its head.
+    """
+
+    def __init__(self, max_context: int = 512) -> None:
+        super().__init__()
+        self.max_context = max_context
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        export_dir = pl_module.hparams.get("export_dir")
+        if not export_dir:
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+            log.info("export: restored best checkpoint %s", best)
+        info: dict[str, Any] = {
+            "best_checkpoint": best,
+            "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+        }
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "split"):
+            info["data"] = {
+                "pairs": str(datamodule.pairs),
+                "format": datamodule.format,
+                "val_fraction": datamodule.split.val_fraction,
+                "test_fraction": datamodule.split.test_fraction,
+                "split_salt": datamodule.split.salt,
+            }
+        prior = prior_from_module(pl_module, self.max_context, info=info)
+        path = prior.save(export_dir)
+        log.info("exported V0 prior to %s", path)
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        if isinstance(trainer.logger, MLFlowLogger):
+            trainer.logger.experiment.log_artifacts(trainer.logger.run_id, str(path), artifact_path="prior")
+
+
+def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] | None = None) -> ValuePrior:
+    """A `ValuePrior` sharing (copies of) a `V0Module`'s backbone, adapter and head."""
+    import copy
+
+    hp = module.hparams
+    adapter_config = {
+        "num_queries": hp.num_queries,
+        "query_dim": hp.query_dim,
+        "num_heads": hp.num_heads,
+        "bottleneck": hp.bottleneck,
+        "dropout": hp.dropout,
+    }
+    return ValuePrior(
+        module.backbone,
+        copy.deepcopy(module.adapter).cpu(),
+        copy.deepcopy(module.head).cpu(),
+        adapter_config,
+        label_threshold=hp.label_threshold,
+        max_context=max_context,
+        info={"head_source": str(module.head_path), **(info or {})},
+    )
