@@ -1,0 +1,126 @@
+"""Episode sampling, prompt-level splits and the pairs data module."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from data_pipelines.pairs import PAIR_FEATURES
+from value_prior.data import (
+    EpisodeStream,
+    PairsDataModule,
+    PromptSplit,
+    eval_batches,
+    pools_from_pairs,
+    split_pools,
+)
+
+REAL_RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0-release"
+
+
+@pytest.fixture
+def pools(arithmetic_rows: list[dict]):
+    return pools_from_pairs(datasets.Dataset.from_list(arithmetic_rows, features=PAIR_FEATURES))
+
+
+def test_prompt_split_is_deterministic_and_sized() -> None:
+    split = PromptSplit(0.1, 0.2, "salt")
+    ids = [f"p{i}" for i in range(5000)]
+    parts = [split.of(i) for i in ids]
+    assert parts == [PromptSplit(0.1, 0.2, "salt").of(i) for i in ids]
+    assert abs(parts.count("test") / 5000 - 0.2) < 0.02 and abs(parts.count("val") / 5000 - 0.1) < 0.02
+    assert parts != [PromptSplit(0.1, 0.2, "other").of(i) for i in ids]
+    with pytest.raises(ValueError, match="sum < 1"):
+        PromptSplit(0.5, 0.5)
+
+
+def test_pools_group_by_policy_and_step(pools) -> None:
+    assert sorted(pools) == ["alpha@step1", "alpha@step2", "beta@step1", "beta@step2"]
+    pool = pools["alpha@step1"]
+    assert len(pool.prompt_ids) == len(pool.prompts) == len(pool.success) == 48
+    assert pool.success.min() >= 0 and pool.success.max() <= 1
+
+
+def test_episode_stream(pools) -> None:
+    stream = EpisodeStream(
+        pools,
+        support_size=20,
+        query_pairs=4,
+        episodes_per_batch=3,
+        batches_per_epoch=5,
+        label_threshold=0.5,
+        seed=0,
+    )
+    batches = list(stream)
+    assert len(batches) == 5
+    batch = batches[0]
+    assert batch.support_index.shape == (3, 20) and batch.query_index.shape == (3, 8)
+    assert batch.support_success.shape == (3, 20) and len(batch.pools) == 3
+    for b in range(3):
+        labels = (batch.query_success[b] >= 0.5).tolist()
+        assert labels == [True] * 4 + [False] * 4  # 4 (positive, negative) pairs
+        support = {batch.prompts[i] for i in batch.support_index[b].tolist()}
+        query = {batch.prompts[i] for i in batch.query_index[b].tolist()}
+        assert not support & query
+        pool = pools[batch.pools[b]]
+        assert batch.query_ids[b] == [
+            pool.prompt_ids[pool.prompts.index(p)]
+            for p in (batch.prompts[i] for i in batch.query_index[b].tolist())
+        ]
+    again = list(stream)  # the next epoch continues the random stream
+    assert not np.array_equal(again[0].support_success.numpy(), batch.support_success.numpy())
+
+
+def test_single_class_pools_are_skipped(pools, caplog: pytest.LogCaptureFixture) -> None:
+    pools["alpha@step1"].success[:] = 1.0
+    with caplog.at_level(logging.WARNING):
+        stream = EpisodeStream(pools, 16, 4, 2, 1, 0.5, 0)
+    assert "alpha@step1" not in stream.names and "alpha@step1 skipped" in caplog.text
+    for pool in pools.values():
+        pool.success[:] = 0.0
+    with pytest.raises(ValueError, match="no training pool"):
+        EpisodeStream(pools, 16, 4, 2, 1, 0.5, 0)
+
+
+def test_eval_batches_keep_context_and_queries_apart(pools) -> None:
+    split = PromptSplit(0.2, 0.2, "t")
+    context, queries = split_pools(pools, split, ("train",)), split_pools(pools, split, ("val",))
+    batches = eval_batches(context, queries, context_size=10, label_threshold=0.5, seed=0)
+    assert [b.pools[0] for b in batches] == sorted(queries)
+    for batch in batches:
+        name = batch.pools[0]
+        assert batch.support_index.shape[1] == min(10, len(context[name].success))
+        assert batch.query_index.shape[1] == len(queries[name].success)
+        support = {batch.prompts[i] for i in batch.support_index[0].tolist()}
+        assert not support & {batch.prompts[i] for i in batch.query_index[0].tolist()}
+
+
+def test_datamodule_loaders(tiny_pairs_path: str) -> None:
+    dm = PairsDataModule(
+        tiny_pairs_path, support_size=16, query_pairs=2, episodes_per_batch=2, batches_per_epoch=3
+    )
+    dm.setup("fit")
+    train = list(dm.train_dataloader())
+    assert len(train) == 3 and train[0].query_index.shape == (2, 4)
+    val, test = list(dm.val_dataloader()), list(dm.test_dataloader())
+    assert val and test
+    val_queries = {pid for b in val for ids in b.query_ids for pid in ids}
+    test_queries = {pid for b in test for ids in b.query_ids for pid in ids}
+    assert not val_queries & test_queries
+    assert {dm.split.of(p) for p in val_queries} == {"val"} and {dm.split.of(p) for p in test_queries} == {
+        "test"
+    }
+    with pytest.raises(ValueError, match="support_size >= 2"):
+        PairsDataModule(tiny_pairs_path, support_size=1)
+
+
+@pytest.mark.skipif(not REAL_RELEASE.exists(), reason="V0 release data not present")
+def test_release_format() -> None:
+    dm = PairsDataModule(str(REAL_RELEASE), format="v0-release")
+    dm.setup("fit")
+    assert len(dm.pools) == 6
+    assert all(len(p.success) == 512 for p in dm.pools.values())

@@ -1,0 +1,159 @@
+"""The in-context head: TabPFN checkpoint save/load, TabPFNClassifier compatibility, bad checkpoints,
+the synthetic capability prior and a short prior-fit through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from value_prior.head import (
+    CapabilityPrior,
+    HeadCheckpointError,
+    InContextHead,
+    SyntheticTaskStream,
+    build_tabpfn,
+    evaluate_head_on_tasks,
+    load_head,
+)
+
+
+@pytest.fixture
+def tiny_head(tmp_path: Path) -> Path:
+    model, config = build_tabpfn(emsize=16, nlayers=1, nhead=2)
+    return InContextHead(model, config).save(tmp_path / "tiny.ckpt")
+
+
+def tasks(batch: int = 4, support: int = 48, query: int = 16, features: int = 6, seed: int = 0):
+    return CapabilityPrior().sample(
+        batch, support + query, features, support, torch.Generator().manual_seed(seed)
+    )
+
+
+def test_save_load_roundtrip_gives_identical_logits(shipped_head: str, tmp_path: Path) -> None:
+    head = load_head(shipped_head)
+    copy = load_head(head.save(tmp_path / "copy.ckpt"))
+    t = tasks()
+    n = t.num_support
+    with torch.no_grad():
+        a = head(t.x[:, :n], t.label[:, :n], t.x[:, n:])
+        b = copy(t.x[:, :n], t.label[:, :n], t.x[:, n:])
+    assert a.shape == (4, 16, 2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_shipped_head_is_small_and_documented(shipped_head: str) -> None:
+    assert Path(shipped_head).stat().st_size < 5 * 2**20
+    info = torch.load(shipped_head, weights_only=True)["value_prior_head"]
+    assert info["prior_fit"]["seed"] == 0
+    readme = (Path(shipped_head).parent / "README.md").read_text()
+    assert "value-prior prior-fit" in readme
+
+
+def test_tabpfn_classifier_loads_our_checkpoint(shipped_head: str) -> None:
+    from tabpfn import TabPFNClassifier
+
+    t = tasks(batch=1, support=64, query=8)
+    x_train, y_train = t.x[0, :64].numpy(), t.label[0, :64].numpy().astype(int)
+    classifier = TabPFNClassifier(model_path=shipped_head, device="cpu", n_estimators=1)
+    classifier.fit(x_train, y_train)
+    proba = classifier.predict_proba(t.x[0, 64:].numpy())
+    assert proba.shape == (8, 2)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+
+
+def test_single_class_support_is_not_relabelled(shipped_head: str) -> None:
+    head = load_head(shipped_head)
+    assert head.model.use_multiclass_target_encoding is False
+    t = tasks(batch=1)
+    x = t.x[:, :48]
+    with torch.no_grad():
+        all_success = torch.sigmoid(head.success_logit(x, torch.ones(1, 48), t.x[:, 48:])).mean()
+        all_failure = torch.sigmoid(head.success_logit(x, torch.zeros(1, 48), t.x[:, 48:])).mean()
+    assert all_success > 0.5 > all_failure
+
+
+def test_gradients_reach_both_support_and_query_features(shipped_head: str) -> None:
+    head = load_head(shipped_head).requires_grad_(False)
+    t = tasks(batch=2)
+    support = t.x[:, :48].clone().requires_grad_(True)
+    query = t.x[:, 48:].clone().requires_grad_(True)
+    head.success_logit(support, t.label[:, :48], query).sum().backward()
+    assert support.grad.abs().sum() > 0 and query.grad.abs().sum() > 0
+    assert all(p.grad is None for p in head.parameters())
+
+
+def test_bad_checkpoints_are_named(tmp_path: Path, tiny_head: Path) -> None:
+    with pytest.raises(HeadCheckpointError, match="no such file"):
+        load_head(tmp_path / "nope.ckpt")
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(HeadCheckpointError, match=r"garbage\.ckpt: not a readable"):
+        load_head(garbage)
+    lightning_like = tmp_path / "lightning.ckpt"
+    torch.save({"epoch": 1, "state_dict": {}, "hyper_parameters": {}}, lightning_like)
+    with pytest.raises(HeadCheckpointError, match=r"lightning\.ckpt: not a TabPFN checkpoint"):
+        load_head(lightning_like)
+    checkpoint = torch.load(tiny_head, weights_only=True)
+    regressor = tmp_path / "regressor.ckpt"
+    torch.save(
+        checkpoint | {"config": checkpoint["config"] | {"max_num_classes": -1, "num_buckets": 100}}, regressor
+    )
+    with pytest.raises(HeadCheckpointError, match="regressor"):
+        load_head(regressor)
+    v3 = tmp_path / "v3.ckpt"
+    torch.save(checkpoint | {"architecture_name": "tabpfn_v3"}, v3)
+    with pytest.raises(HeadCheckpointError, match="'tabpfn_v3' is not supported"):
+        load_head(v3)
+
+
+def test_capability_prior_shapes_and_bayes() -> None:
+    t = tasks(batch=32, support=128, query=64, features=8)
+    assert t.x.shape == (32, 192, 8) and t.label.shape == (32, 192) and t.num_support == 128
+    assert set(t.label.unique().tolist()) <= {0.0, 1.0}
+    model, config = build_tabpfn(emsize=16, nlayers=1, nhead=2)
+    result = evaluate_head_on_tasks(InContextHead(model, config), t)
+    assert result["bayes"] > result["logreg"] > 0.6  # the generator's own probability ranks best
+    assert result["head"] == pytest.approx(0.5)  # a fresh head has zero-initialised outputs: ignores X
+
+
+def test_task_stream_continues_across_epochs() -> None:
+    stream = SyntheticTaskStream(
+        CapabilityPrior(), (4, 6), (8, 64), curriculum_steps=10, num_query=4, tasks_per_step=2, seed=0
+    )
+    first = next(iter(stream))
+    second = next(iter(stream))  # a new iterator (next epoch) must not replay the first batch
+    assert stream.batches_drawn == 2
+    assert not (first.x.shape == second.x.shape and torch.equal(first.x, second.x))
+    assert stream.support_ceiling(0) == 32 and stream.support_ceiling(10) == 64
+    with pytest.raises(ValueError, match="support_range"):
+        SyntheticTaskStream(CapabilityPrior(), (4, 6), (1, 64), 10, 4, 2, 0)
+
+
+def test_prior_fit_cli_writes_a_loadable_head(tmp_path: Path, mlflow_store: str) -> None:
+    out = tmp_path / "head.ckpt"
+    cmd = [sys.executable, "-m", "value_prior.cli", "prior-fit", "--out", str(out), "--emsize", "16", "--nlayers", "1",
+           "--nhead", "2", "--max_steps", "6", "--eval_every", "3", "--tasks_per_step", "2", "--support_max", "64",
+           "--eval_tasks", "8", "--eval_support", "32", "--num_query", "8", "--warmup_steps", "2"]  # fmt: skip
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"MLFLOW_TRACKING_URI": mlflow_store},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    head = load_head(out)
+    assert head.info["prior_fit"]["max_steps"] == 6
+    assert set(head.info["eval"]) >= {"head", "logreg", "bayes"}
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_store)
+    run = mlflow.search_runs(experiment_names=["value-prior-head"]).iloc[0]
+    assert "metrics.prior_fit/eval_auc_head" in run.index

@@ -1,0 +1,126 @@
+"""The V0 model: adapter, loss, gradients through the frozen head, and a short fit."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from value_prior.backbone import HFBackbone
+from value_prior.data import PairsDataModule
+from value_prior.model import ResidualQueryAdapter, V0Module, pad_left, prompt_features, v0_loss
+
+
+def test_pad_left() -> None:
+    batch, mask = pad_left([torch.ones(2, 3), 2 * torch.ones(4, 3)])
+    assert batch.shape == (2, 4, 3)
+    assert mask.tolist() == [[False, False, True, True], [True, True, True, True]]
+    assert batch[0, :2].abs().sum() == 0 and batch[0, -1, 0] == 1  # last position holds the last token
+
+
+def test_adapter_shapes_and_zero_init_generator() -> None:
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(hidden_size=12, num_queries=5, query_dim=4, num_heads=2).eval()
+    assert adapter.num_features == 20
+    hidden, mask = pad_left([torch.randn(3, 12), torch.randn(7, 12)])
+    z = adapter(hidden, mask)
+    assert z.shape == (2, 20)
+    # W2 is zero-initialised: queries start at Q_static whatever the prompt's last token is.
+    queries = adapter.generator_out(torch.randn(2, 128))
+    assert torch.all(queries == 0)
+    with pytest.raises(ValueError, match="divisible"):
+        ResidualQueryAdapter(hidden_size=12, query_dim=5, num_heads=2)
+
+
+def test_prompt_features_independent_of_batching(tiny_backbone: HFBackbone) -> None:
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, num_queries=3, query_dim=2, num_heads=1).eval()
+    prompts = [
+        "Q: 1+2*3=",
+        "Find the number of positive integers n such that n^2 + 1 divides 2024.",
+        "Q: 7+0*1=",
+    ]
+    with torch.no_grad():
+        together = prompt_features(adapter, tiny_backbone, prompts, chunk_size=8)
+        alone = torch.cat([prompt_features(adapter, tiny_backbone, [p]) for p in prompts])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_v0_loss_hand_computed() -> None:
+    s = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
+    y = torch.tensor([[1.0, 0.0, 0.6, 0.2]])  # labels 1, 0, 1, 0
+    loss, pair, ce = v0_loss(s, y, pair_weight=0.25, ce_weight=0.75)
+    margins = [2.0 - 0.0, 2.0 - 1.0, -1.0 - 0.0, -1.0 - 1.0]  # (pos, neg) pairs (0,1) (0,3) (2,1) (2,3)
+    expected_pair = sum(-math.log(1 / (1 + math.exp(-m))) for m in margins) / 4
+    expected_ce = float(F.binary_cross_entropy_with_logits(s, y))
+    assert pair.item() == pytest.approx(expected_pair, rel=1e-6)
+    assert ce.item() == pytest.approx(expected_ce, rel=1e-6)
+    assert loss.item() == pytest.approx(0.25 * expected_pair + 0.75 * expected_ce, rel=1e-6)
+
+
+def make_module(backbone: HFBackbone, head: str, **kw) -> V0Module:
+    return V0Module(backbone=backbone, head=head, num_queries=4, query_dim=2, num_heads=1, **kw)
+
+
+def test_gradient_reaches_adapter_through_frozen_head(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str
+) -> None:
+    module = make_module(tiny_backbone, shipped_head)
+    dm = PairsDataModule(
+        tiny_pairs_path, support_size=24, query_pairs=4, episodes_per_batch=2, batches_per_epoch=1
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.train()
+    loss, _, _ = v0_loss(module.success_logits(batch), batch.query_success)
+    loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in module.head.parameters())
+    grads = {name: p.grad for name, p in module.adapter.named_parameters()}
+    assert grads["key_value.weight"].abs().sum() > 0
+    assert grads["static_queries"].abs().sum() > 0
+    assert grads["generator_out.weight"].abs().sum() > 0  # the residual query path learns too
+    assert not module.head.training  # the frozen head stays in eval mode under module.train()
+
+
+def test_fit_lowers_loss_and_leaves_backbone_and_head_unchanged(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path
+) -> None:
+    torch.manual_seed(0)
+    module = make_module(tiny_backbone, shipped_head, lr=0.01, warmup_frac=0.0, dropout=0.0)
+    dm = PairsDataModule(
+        tiny_pairs_path, support_size=24, query_pairs=4, episodes_per_batch=4, batches_per_epoch=4
+    )
+    dm.setup("fit")
+    fixed = list(dm.train_dataloader())  # the tiny episode set: 4 batches, replayed every epoch
+
+    def mean_loss() -> float:
+        module.eval()
+        with torch.no_grad():
+            return sum(v0_loss(module.success_logits(b), b.query_success)[0].item() for b in fixed) / len(
+                fixed
+            )
+
+    before = mean_loss()
+    head_state = copy.deepcopy(module.head.state_dict())
+    tiny_backbone.hidden_states(["Q: 1+1="])  # load the encoder so its weights can be compared
+    encoder_state = copy.deepcopy(tiny_backbone._encoder.state_dict())
+    trainer = L.Trainer(max_epochs=6, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(
+        module, train_dataloaders=torch.utils.data.DataLoader(fixed, batch_size=None, collate_fn=lambda b: b)
+    )
+    after = mean_loss()
+    assert after < before - 0.01, (before, after)
+    for name, value in module.head.state_dict().items():
+        torch.testing.assert_close(value, head_state[name], rtol=0, atol=0)
+    for name, value in tiny_backbone._encoder.state_dict().items():
+        torch.testing.assert_close(value, encoder_state[name], rtol=0, atol=0)
+
+
+def test_bad_loss_weights(tiny_backbone: HFBackbone, shipped_head: str) -> None:
+    with pytest.raises(ValueError, match="loss weights"):
+        make_module(tiny_backbone, shipped_head, pair_weight=0.0, ce_weight=0.0)

@@ -1,0 +1,132 @@
+"""The exported ValuePrior: save -> load, predict contract, fallbacks, errors and caching."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from value_prior.backbone import HFBackbone
+from value_prior.head import load_head
+from value_prior.model import ResidualQueryAdapter
+from value_prior.prior import SingleClassContextWarning, ValuePrior
+
+ADAPTER = {"num_queries": 4, "query_dim": 2, "num_heads": 1, "bottleneck": 16, "dropout": 0.2}
+CONTEXT = [f"Q: {a}+{b}*2=" for a, b in [(1, 2), (5, 7), (40, 9), (88, 3), (3, 3), (61, 20), (9, 9), (70, 1)]]
+SUCCESS = [1.0, 0.9, 0.2, 0.0, 1.0, 0.1, 0.8, 0.3]
+QUERIES = ["Q: 2+2*2=", "Q: 95+17*3=", "Q: 23+45*2=", "Let x + 1/x = 3. Compute x^3 + 1/x^3."]
+
+
+@pytest.fixture
+def prior(tiny_backbone: HFBackbone, shipped_head: str) -> ValuePrior:
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, **ADAPTER)
+    torch.nn.init.normal_(adapter.generator_out.weight, std=0.1)  # a non-trivial adapter
+    return ValuePrior(tiny_backbone, adapter, load_head(shipped_head), ADAPTER, info={"test": True})
+
+
+def test_predict_contract(prior: ValuePrior) -> None:
+    p = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    assert p.dtype == torch.float32 and p.shape == (4,)
+    assert torch.all((p > 0) & (p < 1))
+    assert prior.backbone_name == prior.backbone.backbone_id and prior.num_features == 8
+    as_tensor = prior.predict(CONTEXT, torch.tensor(SUCCESS), QUERIES)
+    torch.testing.assert_close(p, as_tensor)
+    assert prior.predict(CONTEXT, SUCCESS, []).shape == (0,)
+
+
+def test_save_load_gives_identical_predictions(prior: ValuePrior, tmp_path: Path) -> None:
+    before = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    path = prior.save(tmp_path / "prior")
+    assert sorted(p.name for p in path.iterdir()) == [
+        "adapter.safetensors",
+        "backbone.json",
+        "config.json",
+        "head.ckpt",
+    ]
+    loaded = ValuePrior.load(path)
+    assert loaded.num_features == prior.num_features and loaded.info == {"test": True}
+    torch.testing.assert_close(loaded.predict(CONTEXT, SUCCESS, QUERIES), before, rtol=0, atol=0)
+
+
+def test_outcomes_and_rates_give_the_same_labels(prior: ValuePrior) -> None:
+    outcomes = [1.0 if s >= 0.5 else 0.0 for s in SUCCESS]
+    torch.testing.assert_close(
+        prior.predict(CONTEXT, outcomes, QUERIES), prior.predict(CONTEXT, SUCCESS, QUERIES)
+    )
+
+
+def test_single_class_context_falls_back_to_the_mean(prior: ValuePrior) -> None:
+    with pytest.warns(SingleClassContextWarning, match="returning the context mean 0.850"):
+        p = prior.predict(CONTEXT[:2], [1.0, 0.7], QUERIES)
+    torch.testing.assert_close(p, torch.full((4,), 0.85))
+
+
+@pytest.mark.parametrize(
+    ("context", "success", "queries", "text"),
+    [
+        ([], [], QUERIES, "context_prompts is empty"),
+        (CONTEXT, SUCCESS[:-1], QUERIES, "7 values for 8 context_prompts"),
+        (CONTEXT, [*SUCCESS[:-1], 1.5], QUERIES, r"context_success\[7\] = 1.5"),
+        (CONTEXT, [*SUCCESS[:-1], float("nan")], QUERIES, r"context_success\[7\] = nan"),
+        (CONTEXT, SUCCESS, [*QUERIES, ""], r"query_prompts\[4\] is ''"),
+        (CONTEXT, SUCCESS, "Q: 1+1=", "not one string"),
+    ],
+)
+def test_bad_inputs_are_named(prior: ValuePrior, context, success, queries, text: str) -> None:
+    with pytest.raises(ValueError, match=text):
+        prior.predict(context, success, queries)
+
+
+def test_features_are_cached_per_prompt(prior: ValuePrior, monkeypatch: pytest.MonkeyPatch) -> None:
+    prior.predict(CONTEXT, SUCCESS, QUERIES)
+    calls = []
+    original = prior.adapter.forward
+    monkeypatch.setattr(prior.adapter, "forward", lambda *a: calls.append(1) or original(*a))
+    prior.predict(CONTEXT, SUCCESS, QUERIES[::-1])
+    assert calls == []
+    prior.predict(CONTEXT, SUCCESS, ["Q: 11+11*1="])
+    assert len(calls) == 1
+
+
+def test_chunked_queries_and_large_context(prior: ValuePrior) -> None:
+    full = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    prior.query_chunk = 3
+    torch.testing.assert_close(prior.predict(CONTEXT, SUCCESS, QUERIES), full)
+    prior.max_context = 5
+    subsampled = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    assert subsampled.shape == (4,)
+
+
+def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_encoder_dir: str) -> None:
+    path = prior.save(tmp_path / "prior")
+    (path / "adapter.safetensors").rename(path / "moved")
+    with pytest.raises(ValueError, match=r"missing \['adapter.safetensors'\]"):
+        ValuePrior.load(path)
+    path = prior.save(tmp_path / "wrong_head")
+    torch.save({"epoch": 3, "state_dict": {}}, path / "head.ckpt")
+    with pytest.raises(ValueError, match=r"head\.ckpt: not a TabPFN checkpoint"):
+        ValuePrior.load(path)
+    path = prior.save(tmp_path / "wrong_width")
+    reference = json.loads((path / "backbone.json").read_text())
+    (path / "backbone.json").write_text(json.dumps(reference | {"hidden_size": 1024}))
+    with pytest.raises(ValueError, match="width 1024"):
+        ValuePrior.load(path)
+    path = prior.save(tmp_path / "wrong_features")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(
+        json.dumps(config | {"adapter": config["adapter"] | {"query_dim": 3, "num_heads": 1}})
+    )
+    with pytest.raises(ValueError, match="adapter weights do not match"):
+        ValuePrior.load(path)
+    with pytest.raises(ValueError, match="width 32, the adapter expects 384"):
+        ValuePrior(prior.backbone, ResidualQueryAdapter(384, **ADAPTER), prior.head, ADAPTER)
+
+
+def test_no_warning_for_a_two_class_context(prior: ValuePrior) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SingleClassContextWarning)
+        prior.predict(CONTEXT, SUCCESS, QUERIES)

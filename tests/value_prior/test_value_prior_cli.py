@@ -1,0 +1,120 @@
+"""The `value-prior` command end to end in subprocesses: every shipped YAML parses, a tiny `fit` trains,
+logs to a real sqlite MLflow store, exports a loadable prior, and `test` scores the best checkpoint.
+(Named apart from tests/basis/test_cli.py: test folders are not packages, so basenames must be unique.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs" / "value_prior").glob("*.yaml"))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "value_prior.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=os.environ | (env or {}),
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_prints(config: Path) -> None:
+    done = run_cli("fit", "--config", str(config), "--print_config")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = yaml.safe_load(done.stdout)
+    assert printed["model"]["export_dir"] and printed["data"]["pairs"]
+
+
+def test_release_config_exports_to_the_documented_folder() -> None:
+    config = yaml.safe_load((REPO / "configs" / "value_prior" / "v0_release_minilm.yaml").read_text())
+    assert config["model"]["export_dir"] == "artifacts/priors/v0-release-minilm"
+    assert config["data"]["format"] == "v0-release"
+
+
+@pytest.mark.slow  # three CLI subprocesses: about a minute on an idle 2-core machine
+def test_tiny_fit_test_and_export(
+    tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, mlflow_store: str
+) -> None:
+    config = yaml.safe_load((REPO / "configs" / "value_prior" / "v0_pairs_minilm.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if "dirpath" in callback.get("init_args", {}):
+            callback["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    export = tmp_path / "prior"
+    overrides = [
+        "--model.backbone.init_args.model", tiny_encoder_dir,
+        "--model.backbone.init_args.max_length", "32",
+        "--model.backbone.init_args.cache_dir", str(tmp_path / "cache"),
+        "--model.export_dir", str(export),
+        "--data.pairs", tiny_pairs_path,
+        "--data.support_size", "16",
+        "--data.query_pairs", "2",
+        "--data.batches_per_epoch", "3",
+        "--trainer.max_epochs", "2",
+    ]  # fmt: skip
+    env = {"MLFLOW_TRACKING_URI": mlflow_store}
+    done = run_cli("fit", "--config", str(config_path), *overrides, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (export / "config.json").is_file() and (tmp_path / "checkpoints" / "best.ckpt").is_file()
+
+    check = (
+        "from value_prior import ValuePrior; import sys; p = ValuePrior.load(sys.argv[1]); "
+        "print(p.num_features, p.predict(['Q: 1+1=', 'Q: 90+50*4='], [1.0, 0.0], ['Q: 2+3*1=']).tolist())"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", check, str(export)], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.startswith("8 [")
+
+    done = run_cli(
+        "test",
+        "--config",
+        str(config_path),
+        *overrides,
+        "--ckpt_path",
+        str(tmp_path / "checkpoints" / "best.ckpt"),
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_store)
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=["value-prior"], order_by=["attributes.start_time ASC"])
+    fit_run, test_run = runs.iloc[0], runs.iloc[1]
+    for metric in (
+        "val/gauc",
+        "val/auc",
+        "val/pair_acc",
+        "val/brier",
+        "val/ece",
+        "train/loss",
+        "train/loss_pair",
+    ):
+        assert (
+            f"metrics.{metric}" in fit_run.index
+            and fit_run[f"metrics.{metric}"] == fit_run[f"metrics.{metric}"]
+        )
+    assert "metrics.test/gauc" in test_run.index
+    assert fit_run["params.lr"] == "0.001" and fit_run["params.support_size"] == "16"
+    artifacts = {a.path for a in client.list_artifacts(fit_run.run_id)}
+    assert {"config.yaml", "plots", "prior"} <= artifacts
+    assert {a.path for a in client.list_artifacts(fit_run.run_id, "prior")} >= {
+        "prior/config.json",
+        "prior/head.ckpt",
+    }
+    plots = [a.path for a in client.list_artifacts(fit_run.run_id, "plots/val")]
+    assert plots and all(p.endswith(".png") for p in plots)

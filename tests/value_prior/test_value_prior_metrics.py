@@ -1,0 +1,86 @@
+"""value_prior.metrics against hand-computed values and a loop reference (named apart from tests/basis/test_metrics.py: test folders are not packages, so basenames must be unique)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from value_prior.metrics import (
+    auc,
+    bootstrap_ci,
+    brier,
+    expected_calibration_error,
+    grouped_auc,
+    pair_accuracy,
+    paired_bootstrap_diff,
+    score_predictions,
+)
+
+
+def test_auc_hand_computed() -> None:
+    # positives (y >= 0.5): 0.9, 0.4; negatives: 0.3, 0.6 -> pairs ranked right: (0.9>0.3), (0.9>0.6), (0.4>0.3) = 3/4
+    assert auc([0.9, 0.4, 0.3, 0.6], [1.0, 0.5, 0.0, 0.2]) == pytest.approx(0.75)
+    assert np.isnan(auc([0.1, 0.2], [1.0, 1.0]))
+
+
+def test_grouped_auc_weights_by_items_and_skips_single_class() -> None:
+    prob = [0.9, 0.1, 0.8, 0.2, 0.3, 0.7, 0.5, 0.5]
+    success = [1, 0, 1, 0, 1, 0, 1, 1]
+    groups = ["a"] * 4 + ["b"] * 2 + ["c"] * 2  # a: AUC 1 (4 items), b: AUC 0 (2 items), c: one class
+    assert grouped_auc(prob, success, groups) == pytest.approx((1.0 * 4 + 0.0 * 2) / 6)
+
+
+def test_constant_prediction_per_group_scores_half() -> None:
+    rng = np.random.default_rng(0)
+    success = rng.random(60)
+    groups = np.repeat(["a", "b", "c"], 20)
+    prob = np.repeat([0.2, 0.5, 0.9], 20)  # a context mean per pool
+    assert grouped_auc(prob, success, list(groups)) == pytest.approx(0.5)
+
+
+def test_pair_accuracy_matches_loop() -> None:
+    rng = np.random.default_rng(1)
+    prob = np.round(rng.random(30), 1)  # ties included
+    success = np.round(rng.random(30), 1)
+    groups = rng.integers(0, 3, 30)
+    correct, total = 0.0, 0
+    for i, j in itertools.permutations(range(30), 2):
+        if groups[i] == groups[j] and success[i] > success[j]:
+            total += 1
+            correct += 1.0 if prob[i] > prob[j] else 0.5 if prob[i] == prob[j] else 0.0
+    assert pair_accuracy(prob, success, list(groups)) == pytest.approx(correct / total)
+
+
+def test_brier_and_ece_hand_computed() -> None:
+    prob = [0.05, 0.15, 0.95, 0.85]
+    success = [0.0, 0.5, 1.0, 0.5]
+    assert brier(prob, success) == pytest.approx((0.05**2 + 0.35**2 + 0.05**2 + 0.35**2) / 4)
+    # bins: 0 -> {0.05}, 1 -> {0.15}, 8 -> {0.85}, 9 -> {0.95}; each gap / 4
+    assert expected_calibration_error(prob, success) == pytest.approx((0.05 + 0.35 + 0.35 + 0.05) / 4)
+
+
+def test_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="must be equal 1-D"):
+        brier([0.1, 0.2], [0.1])
+    with pytest.raises(ValueError, match="no items"):
+        brier([], [])
+
+
+def test_score_predictions_and_bootstrap() -> None:
+    rng = np.random.default_rng(2)
+    success = rng.random(200)
+    prob = np.clip(success + rng.normal(0, 0.3, 200), 0, 1)
+    groups = np.repeat(["a", "b"], 100)
+    scores = score_predictions(prob, success, list(groups))
+    assert set(scores) == {"gauc", "auc", "pair_acc", "brier", "ece"}
+
+    def fn(p: np.ndarray, s: np.ndarray, g: np.ndarray) -> float:
+        return grouped_auc(p, s, list(g))
+
+    lo, hi = bootstrap_ci(fn, prob, success, groups, n_resamples=100)
+    assert lo <= scores["gauc"] <= hi
+    diff, dlo, dhi = paired_bootstrap_diff(fn, prob, np.full(200, 0.5), success, groups, n_resamples=100)
+    assert diff == pytest.approx(scores["gauc"] - 0.5)
+    assert dlo <= diff <= dhi and dlo > 0
