@@ -1,0 +1,75 @@
+"""The frozen backbone and its hidden-state cache (memory and disk, keyed by text hash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from value_prior.backbone import DEFAULT_BACKBONE, HFBackbone, TextBackbone, resolve_backbone_path, text_key
+
+
+def test_hidden_states_per_prompt(tiny_backbone: HFBackbone) -> None:
+    assert isinstance(tiny_backbone, TextBackbone)
+    prompts = [
+        "Q: 23+45*2=",
+        "Q: 1+1=",
+        "Find the number of positive integers n such that n^2 + 1 divides 2024.",
+    ]
+    states = tiny_backbone.hidden_states(prompts)
+    assert [s.shape[1] for s in states] == [32, 32, 32]
+    assert states[0].shape[0] > states[1].shape[0]  # unpadded: one row per token
+    assert states[2].shape[0] <= 32  # truncated to max_length
+    assert all(s.dtype == torch.float32 for s in states)
+
+
+def test_batching_does_not_change_states(tiny_backbone: HFBackbone, tiny_encoder_dir: str) -> None:
+    prompts = ["Q: 23+45*2=", "Q: 1+1=", "Q: 7+7*7="]
+    together = tiny_backbone.hidden_states(prompts)
+    alone = HFBackbone(tiny_encoder_dir, max_length=32, batch_size=1, cache_dir=None).hidden_states(prompts)
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3)  # float16 storage
+
+
+def test_disk_cache_is_reused_without_loading_the_encoder(tiny_encoder_dir: str, tmp_path: Path) -> None:
+    first = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    states = first.hidden_states(["Q: 2+2*2=", "Q: 2+2*2="])
+    files = list(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 1  # one file per distinct text
+    assert files[0].stem == text_key(first.backbone_id, 32, "Q: 2+2*2=")
+    second = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    again = second.hidden_states(["Q: 2+2*2="])
+    assert second._encoder is None  # served from disk
+    torch.testing.assert_close(again[0], states[0], rtol=0, atol=0)
+
+
+def test_cache_key_depends_on_text_length_and_backbone() -> None:
+    base = text_key("m", 256, "Q: 1+1=")
+    assert base == text_key("m", 256, "Q: 1+1=")
+    assert (
+        len(
+            {
+                base,
+                text_key("m", 128, "Q: 1+1="),
+                text_key("n", 256, "Q: 1+1="),
+                text_key("m", 256, "Q: 1+2="),
+            }
+        )
+        == 4
+    )
+
+
+def test_bad_inputs(tiny_backbone: HFBackbone, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prompt 1 is ''"):
+        tiny_backbone.hidden_states(["Q: 1+1=", ""])
+    with pytest.raises(ValueError, match="does not exist"):
+        HFBackbone(str(tmp_path / "no-model"))
+    with pytest.raises(ValueError, match="max_length"):
+        HFBackbone(max_length=1)
+
+
+def test_default_backbone_is_the_packaged_minilm() -> None:
+    path = Path(resolve_backbone_path(DEFAULT_BACKBONE))
+    assert (path / "config.json").is_file()
+    assert HFBackbone(cache_dir=None).hidden_size == 384
