@@ -545,19 +545,24 @@ def success_histogram(rows: Iterable[dict[str, Any]], rollouts_per_prompt: int |
 
     Args:
         rows: Pairs (at least `policy, step, n, successes`).
-        rollouts_per_prompt: `n` of every pair, for one bin per possible rate; None uses 10 bins.
+        rollouts_per_prompt: `n` of every pair, for one bin per possible rate; None takes the pairs'
+            common `n`, or 10 bins when it varies.
     """
     from matplotlib.figure import Figure
 
     rates: dict[str, list[float]] = defaultdict(list)
+    sizes = set()
     for row in rows:
         rates[pool_key(row["policy"], row["step"])].append(row["successes"] / row["n"])
+        sizes.add(row["n"])
+    if rollouts_per_prompt is None:
+        rollouts_per_prompt = sizes.pop() if len(sizes) == 1 else 10
     labels = list(rates)
     cols = min(4, max(len(labels), 1))
     nrows = max(math.ceil(len(labels) / cols), 1)
     fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False, sharey=True)
-    n = rollouts_per_prompt or 10
+    n = rollouts_per_prompt
     edges = [(k - 0.5) / n for k in range(n + 2)]  # one bin per possible successes / n value
     for ax, label in zip(axes.flat, labels):
         values = rates[label]
