@@ -42,6 +42,15 @@ bench: setup
 	$(PY) benchmarks/baseline_mse.py
 	$(PY) benchmarks/harvest_throughput.py
 
+# The offline tiny policy (model + tokenizer + task data + eval.json) in artifacts/tiny-policy/.
+# Skipped when it exists; `make tiny-policy FORCE=1` rebuilds.
+tiny-policy: setup
+	@if [ -f artifacts/tiny-policy/eval.json ] && [ "$(FORCE)" != "1" ]; then \
+		echo "artifacts/tiny-policy/eval.json exists; FORCE=1 rebuilds"; \
+	else \
+		$(PY) -m basis.tiny_policy --config configs/tiny_policy.yaml; \
+	fi
+
 # Not in CI: builds .venv-sglang with the real sglang==0.5.23 (it pins torch 2.14.1 and transformers
 # 5.19.0, ~11 GB) plus this project without its dependencies, then checks every request the SGLang engine
 # builds against SGLang's own routes, request classes and serializer (CPU only, no GPU needed).

@@ -406,6 +406,8 @@ class ArithmeticLevel:
         min_multiplications: Require at least this many `*` operators.
         max_value: Bound on every intermediate and final value (all values stay in [0, max_value]).
         max_multiplier_digits: Every multiplication has a factor with at most this many digits.
+        max_later_digits: Operands after the first (leftmost) have 1..max_later_digits digits; None
+            means `max_digits`. `a±b` with a short `b` is one carry away from a table fact.
     """
 
     num_operands: int
@@ -415,12 +417,15 @@ class ArithmeticLevel:
     min_multiplications: int = 0
     max_value: int = 999
     max_multiplier_digits: int = 1
+    max_later_digits: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_operands < 2:
             raise ValueError(f"num_operands must be >= 2, got {self.num_operands}")
-        if self.max_digits < 1:
-            raise ValueError(f"max_digits must be >= 1, got {self.max_digits}")
+        if self.max_digits < 1 or (self.max_later_digits is not None and self.max_later_digits < 1):
+            raise ValueError(
+                f"max_digits and max_later_digits must be >= 1, got {self.max_digits}, {self.max_later_digits}"
+            )
         if not self.operators or set(self.operators) - set("+-*"):
             raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
         if self.min_multiplications > 0 and "*" not in self.operators:
@@ -496,13 +501,19 @@ def _random_operand(rng: random.Random, max_digits: int) -> _Node:
     return _Node(rng.randint(10 ** (digits - 1), 10**digits - 1))  # never 0: `x+0` steps teach nothing
 
 
-def _random_shaped_tree(rng: random.Random, level: ArithmeticLevel, num_operands: int) -> _Node | None:
+def _later_digits(level: ArithmeticLevel) -> int:
+    return level.max_digits if level.max_later_digits is None else level.max_later_digits
+
+
+def _random_shaped_tree(
+    rng: random.Random, level: ArithmeticLevel, num_operands: int, leftmost: bool = True
+) -> _Node | None:
     """A tree of random shape (parenthesised levels), or None if a bound broke."""
     if num_operands == 1:
-        return _random_operand(rng, level.max_digits)
+        return _random_operand(rng, level.max_digits if leftmost else _later_digits(level))
     n_left = rng.randint(1, num_operands - 1)
-    left = _random_shaped_tree(rng, level, n_left)
-    right = _random_shaped_tree(rng, level, num_operands - n_left)
+    left = _random_shaped_tree(rng, level, n_left, leftmost)
+    right = _random_shaped_tree(rng, level, num_operands - n_left, leftmost=False)
     if left is None or right is None:
         return None
     return _combine(rng.choice(level.operators), left, right, level)
@@ -510,7 +521,8 @@ def _random_shaped_tree(rng: random.Random, level: ArithmeticLevel, num_operands
 
 def _random_flat_tree(rng: random.Random, level: ArithmeticLevel) -> _Node | None:
     """A flat expression `a op b op c ...` parsed with precedence (`*` first, then left to right)."""
-    operands = [_random_operand(rng, level.max_digits) for _ in range(level.num_operands)]
+    operands = [_random_operand(rng, level.max_digits)]
+    operands += [_random_operand(rng, _later_digits(level)) for _ in range(level.num_operands - 1)]
     operators = [rng.choice(level.operators) for _ in range(level.num_operands - 1)]
     # Fold runs of `*` first, then `+ -` left to right: the tree a precedence parser would build.
     terms: list[_Node] = [operands[0]]

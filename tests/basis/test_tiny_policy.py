@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from basis.tasks import generate_arithmetic, load_prompts, render_prompt
 from basis.tiny_policy import (
     EOS_TOKEN,
     PAD_TOKEN,
+    SFTConfig,
     build_model,
     build_tokenizer,
+    collate_sft,
+    generate_responses,
+    main,
     num_parameters,
     save_policy,
+    sft_examples,
     tokenize_chat,
+    train_sft,
 )
 
 
@@ -76,3 +85,95 @@ def test_saved_policy_loads_through_auto_and_samples(tiny_lm_path: str) -> None:
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=True, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 8  # [B, T + new]
+
+
+# ---------------------------------------------------------------------------- warm start and command
+
+
+def test_sft_batch_masks_prompt_and_padding() -> None:
+    tokenizer = build_tokenizer()
+    rows = [{"prompt": "8+73", "solution": "8+73=81 #### 81"}, {"prompt": "2+3", "solution": "2+3=5 #### 5"}]
+    examples = sft_examples(tokenizer, rows)
+    assert tokenizer.decode(examples[0][0] + examples[0][1]) == f"Q: 8+73\nA: 8+73=81 #### 81{EOS_TOKEN}"
+    batch = collate_sft(examples, tokenizer.pad_token_id)
+    prompt_len, response_len = len(examples[1][0]), len(examples[1][1])
+    assert batch.labels[1, :prompt_len].eq(-100).all()  # no loss on the prompt
+    assert batch.labels[1, prompt_len : prompt_len + response_len].tolist() == examples[1][1]
+    assert batch.labels[1, prompt_len + response_len :].eq(-100).all()  # nor on padding
+    assert batch.attention_mask.sum(dim=1).tolist() == [len(p) + len(r) for p, r in examples]
+
+
+def test_train_sft_is_seeded_and_lowers_the_loss() -> None:
+    rows = generate_arithmetic(seed=0, n_train=64, n_val=0, n_test=0)["train"]
+    config = SFTConfig(steps=12, batch_size=16, lr=3e-3, warmup_steps=2, log_every=4, eval_every=100)
+    runs = []
+    for _ in range(2):
+        tokenizer = build_tokenizer()
+        model = build_model(tokenizer, hidden_size=32, num_layers=1, intermediate_size=64, seed=1)
+        runs.append(train_sft(model, tokenizer, rows, config, seed=5))
+    assert runs[0] == runs[1]  # reproducible from the seed
+    assert sum(runs[0][-3:]) / 3 < sum(runs[0][:3]) / 3
+
+
+@pytest.fixture(scope="module")
+def built_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    """A policy built by the real command with a tiny budget (config file + CLI override), logged to a
+    temporary sqlite MLflow store."""
+    tmp = tmp_path_factory.mktemp("tiny_policy")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    config = tmp / "config.yaml"
+    config.write_text(
+        "n_train: 100\nn_val: 20\nn_test: 20\nmodel: {hidden_size: 32, num_layers: 1, intermediate_size: 64}\n"
+        "sft: {steps: 6, batch_size: 8, warmup_steps: 1, log_every: 2, eval_every: 3, eval_prompts: 5}\n"
+        "evaluation: {num_samples: 4, mean_k: 2, max_new_tokens: 12}\n"
+    )
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        main(["--config", str(config), "--out_dir", str(tmp / "policy"), "--seed", "3"])
+    return tmp / "policy", json.loads((tmp / "policy" / "eval.json").read_text()), uri
+
+
+def test_command_writes_policy_data_and_eval(built_policy: tuple[Path, dict, str]) -> None:
+    out, result, _ = built_policy
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "eval.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert sorted(p.name for p in (out / "data").iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+        "validation.parquet",
+    ]
+    assert 0.0 <= result["overall"] <= 1.0
+    assert set(result["by_difficulty"]) == {"1", "2", "3", "4", "5"}
+    sampled = result["sampled"]
+    assert (sampled["k"], sampled["n"]) == (2, 4)
+    for level, mean in sampled["mean_at_k"].items():
+        assert 0.0 <= mean <= sampled["pass_at_n"][level] <= 1.0
+    assert result["seed"] == 3 and result["num_parameters"] > 0
+
+
+def test_command_logs_to_mlflow(built_policy: tuple[Path, dict, str]) -> None:
+    import mlflow
+
+    _, result, uri = built_policy
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny-policy")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["seed"] == "3"
+    assert len(client.get_metric_history(run.info.run_id, "sft/loss")) == 3  # steps 2, 4, 6
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/greedy_acc")] == [3, 6]
+    assert run.data.metrics["test/greedy_acc"] == pytest.approx(result["overall"])
+    assert "test/pass_at_k/4" in run.data.metrics and "test/mean_at_k/2/level_1" in run.data.metrics
+
+
+def test_built_policy_loads_through_auto_and_samples(built_policy: tuple[Path, dict, str]) -> None:
+    out, _, _ = built_policy
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert render_prompt(tokenizer, "45*2+23") == "Q: 45*2+23\nA:"
+    test_rows = load_prompts(str(out / "data"), split="test")
+    responses = generate_responses(
+        model, tokenizer, test_rows["prompt"][:4], num_samples=3, temperature=1.0, max_new_tokens=12
+    )
+    assert [len(r) for r in responses] == [3, 3, 3, 3]
+    assert all(isinstance(text, str) for group in responses for text in group)
