@@ -366,9 +366,14 @@ class PolicyTrainer(L.LightningModule):
         for round_no in range(1, osla.max_rounds + 1):
             counts, means = group_counts_means(rollouts)  # [P], [P]
             extra = osla_extra_rollouts(
-                counts, means, prior, c=osla.c, k_init=self.hparams.group_size,
-                pad_to=osla.pad_to, min_active_frac=osla.min_active_frac,
-            )  # fmt: skip
+                counts,
+                means,
+                prior,
+                c=osla.c,
+                k_init=self.hparams.group_size,
+                pad_to=osla.pad_to,
+                min_active_frac=osla.min_active_frac,
+            )
             if int(extra.sum()) == 0:
                 break
             rollouts = self.collect_rollouts(
@@ -445,11 +450,18 @@ class PolicyTrainer(L.LightningModule):
             sub = _select(batch, micro)
             logprobs, _ = self.sequence_logprobs(sub, with_grad=True)  # [n, R]
             out = policy_loss(
-                logprobs, old_logprobs[micro], advantages[micro], sub.response_mask,
-                eps_low=hp.eps_low, eps_high=hp.eps_high, clip_ratio_c=hp.clip_ratio_c, agg=hp.loss_agg,
+                logprobs,
+                old_logprobs[micro],
+                advantages[micro],
+                sub.response_mask,
+                eps_low=hp.eps_low,
+                eps_high=hp.eps_high,
+                clip_ratio_c=hp.clip_ratio_c,
+                agg=hp.loss_agg,
                 is_weights=None if is_weights is None else is_weights[micro],
-                num_tokens=num_tokens, num_sequences=float(len(mini)),
-            )  # fmt: skip
+                num_tokens=num_tokens,
+                num_sequences=float(len(mini)),
+            )
             loss = out.loss
             if ref_logprobs is not None:
                 kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
@@ -462,8 +474,15 @@ class PolicyTrainer(L.LightningModule):
                 finite = False
                 break
             self.manual_backward(loss)
-            _append(stats, policy_loss=float(out.loss.detach()), clip_frac=float(out.clip_frac), clip_frac_low=float(out.clip_frac_low),
-                    clip_frac_high=float(out.clip_frac_high), dual_clip_frac=float(out.dual_clip_frac), approx_kl=float(out.approx_kl))  # fmt: skip
+            _append(
+                stats,
+                policy_loss=float(out.loss.detach()),
+                clip_frac=float(out.clip_frac),
+                clip_frac_low=float(out.clip_frac_low),
+                clip_frac_high=float(out.clip_frac_high),
+                dual_clip_frac=float(out.dual_clip_frac),
+                approx_kl=float(out.approx_kl),
+            )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
         )
@@ -728,15 +747,17 @@ class PolicyTrainer(L.LightningModule):
         import pyarrow.parquet as pq
 
         rows = [rollouts.prompts[i] for i in rollouts.index.tolist()]
-        table = pa.table({
-            "step": [self.rl_step] * len(rows),
-            "prompt_id": [r.prompt_id for r in rows],
-            "prompt": [r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt) for r in rows],
-            "reward": rollouts.correct.tolist(),
-            "response_length": [len(c.token_ids) for c in rollouts.completions],
-            "finish_reason": [c.finish_reason for c in rollouts.completions],
-            "response": [c.text for c in rollouts.completions],
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "step": [self.rl_step] * len(rows),
+                "prompt_id": [r.prompt_id for r in rows],
+                "prompt": [r.prompt if isinstance(r.prompt, str) else json.dumps(r.prompt) for r in rows],
+                "reward": rollouts.correct.tolist(),
+                "response_length": [len(c.token_ids) for c in rollouts.completions],
+                "finish_reason": [c.finish_reason for c in rollouts.completions],
+                "response": [c.text for c in rollouts.completions],
+            }
+        )
         folder = self.run_dir / "rollouts"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step_{self.rl_step:06d}-rank{self.global_rank}.parquet"
@@ -970,8 +991,16 @@ def _validate_prior_settings(advantage: str, prior: Any, osla: OslaSettings | No
         )
 
 
-def _validate_settings(advantage: str, group_size: int, ppo_epochs: int, mini_batches: int, micro_batch_size: int,
-                       loss_agg: str, kl_estimator: str, val_samples: int) -> None:  # fmt: skip
+def _validate_settings(
+    advantage: str,
+    group_size: int,
+    ppo_epochs: int,
+    mini_batches: int,
+    micro_batch_size: int,
+    loss_agg: str,
+    kl_estimator: str,
+    val_samples: int,
+) -> None:
     if advantage not in ESTIMATORS:
         raise ValueError(
             f"model.advantage={advantage!r} is not a registered estimator; choose one of {sorted(ESTIMATORS)}"

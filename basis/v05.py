@@ -106,8 +106,12 @@ class SupportBuffer:
         return [p for p, _ in pairs], [s for _, s in pairs]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": BUFFER_FORMAT, "capacity": self.capacity, "prompts": [p for p, _ in self.pairs],
-                "success": [s for _, s in self.pairs]}  # fmt: skip
+        return {
+            "format": BUFFER_FORMAT,
+            "capacity": self.capacity,
+            "prompts": [p for p, _ in self.pairs],
+            "success": [s for _, s in self.pairs],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != BUFFER_FORMAT:

@@ -63,9 +63,14 @@ def primed(module: PolicyTrainer) -> PolicyTrainer:
 
 def fit(module: PolicyTrainer, task_dir: Path, tmp_path: Path, steps: int, logger=None) -> None:
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=logger or False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-    )  # fmt: skip
+        accelerator="cpu",
+        max_steps=steps,
+        logger=logger or False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=PromptDataModule(str(task_dir), prompts_per_step=4))
 
 
