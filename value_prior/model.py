@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from value_prior.backbone import HFBackbone, TextBackbone
 from value_prior.head import load_head
-from value_prior.metrics import score_predictions
+from value_prior.metrics import grouped_auc, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,18 @@ def success_labels(success: Tensor, threshold: float = 0.5) -> Tensor:
     return (success >= threshold).to(success.dtype)
 
 
+def pairwise_ranking_loss(score: Tensor, success: Tensor, threshold: float = 0.5) -> Tensor:
+    """Mean `-log sigmoid(score_i - score_j)` over rows of one episode with `y_i >= threshold > y_j`.
+
+    Args:
+        score: `[B, R]` scores; success: `[B, R]` success rates. Episodes without such a pair add nothing.
+    """
+    label = success_labels(success, threshold)  # [B, R]
+    ordered = (label[:, :, None] > label[:, None, :]).to(score.dtype)  # [B, R, R]
+    margin = score[:, :, None] - score[:, None, :]  # [B, R, R]
+    return (-F.logsigmoid(margin) * ordered).sum() / ordered.sum().clamp(min=1)
+
+
 def v0_loss(
     success_logit: Tensor, query_success: Tensor, pair_weight: float = 0.25, ce_weight: float = 0.75
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,11 +191,7 @@ def v0_loss(
     design's 4 (pos, neg) pairs); episodes without such a pair contribute nothing.
     """
     ce = F.binary_cross_entropy_with_logits(success_logit, query_success)
-    label = success_labels(query_success)  # [B, M]
-    ordered = (label[:, :, None] > label[:, None, :]).to(success_logit.dtype)  # [B, M, M]
-    margin = success_logit[:, :, None] - success_logit[:, None, :]  # [B, M, M]
-    pair_terms = -F.logsigmoid(margin) * ordered  # [B, M, M]
-    pair = pair_terms.sum() / ordered.sum().clamp(min=1)
+    pair = pairwise_ranking_loss(success_logit, query_success)
     return pair_weight * pair + ce_weight * ce, pair, ce
 
 
@@ -207,6 +215,15 @@ class V0Module(L.LightningModule):
         dropout: Adapter query-generator dropout.
         pair_weight: Weight of the pairwise ranking loss.
         ce_weight: Weight of the soft cross-entropy loss.
+        aux_weight: Weight of the auxiliary ranking loss of a linear probe on the adapter features over
+            each episode's support rows (ours, not in the paper; 0 turns it off). It gives the adapter a
+            direct signal for prompt difficulty, which the head then has to read from the context; the
+            probe is used in training only and is not exported.
+        shuffle_weight: Weight of the context-reading loss (ours): the same queries are scored against the
+            episode's support with its success rates shuffled, and those scores are trained toward the
+            context mean (the right answer when the labels carry no information). Without it the adapter
+            can learn features that the frozen head ranks the same way whatever the labels say, i.e. a
+            prior that ignores its context (0 turns it off).
         lr: Peak AdamW learning rate of the adapter.
         weight_decay: AdamW weight decay (not applied to biases, LayerNorms or the static queries).
         warmup_frac: Share of the total steps spent in linear warm-up before the cosine decay.
@@ -228,6 +245,8 @@ class V0Module(L.LightningModule):
         dropout: float = 0.2,
         pair_weight: float = 0.25,
         ce_weight: float = 0.75,
+        aux_weight: float = 0.0,
+        shuffle_weight: float = 0.0,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         warmup_frac: float = 0.05,
@@ -240,6 +259,10 @@ class V0Module(L.LightningModule):
             raise ValueError(
                 f"loss weights must be >= 0 and not both 0, got pair={pair_weight}, ce={ce_weight}"
             )
+        if aux_weight < 0 or shuffle_weight < 0:
+            raise ValueError(
+                f"aux_weight and shuffle_weight must be >= 0, got {aux_weight}, {shuffle_weight}"
+            )
         if not 0 <= warmup_frac < 1:
             raise ValueError(f"warmup_frac must lie in [0, 1), got {warmup_frac}")
         self.save_hyperparameters(ignore=["backbone"])
@@ -249,10 +272,11 @@ class V0Module(L.LightningModule):
         self.adapter = ResidualQueryAdapter(
             self.backbone.hidden_size, num_queries, query_dim, num_heads, bottleneck, dropout
         )
+        self.difficulty_probe = nn.Linear(self.adapter.num_features, 1)  # training-only (aux_weight > 0)
         self.head = load_head(self.head_path)
         self.freeze_head = freeze_head
         self.head.requires_grad_(not freeze_head)
-        self._eval_records: list[tuple[str, str, float, float]] = []
+        self._eval_records: list[tuple[str, str, float, float, float]] = []
 
     @property
     def num_features(self) -> int:
@@ -266,18 +290,46 @@ class V0Module(L.LightningModule):
 
     # -- forward ---------------------------------------------------------------------------
 
+    def episode_features(self, batch: EpisodeBatch) -> tuple[Tensor, Tensor]:
+        """Adapter features of the batch's support `[B, N, F]` and query `[B, M, F]` rows."""
+        z = prompt_features(self.adapter, self.backbone, batch.prompts)  # [U, F]
+        return z[batch.support_index], z[batch.query_index]  # [B, N, F], [B, M, F]
+
     def success_logits(self, batch: EpisodeBatch) -> Tensor:
         """Head scores `s` `[B, M]` for the batch's queries."""
-        z = prompt_features(self.adapter, self.backbone, batch.prompts)  # [U, F]
-        support_z = z[batch.support_index]  # [B, N, F]
-        query_z = z[batch.query_index]  # [B, M, F]
-        support_y = success_labels(batch.support_success, self.hparams.label_threshold)  # [B, N]
+        return self._head_scores(batch, *self.episode_features(batch))
+
+    def _head_scores(
+        self, batch: EpisodeBatch, support_z: Tensor, query_z: Tensor, support_success: Tensor | None = None
+    ) -> Tensor:
+        success = batch.support_success if support_success is None else support_success  # [B, N]
+        support_y = success_labels(success, self.hparams.label_threshold)  # [B, N]
         return self.head.success_logit(support_z, support_y, query_z)  # [B, M]
 
+    def shuffled_context_loss(self, batch: EpisodeBatch, support_z: Tensor, query_z: Tensor) -> Tensor:
+        """Cross-entropy of the scores under label-shuffled support against the context mean."""
+        order = torch.argsort(
+            torch.rand(batch.support_success.shape, device=support_z.device), dim=1
+        )  # [B, N]
+        shuffled = torch.gather(batch.support_success, 1, order)  # [B, N]
+        s = self._head_scores(batch, support_z, query_z, shuffled)  # [B, M]
+        target = batch.support_success.mean(dim=1, keepdim=True).expand_as(s)  # [B, M]
+        return F.binary_cross_entropy_with_logits(s, target)
+
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
-        s = self.success_logits(batch)  # [B, M]
+        support_z, query_z = self.episode_features(batch)  # [B, N, F], [B, M, F]
+        s = self._head_scores(batch, support_z, query_z)  # [B, M]
         loss, pair, ce = v0_loss(s, batch.query_success, self.hparams.pair_weight, self.hparams.ce_weight)
         size = len(batch.pools)
+        if self.hparams.aux_weight > 0:
+            probe = self.difficulty_probe(support_z).squeeze(-1)  # [B, N]
+            aux = pairwise_ranking_loss(probe, batch.support_success, self.hparams.label_threshold)
+            loss = loss + self.hparams.aux_weight * aux
+            self.log("train/loss_aux", aux, batch_size=size)
+        if self.hparams.shuffle_weight > 0:
+            shuffled = self.shuffled_context_loss(batch, support_z, query_z)
+            loss = loss + self.hparams.shuffle_weight * shuffled
+            self.log("train/loss_shuffled_context", shuffled, batch_size=size)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/loss_pair", pair, batch_size=size)
         self.log("train/loss_ce", ce, batch_size=size)
@@ -285,19 +337,31 @@ class V0Module(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------
 
-    def _collect(self, batch: EpisodeBatch) -> Tensor:
-        s = self.success_logits(batch)  # [B, M]
-        prob = torch.sigmoid(s)  # [B, M]
+    def _collect(self, batch: EpisodeBatch, batch_idx: int) -> None:
+        """Score the queries with the true context and with a label-shuffled copy of it (diagnostic)."""
+        support_z, query_z = self.episode_features(batch)  # [B, N, F], [B, M, F]
+        prob = torch.sigmoid(self._head_scores(batch, support_z, query_z))  # [B, M]
+        g = torch.Generator().manual_seed(batch_idx)
+        order = torch.argsort(torch.rand(batch.support_success.shape, generator=g), dim=1).to(
+            support_z.device
+        )
+        shuffled = torch.gather(batch.support_success, 1, order)  # [B, N]
+        prob_shuffled = torch.sigmoid(self._head_scores(batch, support_z, query_z, shuffled))  # [B, M]
         for b, pool in enumerate(batch.pools):
-            for prompt_id, p, y in zip(batch.query_ids[b], prob[b].tolist(), batch.query_success[b].tolist()):
-                self._eval_records.append((pool, prompt_id, p, y))
-        return prob
+            rows = zip(
+                batch.query_ids[b],
+                prob[b].tolist(),
+                prob_shuffled[b].tolist(),
+                batch.query_success[b].tolist(),
+            )
+            for prompt_id, p, p_shuffled, y in rows:
+                self._eval_records.append((pool, prompt_id, p, p_shuffled, y))
 
     def validation_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._collect(batch)
+        self._collect(batch, batch_idx)
 
     def test_step(self, batch: EpisodeBatch, batch_idx: int) -> None:
-        self._collect(batch)
+        self._collect(batch, batch_idx)
 
     def predict_step(self, batch: EpisodeBatch, batch_idx: int) -> list[dict[str, Any]]:
         prob = torch.sigmoid(self.success_logits(batch))  # [B, M]
@@ -322,8 +386,11 @@ class V0Module(L.LightningModule):
     def _log_eval(self, stage: str) -> None:
         if not self._eval_records:
             return
-        pools, _, prob, success = zip(*self._eval_records)
+        pools, _, prob, prob_shuffled, success = zip(*self._eval_records)
         metrics = score_predictions(list(prob), list(success), list(pools))
+        # Context use: the same queries with the context's success rates shuffled (design.md §3 pitfall).
+        metrics["gauc_shuffled_context"] = grouped_auc(list(prob_shuffled), list(success), list(pools))
+        metrics["context_gain_gauc"] = metrics["gauc"] - metrics["gauc_shuffled_context"]
         for name, value in metrics.items():
             if not math.isnan(value):
                 self.log(f"{stage}/{name}", value, prog_bar=name == "gauc")
@@ -335,7 +402,11 @@ class V0Module(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
-        for name, param in self.adapter.named_parameters():
+        trainable = [
+            *self.adapter.named_parameters(),
+            *self.difficulty_probe.named_parameters(prefix="probe"),
+        ]
+        for name, param in trainable:
             is_norm_or_bias = param.ndim < 2 or "norm" in name or name == "static_queries"
             (no_decay if is_norm_or_bias else decay).append(param)
         groups = [
@@ -398,3 +469,28 @@ def log_eval_plots(logger: Any, stage: str, epoch: int, prob: np.ndarray, succes
         fig.savefig(path, dpi=80)
         logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"plots/{stage}")
     plt.close(fig)
+
+
+class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
+    """Write `value-prior predict` outputs (pool, prompt_id, prob, success) as one parquet file.
+
+    Use: `value-prior predict --config CFG --ckpt_path BEST --trainer.callbacks+=value_prior.model.PredictionsWriter
+    --trainer.callbacks.output artifacts/predictions.parquet`.
+
+    Args:
+        output: Parquet file to write.
+    """
+
+    def __init__(self, output: str = "artifacts/value_prior_predictions.parquet") -> None:
+        super().__init__(write_interval="epoch")
+        self.output = output
+
+    def write_on_epoch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any, batch_indices: Any
+    ) -> None:
+        import datasets
+
+        rows = [row for batch in predictions for row in batch]
+        Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+        datasets.Dataset.from_list(rows).to_parquet(self.output)
+        log.info("wrote %d predictions to %s", len(rows), self.output)

@@ -63,6 +63,9 @@ class ValuePrior:
         label_threshold: Context success rates at or above this are labelled successes.
         max_context: Most context pairs given to the head (larger contexts are subsampled).
         query_chunk: Queries per head call (query rows are independent given the support).
+        calibration: `(scale, bias)` of the output `sigmoid(scale * s + bias)` on the head score `s`
+            (Platt scaling fitted on the hold-out at export; `(1, 0)` is the raw head). Monotone, so it
+            never changes a ranking (AUC, gAUC).
         info: Provenance saved with the artifact (training run, metrics, data split).
         device: `"cpu"` or a CUDA device.
     """
@@ -76,6 +79,7 @@ class ValuePrior:
         label_threshold: float = 0.5,
         max_context: int = 512,
         query_chunk: int = 1024,
+        calibration: tuple[float, float] = (1.0, 0.0),
         info: dict[str, Any] | None = None,
         device: str = "cpu",
     ) -> None:
@@ -91,6 +95,7 @@ class ValuePrior:
         self.label_threshold = label_threshold
         self.max_context = max_context
         self.query_chunk = query_chunk
+        self.calibration = (float(calibration[0]), float(calibration[1]))
         self.info = dict(info or {})
         self.device = device
         self._features: dict[str, Tensor] = {}
@@ -177,7 +182,7 @@ class ValuePrior:
         for start in range(0, len(query_prompts), self.query_chunk):
             query_z = self.features(query_prompts[start : start + self.query_chunk])[None]  # [1, M, F]
             s = self.head.success_logit(support_z, support_y, query_z)[0]  # [M]
-            probs.append(torch.sigmoid(s))
+            probs.append(torch.sigmoid(self.calibration[0] * s + self.calibration[1]))
         return torch.cat(probs).float().cpu()  # [Q]
 
     # -- persistence -----------------------------------------------------------------------
@@ -198,6 +203,7 @@ class ValuePrior:
             "num_features": self.num_features,
             "label_threshold": self.label_threshold,
             "max_context": self.max_context,
+            "calibration": {"scale": self.calibration[0], "bias": self.calibration[1]},
             "info": self.info,
         }
         (path / "backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
@@ -260,6 +266,7 @@ class ValuePrior:
             config["adapter"],
             label_threshold=config["label_threshold"],
             max_context=config["max_context"],
+            calibration=(config["calibration"]["scale"], config["calibration"]["bias"]),
             info=config.get("info", {}),
             device=device,
         )
@@ -269,15 +276,20 @@ class ExportPrior(L.Callback):
     """At the end of `fit`, restore the best checkpoint's weights and export the frozen prior.
 
     The artifact goes to the module's `export_dir` and is logged to MLflow (artifact path `prior`)
-    when the trainer logs to MLflow.
+    when the trainer logs to MLflow. With `calibrate`, a Platt scaling `sigmoid(a * s + b)` of the head
+    score is fitted on the validation queries (held-out prompts, the same batches as `val/gauc`) and
+    stored with the artifact: the frozen head's probabilities are otherwise as (mis)calibrated as the
+    head happens to be on real features.
 
     Args:
         max_context: Most context pairs the exported prior gives its head.
+        calibrate: Fit and store the Platt scaling (ranking metrics are unaffected).
     """
 
-    def __init__(self, max_context: int = 512) -> None:
+    def __init__(self, max_context: int = 512, calibrate: bool = True) -> None:
         super().__init__()
         self.max_context = max_context
+        self.calibrate = calibrate
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         export_dir = pl_module.hparams.get("export_dir")
@@ -304,12 +316,45 @@ class ExportPrior(L.Callback):
                 "split_salt": datamodule.split.salt,
             }
         prior = prior_from_module(pl_module, self.max_context, info=info)
+        if self.calibrate and datamodule is not None:
+            prior.calibration = fit_platt_scaling(pl_module, datamodule.val_dataloader())
+            info["calibration_fitted_on"] = "val"
         path = prior.save(export_dir)
         log.info("exported V0 prior to %s", path)
         from lightning.pytorch.loggers import MLFlowLogger
 
         if isinstance(trainer.logger, MLFlowLogger):
             trainer.logger.experiment.log_artifacts(trainer.logger.run_id, str(path), artifact_path="prior")
+
+
+@torch.no_grad()
+def fit_platt_scaling(module: Any, batches: Any) -> tuple[float, float]:
+    """`(scale, bias)` minimising the cross-entropy of `sigmoid(scale * s + bias)` against success rates."""
+    batches = list(batches)
+    was_training = module.training
+    module.eval()
+    scores = torch.cat([module.success_logits(batch).flatten() for batch in batches]).cpu()  # [Q]
+    success = torch.cat([batch.query_success.flatten() for batch in batches]).cpu()  # [Q]
+    module.train(was_training)
+    params = torch.tensor([1.0, 0.0], requires_grad=True)
+    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200)
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        with torch.enable_grad():
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                params[0] * scores + params[1], success
+            )
+            loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    scale, bias = params.detach().tolist()
+    log.info(
+        "export: Platt scaling on %d validation queries: scale %.3f, bias %.3f", len(scores), scale, bias
+    )
+    return scale, bias
 
 
 def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] | None = None) -> ValuePrior:

@@ -124,3 +124,26 @@ def test_fit_lowers_loss_and_leaves_backbone_and_head_unchanged(
 def test_bad_loss_weights(tiny_backbone: HFBackbone, shipped_head: str) -> None:
     with pytest.raises(ValueError, match="loss weights"):
         make_module(tiny_backbone, shipped_head, pair_weight=0.0, ce_weight=0.0)
+
+
+def test_training_step_with_aux_and_shuffled_context_losses(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str
+) -> None:
+    module = make_module(tiny_backbone, shipped_head, aux_weight=1.0, shuffle_weight=1.0)
+    dm = PairsDataModule(
+        tiny_pairs_path, support_size=24, query_pairs=4, episodes_per_batch=2, batches_per_epoch=1
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.train()
+    support_z, query_z = module.episode_features(batch)
+    shuffled = module.shuffled_context_loss(batch, support_z, query_z)
+    scores = module._head_scores(batch, support_z, query_z, batch.support_success[:, torch.randperm(24)])
+    assert shuffled.item() > 0 and scores.shape == (2, 8)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.setdefault(name, value)  # no trainer attached
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert {"train/loss_aux", "train/loss_shuffled_context", "train/loss"} <= set(logged)
+    assert module.difficulty_probe.weight.grad.abs().sum() > 0
+    assert loss.item() > logged["train/loss_pair"].item()

@@ -52,6 +52,17 @@ def test_save_load_gives_identical_predictions(prior: ValuePrior, tmp_path: Path
     torch.testing.assert_close(loaded.predict(CONTEXT, SUCCESS, QUERIES), before, rtol=0, atol=0)
 
 
+def test_calibration_is_monotone_and_saved(prior: ValuePrior, tmp_path: Path) -> None:
+    raw = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    prior.calibration = (2.0, 0.5)
+    calibrated = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    torch.testing.assert_close(
+        calibrated, torch.sigmoid(2.0 * torch.logit(raw.double()) + 0.5).float(), rtol=1e-4, atol=1e-5
+    )
+    assert torch.equal(torch.argsort(raw), torch.argsort(calibrated))
+    assert ValuePrior.load(prior.save(tmp_path / "calibrated")).calibration == (2.0, 0.5)
+
+
 def test_outcomes_and_rates_give_the_same_labels(prior: ValuePrior) -> None:
     outcomes = [1.0 if s >= 0.5 else 0.0 for s in SUCCESS]
     torch.testing.assert_close(
