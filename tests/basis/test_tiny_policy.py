@@ -115,6 +115,22 @@ def test_train_sft_is_seeded_and_lowers_the_loss() -> None:
     assert sum(runs[0][-3:]) / 3 < sum(runs[0][:3]) / 3
 
 
+def test_train_sft_stops_at_the_target_validation_accuracy() -> None:
+    rows = generate_arithmetic(seed=0, n_train=32, n_val=0, n_test=0)["train"]
+    config = SFTConfig(steps=20, batch_size=8, warmup_steps=1, eval_every=4, target_val_acc=0.5)
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=32, num_layers=1, intermediate_size=64)
+    accuracies = iter([0.1, 0.3, 0.6, 0.9])
+    evaluated: list[int] = []
+
+    def on_eval(step: int) -> float:
+        evaluated.append(step)
+        return next(accuracies)
+
+    losses = train_sft(model, tokenizer, rows, config, seed=0, on_eval=on_eval)
+    assert evaluated == [4, 8, 12] and len(losses) == 12
+
+
 @pytest.fixture(scope="module")
 def built_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     """A policy built by the real command with a tiny budget (config file + CLI override), logged to a
@@ -124,7 +140,7 @@ def built_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, 
     config = tmp / "config.yaml"
     config.write_text(
         "n_train: 100\nn_val: 20\nn_test: 20\nmodel: {hidden_size: 32, num_layers: 1, intermediate_size: 64}\n"
-        "sft: {steps: 6, batch_size: 8, warmup_steps: 1, log_every: 2, eval_every: 3, eval_prompts: 5}\n"
+        "sft: {steps: 6, batch_size: 8, warmup_steps: 1, log_every: 2, eval_every: 3, eval_prompts: 5, target_val_acc: null}\n"
         "evaluation: {num_samples: 4, mean_k: 2, max_new_tokens: 12}\n"
     )
     with pytest.MonkeyPatch.context() as monkeypatch:
