@@ -9,6 +9,20 @@ initialised `Qwen3ForCausalLM` from a `Qwen3Config`, and `save_policy` writes bo
 Chat format (our choice, kept short because the RL trainer samples thousands of responses on CPU):
 a user turn renders as `Q: {content}\n`, the generation prompt is `A:`, and an assistant turn is
 ` {content}<|endoftext|>`. So `Q: 45*2+23\nA:` is answered by ` 45*2=90 90+23=113 #### 113`.
+
+`build_tiny_policy` (the `tiny-policy` command) writes the arithmetic task (`basis.tasks`), trains the
+tokenizer on it, builds a 0.43M-parameter model (hidden 128, 2 layers), and warm-starts it with
+supervised cross-entropy on the worked solutions (loss on response tokens only). The warm start is
+deliberately *stopped early*, once greedy validation accuracy reaches `target_val_acc` (50 %), so the
+policy is neither hopeless nor perfect and sampling at temperature 1 is still much worse than greedy:
+that gap (and pass@16 above mean@4) is what RL can reinforce. Seeds differ a lot in when the
+arithmetic "clicks" (measured: 400 steps for seed 0, > 700 for seed 2), hence a target rather than a
+fixed step count. Then it evaluates the held-out test split (greedy exact match overall and per level,
+sampled mean@4 and pass@16 per level) and writes `eval.json`. Everything is seeded; losses, validation
+accuracy and test metrics go to MLflow.
+
+Run: `make tiny-policy` or `python -m basis.tiny_policy --config configs/tiny_policy.yaml`
+(`--help` lists every setting; `--sft.target_val_acc null` trains the full step budget).
 """
 
 from __future__ import annotations

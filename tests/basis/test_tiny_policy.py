@@ -193,3 +193,17 @@ def test_built_policy_loads_through_auto_and_samples(built_policy: tuple[Path, d
     )
     assert [len(r) for r in responses] == [3, 3, 3, 3]
     assert all(isinstance(text, str) for group in responses for text in group)
+
+
+@pytest.mark.slow
+def test_full_build_meets_the_accuracy_band(tmp_path: Path, mlflow_store: str) -> None:
+    """`configs/tiny_policy.yaml` end to end (about 2-4 minutes on 2 cores): greedy held-out accuracy
+    within 15-60 %, decreasing with difficulty, and sampling leaves RL headroom."""
+    main(["--config", "configs/tiny_policy.yaml", "--out_dir", str(tmp_path / "policy")])
+    result = json.loads((tmp_path / "policy" / "eval.json").read_text())
+    assert 0.15 <= result["overall"] <= 0.60
+    by_level = [result["by_difficulty"][str(level)] for level in range(1, 6)]
+    assert by_level[0] > by_level[2] > by_level[4]
+    sampled = result["sampled"]
+    assert sampled["overall_mean"] < result["overall"] - 0.05  # sampling is clearly worse than greedy
+    assert sampled["overall_pass"] > sampled["overall_mean"] + 0.2  # and pass@16 clearly above mean@4
