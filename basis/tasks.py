@@ -246,7 +246,9 @@ def _local_file(path: Path, split: str) -> Path:
     return found[0]
 
 
-def _load_raw(path_or_hub_name: str, split: str, preset: PromptPreset | None) -> tuple[datasets.Dataset, str]:
+def _load_raw(
+    path_or_hub_name: str, split: str, preset: PromptPreset | None, column_map: Mapping[str, str] | None
+) -> tuple[datasets.Dataset, str]:
     path = Path(path_or_hub_name)
     if path.exists():
         file = _local_file(path, split)
@@ -258,14 +260,15 @@ def _load_raw(path_or_hub_name: str, split: str, preset: PromptPreset | None) ->
         except Exception as error:  # datasets wraps Arrow parse errors in its own types
             raise ValueError(f"{file}: could not be read as {builder}: {error}") from error
         return raw, str(file)
-    if preset is None:
+    if preset is not None:
+        raw = datasets.load_dataset(preset.hub_name, preset.hub_config, split=split)
+        return raw, f"{preset.hub_name}[{split}]"
+    if column_map is None:
         raise ValueError(
             f"{path_or_hub_name!r} is neither an existing file/folder nor a known preset ({sorted(PRESETS)}); "
             "pass preset= or column_map= to load another hub dataset"
         )
-    return datasets.load_dataset(
-        preset.hub_name, preset.hub_config, split=split
-    ), f"{preset.hub_name}[{split}]"
+    return datasets.load_dataset(path_or_hub_name, split=split), f"{path_or_hub_name}[{split}]"
 
 
 def _get_path(row: Mapping[str, Any], dotted: str) -> Any:
@@ -333,7 +336,8 @@ def load_prompts(
 
     Args:
         path_or_hub_name: A local `.parquet` / `.jsonl` file, a folder with `{split}.parquet|jsonl`, a
-            preset name (`dapo-math-17k`, `gsm8k`, `math`) or a preset's hub id.
+            preset name (`dapo-math-17k`, `gsm8k`, `math`), a preset's hub id, or any hub dataset id
+            together with `column_map`.
         split: Split to load (hub split name, or the file stem inside a folder).
         column_map: Contract field -> source column (dotted for struct fields). Default: the preset's
             map, else identity on `PROMPT_COLUMNS`.
@@ -354,7 +358,7 @@ def load_prompts(
     resolved = PRESETS[preset.lower()] if isinstance(preset, str) else preset
     if resolved is None and not Path(path_or_hub_name).exists():
         resolved = _find_preset(path_or_hub_name)
-    raw, source = _load_raw(path_or_hub_name, split, resolved)
+    raw, source = _load_raw(path_or_hub_name, split, resolved, column_map)
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
     if column_map is None:
