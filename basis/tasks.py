@@ -24,7 +24,7 @@ final answer: `45*2+23` -> `45*2=90 90+23=113 #### 113`. Our deviation from a on
 direct answer gives RL little to reinforce (issue 3), steps let rollouts differ and step reliability be
 reinforced.
 
-Run: `python -m basis.tasks OUT_DIR [--seed 0]` writes the default arithmetic task's three splits.
+Run: `python -m basis.tasks OUT_DIR SEED [--n_train 8000 ...]` writes the arithmetic task's three splits.
 """
 
 from __future__ import annotations
@@ -669,7 +669,7 @@ def write_arithmetic_task(
 
 
 def main() -> None:
-    """`python -m basis.tasks OUT_DIR --seed 0 --n_train 20000 ...`: write the arithmetic task."""
+    """`python -m basis.tasks OUT_DIR SEED [--n_train 8000 ...]`: write the arithmetic task."""
     from jsonargparse import auto_cli
 
     paths = auto_cli(write_arithmetic_task)

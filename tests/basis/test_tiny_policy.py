@@ -131,6 +131,13 @@ def test_train_sft_stops_at_the_target_validation_accuracy() -> None:
     assert evaluated == [4, 8, 12] and len(losses) == 12
 
 
+def test_shipped_config_parses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "configs/tiny_policy.yaml", "--print_config"])
+    assert exit_info.value.code == 0
+    assert "target_val_acc: 0.5" in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def built_policy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
     """A policy built by the real command with a tiny budget (config file + CLI override), logged to a
