@@ -232,8 +232,9 @@ class SyntheticTasks(NamedTuple):
 
     x: Tensor  # [B, R, F] prompt features
     label: Tensor  # [B, R] 1[successes / rollouts >= 0.5]
-    success_prob: Tensor  # [B, R] true per-rollout success probability p(x) (Bayes-optimal score)
+    success_prob: Tensor  # [B, R] true per-rollout success probability p(u) of the prompt's latent u
     num_support: int
+    bayes_prob: Tensor | None = None  # [B, R] P(label = 1 | x, task): Bayes-optimal given the features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +263,21 @@ class CapabilityPrior:
     feature_noise_range: tuple[float, float] = (0.0, 0.7)
 
     def sample(
-        self, batch: int, num_rows: int, num_features: int, num_support: int, generator: torch.Generator
+        self,
+        batch: int,
+        num_rows: int,
+        num_features: int,
+        num_support: int,
+        generator: torch.Generator,
+        bayes_samples: int = 0,
     ) -> SyntheticTasks:
-        """`batch` tasks of `num_rows` prompts with `num_features` features each."""
+        """`batch` tasks of `num_rows` prompts with `num_features` features each.
+
+        With `bayes_samples > 0` the tasks also carry `bayes_prob`, the Bayes-optimal
+        `P(label = 1 | x)` of a predictor that knows the task's parameters but, like the head, sees
+        only the features: the latent's Gaussian posterior given x is integrated by Monte Carlo
+        (its own fixed-seed generator, so the main stream is unchanged).
+        """
         B, R, Fe = batch, num_rows, num_features
         g = generator
         rank = torch.randint(1, Fe + 1, (B,), generator=g)  # latent dimension per task
@@ -284,6 +297,7 @@ class CapabilityPrior:
             + (~relevant[:, None, :]) * torch.randn(B, R, Fe, generator=g)
         )
         # Random per-column scale and shift: the head must standardise for itself.
+        x_raw = x
         x = x * torch.exp(torch.randn(B, 1, Fe, generator=g)) + torch.randn(B, 1, Fe, generator=g) * 2
 
         difficulty = F.normalize(torch.randn(B, Fe, generator=g) * latent_mask, dim=-1)  # [B, F]
@@ -301,7 +315,38 @@ class CapabilityPrior:
         p = torch.sigmoid(logit)  # [B, R]
         successes = torch.binomial(torch.full_like(p, float(self.rollouts)), p, generator=g)  # [B, R]
         label = (successes / self.rollouts >= 0.5).float()  # [B, R]
-        return SyntheticTasks(x=x, label=label, success_prob=p, num_support=num_support)
+        bayes = None
+        if bayes_samples > 0:
+            # x_raw = u A + e, u ~ N(0, diag(m)), e ~ N(0, diag(d)); the affine rescaling of x is invertible.
+            a = mixing * relevant[:, None, :]  # [B, L, F]
+            d = noise_std[:, 0, :] ** 2 + (~relevant).float()  # [B, F]
+            cov_uu = torch.diag_embed(latent_mask)  # [B, L, L]
+            cov_xx = a.transpose(1, 2) @ cov_uu @ a + torch.diag_embed(d)  # [B, F, F]
+            gain = cov_uu @ a @ torch.linalg.inv(cov_xx)  # [B, L, F]
+            mean = torch.einsum("brf,blf->brl", x_raw, gain)  # [B, R, L]
+            post_cov = cov_uu - gain @ a.transpose(1, 2) @ cov_uu  # [B, L, L]
+            chol = torch.linalg.cholesky(post_cov + 1e-6 * torch.eye(Fe))  # [B, L, L]
+            mc = torch.Generator().manual_seed(12345)
+            eps = torch.randn(B, 1, bayes_samples, Fe, generator=mc)  # [B, 1, S, L]
+            u_post = (
+                mean[:, :, None, :] + torch.einsum("bsl,bkl->bsk", eps[:, 0], chol)[:, None]
+            )  # [B, R, S, L]
+            logit_post = ability[:, :, None] + beta[:, :, None] * torch.einsum(
+                "brsl,bl->brs", u_post, direction
+            )
+            logit_post = logit_post + (nonlinear * beta)[:, :, None] * torch.tanh(
+                2 * torch.einsum("brsl,bl->brs", u_post, v)
+            )  # [B, R, S]
+            bayes = label_probability(torch.sigmoid(logit_post), self.rollouts).mean(-1)  # [B, R]
+        return SyntheticTasks(x=x, label=label, success_prob=p, num_support=num_support, bayes_prob=bayes)
+
+
+def label_probability(p: Tensor, rollouts: int) -> Tensor:
+    """`P(Binomial(rollouts, p) / rollouts >= 0.5)`, elementwise."""
+    first = math.ceil(rollouts / 2)
+    k = torch.arange(first, rollouts + 1, dtype=p.dtype)  # [K]
+    comb = torch.tensor([math.comb(rollouts, j) for j in range(first, rollouts + 1)], dtype=p.dtype)  # [K]
+    return (comb * p[..., None] ** k * (1 - p[..., None]) ** (rollouts - k)).sum(-1)
 
 
 def binary_auc(score: np.ndarray, label: np.ndarray) -> float | None:
@@ -314,9 +359,12 @@ def binary_auc(score: np.ndarray, label: np.ndarray) -> float | None:
 
 
 def evaluate_head_on_tasks(head: InContextHead, tasks: SyntheticTasks) -> dict[str, float]:
-    """Mean per-task query AUC of the head, a logistic regression on the same support, and Bayes.
+    """Mean per-task query AUC of the head, of a logistic regression on the same support, and of Bayes.
 
-    Bayes-optimal ranks queries by the generator's true success probability.
+    `bayes`: ranks queries by `tasks.bayes_prob`, the Bayes-optimal `P(label | x)` given the task
+    parameters (sample the tasks with `bayes_samples > 0`); `oracle_latent`: ranks by the true success
+    probability of the unobserved latent, an upper bound no predictor from x reaches. Tasks with a
+    single-class support or query set are skipped.
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -324,7 +372,9 @@ def evaluate_head_on_tasks(head: InContextHead, tasks: SyntheticTasks) -> dict[s
     n = tasks.num_support
     with torch.no_grad():
         logits = head.success_logit(tasks.x[:, :n], tasks.label[:, :n], tasks.x[:, n:])  # [B, M]
-    scores: dict[str, list[float]] = {"head": [], "logreg": [], "bayes": []}
+    scores: dict[str, list[float]] = {"head": [], "logreg": [], "oracle_latent": []}
+    if tasks.bayes_prob is not None:
+        scores["bayes"] = []
     for b in range(tasks.x.shape[0]):
         support_y = tasks.label[b, :n].numpy()
         query_y = tasks.label[b, n:].numpy()
@@ -335,7 +385,9 @@ def evaluate_head_on_tasks(head: InContextHead, tasks: SyntheticTasks) -> dict[s
         lr_score = lr.decision_function(scaler.transform(tasks.x[b, n:].numpy()))
         scores["head"].append(binary_auc(logits[b].numpy(), query_y))
         scores["logreg"].append(binary_auc(lr_score, query_y))
-        scores["bayes"].append(binary_auc(tasks.success_prob[b, n:].numpy(), query_y))
+        scores["oracle_latent"].append(binary_auc(tasks.success_prob[b, n:].numpy(), query_y))
+        if tasks.bayes_prob is not None:
+            scores["bayes"].append(binary_auc(tasks.bayes_prob[b, n:].numpy(), query_y))
     return {name: float(np.mean(values)) for name, values in scores.items()} | {"tasks": len(scores["head"])}
 
 
@@ -389,9 +441,11 @@ class PriorFitModule(L.LightningModule):
         self.head.model.eval()
         self.last_eval = evaluate_head_on_tasks(self.head, self.eval_tasks)
         self.head.model.train()
-        for name in ("head", "logreg", "bayes"):
-            self.log(f"prior_fit/eval_auc_{name}", self.last_eval[name])
-        self.log("prior_fit/eval_gap_to_bayes", self.last_eval["bayes"] - self.last_eval["head"])
+        for name in ("head", "logreg", "bayes", "oracle_latent"):
+            if name in self.last_eval:
+                self.log(f"prior_fit/eval_auc_{name}", self.last_eval[name])
+        if "bayes" in self.last_eval:
+            self.log("prior_fit/eval_gap_to_bayes", self.last_eval["bayes"] - self.last_eval["head"])
         log.info(
             "prior-fit step %d: held-out AUC %s",
             self.global_step,
@@ -546,6 +600,7 @@ def prior_fit(config: PriorFitConfig) -> dict[str, float]:
         config.eval_features,
         config.eval_support,
         torch.Generator().manual_seed(config.seed + 1),  # disjoint from the training stream
+        bayes_samples=256,
     )
     stream = SyntheticTaskStream(
         prior,

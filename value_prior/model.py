@@ -17,9 +17,18 @@ s-)` over (positive, negative) query pairs of one episode with `s = logit_1 - lo
 cross-entropy against the soft success rate. AdamW (no decay on biases, LayerNorms, `Q_static`),
 cosine schedule with linear warm-up, gradient clipping in the Trainer.
 
-Deviations (ours, configurable): the CPU default emits K*d = 8 features instead of the paper's
-168 x 6 = 1,008, because TabPFN's cost is linear in feature columns and the prediction latency
-target is 100 ms; the paper shape is `configs/value_prior/v0_release_qwen3_gpu.yaml`.
+Deviations (ours, configurable; each off with its weight at 0):
+- The CPU default emits K*d = 8 features instead of the paper's 168 x 6 = 1,008, because TabPFN's
+  cost is linear in feature columns and the prediction latency target is 100 ms; the paper shape is
+  `configs/value_prior/v0_release_qwen3_paper_gpu.yaml`.
+- `aux_weight`: a linear probe on the adapter features is trained with a within-episode ranking
+  loss on the support rows. Through the frozen head alone the adapter learned prompt difficulty
+  slowly and stayed below a global logistic regression; the probe gives it a direct signal.
+- `shuffle_weight`: the queries are also scored against the support with shuffled success rates and
+  pushed toward the context mean. Without it the adapter learned features that the frozen head
+  ranks by difficulty *whatever the labels say* (measured: label-shuffled context scored the same
+  gAUC as the true one), i.e. a prior that ignores its context. `val/gauc_shuffled_context` and
+  `val/context_gain_gauc` track this every epoch.
 
 Run: `value-prior fit --config configs/value_prior/v0_release_minilm.yaml`.
 """

@@ -113,13 +113,27 @@ def test_bad_checkpoints_are_named(tmp_path: Path, tiny_head: Path) -> None:
 
 
 def test_capability_prior_shapes_and_bayes() -> None:
-    t = tasks(batch=32, support=128, query=64, features=8)
+    t = CapabilityPrior().sample(32, 192, 8, 128, torch.Generator().manual_seed(0), bayes_samples=64)
+    plain = CapabilityPrior().sample(32, 192, 8, 128, torch.Generator().manual_seed(0))
+    assert torch.equal(t.x, plain.x) and torch.equal(t.label, plain.label)  # Bayes uses its own generator
     assert t.x.shape == (32, 192, 8) and t.label.shape == (32, 192) and t.num_support == 128
     assert set(t.label.unique().tolist()) <= {0.0, 1.0}
+    assert plain.bayes_prob is None and t.bayes_prob.shape == (32, 192)
     model, config = build_tabpfn(emsize=16, nlayers=1, nhead=2)
     result = evaluate_head_on_tasks(InContextHead(model, config), t)
-    assert result["bayes"] > result["logreg"] > 0.6  # the generator's own probability ranks best
+    # Knowing the latent beats knowing the task given x, which beats a fitted logistic regression.
+    assert result["oracle_latent"] > result["bayes"] > result["logreg"] > 0.6
     assert result["head"] == pytest.approx(0.5)  # a fresh head has zero-initialised outputs: ignores X
+
+
+def test_label_probability_matches_binomial_tail() -> None:
+    from math import comb
+
+    from value_prior.head import label_probability
+
+    p = torch.tensor([0.1, 0.5, 0.8], dtype=torch.float64)
+    expected = [sum(comb(10, k) * q**k * (1 - q) ** (10 - k) for k in range(5, 11)) for q in p.tolist()]
+    torch.testing.assert_close(label_probability(p, 10), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_task_stream_continues_across_epochs() -> None:

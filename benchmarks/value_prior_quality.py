@@ -1,0 +1,301 @@
+"""V0 quality on the V0 release data, side by side with baselines on the same backbone (issue 5).
+
+Splits (both from `../shared/data/v0-release`):
+- `context_holdout`: the prompt-level test split of the context pools that V0 never trained or
+  early-stopped on (the split recorded in the prior artifact); each pool's context is its remaining
+  (train + val) pairs. This is the split the issue judges on.
+- `train_queries`: the release's `train.jsonl` queries (prompts disjoint from the pools); context is
+  the whole pool. Only 32 queries per pool, so its intervals are wide.
+
+Methods, all on the prior's backbone (MiniLM, mean-pooled and L2-normalised for the baselines):
+`v0` (the exported prior), `knn` (mean success of the k nearest context prompts, k chosen per pool by
+leave-one-out over {8, 16, 32, 64}), `logreg` (per-context logistic regression on the success rates),
+`global_logreg` (one logistic regression on every pool's context pairs: shared prompt difficulty),
+`context_mean`. Metrics: gAUC, AUC, Brier, ECE, pair accuracy (value_prior.metrics), with 95 %
+bootstrap intervals for gAUC and paired intervals for V0 minus each baseline.
+
+Context ablation (same queries): the true context, another policy's context (the other model at the
+same step), and the true context with its success rates shuffled (5 shuffles, averaged).
+
+Also: predict latency with 256 context pairs + 256 queries (features cached, and backbone states
+only), and the head's AUC on held-out synthetic tasks vs a logistic regression on the same support
+vs Bayes-optimal.
+
+Run: `python benchmarks/value_prior_quality.py [--prior artifacts/priors/v0-release-minilm]`; if the
+prior is missing it is trained first with `value-prior fit --config
+configs/value_prior/v0_release_minilm.yaml`. Writes `benchmarks/results/value_prior_quality.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.results_io import write_results  # noqa: E402
+from data_pipelines.v0_release import read_v0_release  # noqa: E402
+from value_prior import ValuePrior  # noqa: E402
+from value_prior.data import Pool, PromptSplit, pools_from_pairs, split_pools  # noqa: E402
+from value_prior.metrics import bootstrap_ci, grouped_auc, paired_bootstrap_diff, score_predictions  # noqa: E402
+
+RELEASE = REPO.parent / "shared" / "data" / "v0-release"
+DEFAULT_PRIOR = REPO / "artifacts" / "priors" / "v0-release-minilm"
+DEFAULT_CONFIG = REPO / "configs" / "value_prior" / "v0_release_minilm.yaml"
+KNN_CHOICES = (8, 16, 32, 64)
+
+
+def pooled_embeddings(prior: ValuePrior, prompts: list[str]) -> dict[str, np.ndarray]:
+    """Mean-pooled, L2-normalised backbone embeddings (the baselines' features)."""
+    hidden = prior.backbone.hidden_states(prompts)
+    pooled = torch.nn.functional.normalize(torch.stack([h.mean(0) for h in hidden]), dim=-1).numpy()
+    return dict(zip(prompts, pooled))
+
+
+def fit_soft_logreg(x: np.ndarray, success: np.ndarray, c: float = 1.0):  # type: ignore[no-untyped-def]
+    """Logistic regression on success rates: each row twice, weighted by y and 1 - y."""
+    from sklearn.linear_model import LogisticRegression
+
+    xx = np.concatenate([x, x])
+    yy = np.concatenate([np.ones(len(x)), np.zeros(len(x))])
+    ww = np.concatenate([success, 1 - success])
+    return LogisticRegression(C=c, max_iter=2000).fit(xx, yy, sample_weight=ww)
+
+
+def knn_predict(context_x: np.ndarray, context_y: np.ndarray, query_x: np.ndarray) -> np.ndarray:
+    """Mean success of the k nearest context prompts; k picked by leave-one-out on the context."""
+    sim_context = context_x @ context_x.T
+    np.fill_diagonal(sim_context, -np.inf)
+    order = np.argsort(-sim_context, axis=1)
+    labels = context_y >= 0.5
+    best_k, best = KNN_CHOICES[0], -1.0
+    for k in KNN_CHOICES:
+        loo = context_y[order[:, :k]].mean(1)
+        if labels.min() != labels.max():
+            from sklearn.metrics import roc_auc_score
+
+            score = roc_auc_score(labels, loo)
+            if score > best:
+                best_k, best = k, score
+    nearest = np.argsort(-(query_x @ context_x.T), axis=1)[:, :best_k]
+    return context_y[nearest].mean(1)
+
+
+def other_policy(name: str, names: list[str]) -> str:
+    """The pool of the other model at the same step (falls back to any other pool)."""
+    policy, step = name.rsplit("@", 1)
+    for candidate in names:
+        other_policy_name, other_step = candidate.rsplit("@", 1)
+        if other_step == step and other_policy_name != policy:
+            return candidate
+    return next(n for n in names if n != name)
+
+
+def evaluate_split(
+    prior: ValuePrior,
+    context: dict[str, Pool],
+    queries: dict[str, Pool],
+    embed: dict[str, np.ndarray],
+    seed: int,
+) -> tuple[dict, dict]:
+    """Scores of every method and the context ablation on one split."""
+    names = sorted(n for n in queries if len(queries[n].success) and n in context)
+    all_x = np.stack([embed[p] for n in names for p in context[n].prompts])
+    all_y = np.concatenate([context[n].success for n in names])
+    global_lr = fit_soft_logreg(all_x, all_y)
+    preds: dict[str, list[np.ndarray]] = {
+        m: [] for m in ("v0", "knn", "logreg", "global_logreg", "context_mean")
+    }
+    ablation: dict[str, list[np.ndarray]] = {
+        "true_context": [],
+        "other_policy_context": [],
+        "shuffled_context": [],
+    }
+    success, groups = [], []
+    rng = np.random.default_rng(seed)
+    for name in names:
+        ctx, qry = context[name], queries[name]
+        cx = np.stack([embed[p] for p in ctx.prompts])
+        qx = np.stack([embed[p] for p in qry.prompts])
+        v0 = prior.predict(ctx.prompts, ctx.success, qry.prompts).numpy()
+        preds["v0"].append(v0)
+        preds["knn"].append(knn_predict(cx, ctx.success, qx))
+        preds["logreg"].append(fit_soft_logreg(cx, ctx.success).predict_proba(qx)[:, 1])
+        preds["global_logreg"].append(global_lr.predict_proba(qx)[:, 1])
+        preds["context_mean"].append(np.full(len(qx), ctx.success.mean()))
+        other = context[other_policy(name, names)]
+        ablation["true_context"].append(v0)
+        ablation["other_policy_context"].append(
+            prior.predict(other.prompts, other.success, qry.prompts).numpy()
+        )
+        shuffled = [
+            prior.predict(ctx.prompts, rng.permutation(ctx.success), qry.prompts).numpy() for _ in range(5)
+        ]
+        ablation["shuffled_context"].append(np.mean(shuffled, axis=0))
+        success.append(qry.success)
+        groups += [name] * len(qry.success)
+    y, g = np.concatenate(success), np.array(groups)
+
+    def gauc_fn(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
+        return grouped_auc(p, s, list(gr))
+
+    scores = {}
+    for method, parts in preds.items():
+        p = np.concatenate(parts)
+        scores[method] = score_predictions(p, y, list(g))
+        scores[method]["gauc_ci95"] = bootstrap_ci(gauc_fn, p, y, g, n_resamples=500, seed=seed)
+        if method != "v0":
+            diff = paired_bootstrap_diff(
+                gauc_fn, np.concatenate(preds["v0"]), p, y, g, n_resamples=500, seed=seed
+            )
+            scores[method]["v0_minus_this_gauc"] = {"diff": diff[0], "ci95": [diff[1], diff[2]]}
+    scores["num_queries"] = len(y)
+    ablation_scores = {}
+    for variant, parts in ablation.items():
+        p = np.concatenate(parts)
+        ablation_scores[variant] = score_predictions(p, y, list(g))
+        if variant != "true_context":
+            diff = paired_bootstrap_diff(
+                gauc_fn, np.concatenate(ablation["true_context"]), p, y, g, n_resamples=500, seed=seed
+            )
+            ablation_scores[variant]["true_minus_this_gauc"] = {"diff": diff[0], "ci95": [diff[1], diff[2]]}
+    return scores, ablation_scores
+
+
+def measure_latency(prior: ValuePrior, prompts: list[str], success: np.ndarray, repeats: int = 20) -> dict:
+    """Median predict time with 256 context pairs + 256 queries."""
+    context, queries = prompts[:256], prompts[256:512]
+    ctx_success = success[:256]
+    prior.predict(context, ctx_success, queries)  # warm: hidden states + features cached
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prior.predict(context, ctx_success, queries)
+        times.append(time.perf_counter() - start)
+    cold = []
+    for _ in range(3):
+        prior._features.clear()  # adapter runs again; backbone states stay cached
+        start = time.perf_counter()
+        prior.predict(context, ctx_success, queries)
+        cold.append(time.perf_counter() - start)
+    return {
+        "context": 256,
+        "queries": 256,
+        "median_ms_features_cached": 1000 * float(np.median(times)),
+        "p90_ms_features_cached": 1000 * float(np.percentile(times, 90)),
+        "median_ms_backbone_cached_only": 1000 * float(np.median(cold)),
+        "load_average_1min": os.getloadavg()[0],
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def head_on_synthetic(prior: ValuePrior, tasks: int, seed: int) -> dict:
+    """The prior's head on held-out synthetic capability tasks (8 features, 256 support, 64 queries):
+    its AUC, a logistic regression's on the same support rows, and the Bayes-optimal AUC given the
+    features (plus the latent oracle, an upper bound)."""
+    from value_prior.head import CapabilityPrior, evaluate_head_on_tasks
+
+    features = 8
+    generated = CapabilityPrior().sample(
+        tasks, 256 + 64, features, 256, torch.Generator().manual_seed(seed), bayes_samples=256
+    )
+    result = evaluate_head_on_tasks(prior.head, generated)
+    return result | {
+        "features": features,
+        "support": 256,
+        "queries": 64,
+        "head_minus_logreg": result["head"] - result["logreg"],
+        "gap_to_bayes": result["bayes"] - result["head"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prior", default=str(DEFAULT_PRIOR), help="exported V0 prior folder")
+    parser.add_argument("--release", default=str(RELEASE), help="V0 release data folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic_tasks", type=int, default=256)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
+
+    prior_path = Path(args.prior)
+    fit_seconds = None
+    if not (prior_path / "config.json").exists():
+        print(f"{prior_path} missing: training it with {DEFAULT_CONFIG.name}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "value_prior.cli", "fit", "--config", str(DEFAULT_CONFIG)],
+            check=True,
+            cwd=REPO,
+        )
+        fit_seconds = time.perf_counter() - start
+    prior = ValuePrior.load(prior_path, cache_dir=str(REPO / ".cache" / "value_prior" / "hidden_states"))
+    split_info = prior.info.get("data", {})
+    split = PromptSplit(
+        split_info.get("val_fraction", 0.1),
+        split_info.get("test_fraction", 0.2),
+        split_info.get("split_salt", "v0-holdout"),
+    )
+
+    pools = pools_from_pairs(read_v0_release(args.release, "context"))
+    train_queries = pools_from_pairs(read_v0_release(args.release, "train"))
+    all_prompts = sorted({p for pool in [*pools.values(), *train_queries.values()] for p in pool.prompts})
+    embed = pooled_embeddings(prior, all_prompts)
+
+    results: dict = {}
+    ablations: dict = {}
+    results["context_holdout"], ablations["context_holdout"] = evaluate_split(
+        prior,
+        split_pools(pools, split, ("train", "val")),
+        split_pools(pools, split, ("test",)),
+        embed,
+        args.seed,
+    )
+    results["train_queries"], ablations["train_queries"] = evaluate_split(
+        prior, pools, train_queries, embed, args.seed
+    )
+    first = pools[sorted(pools)[0]]
+    payload = {
+        **results,
+        "context_ablation": ablations,
+        "latency": measure_latency(prior, first.prompts, first.success),
+        "head_synthetic": head_on_synthetic(prior, args.synthetic_tasks, args.seed + 123),
+        "prior": {
+            "path": str(prior_path),
+            "backbone": prior.backbone_name,
+            "num_features": prior.num_features,
+            "info": prior.info,
+            "fit_seconds_this_run": fit_seconds,
+        },
+    }
+    path = write_results("value_prior_quality", payload)
+    for split_name in ("context_holdout", "train_queries"):
+        print(f"\n{split_name} ({results[split_name]['num_queries']} queries)")
+        for method in ("v0", "knn", "logreg", "global_logreg", "context_mean"):
+            m = results[split_name][method]
+            lo, hi = m["gauc_ci95"]
+            print(
+                f"  {method:14s} gAUC {m['gauc']:.3f} [{lo:.3f}, {hi:.3f}]  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
+            )
+        for variant, m in ablations[split_name].items():
+            print(
+                f"  ablation {variant:22s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
+            )
+    print("\nlatency", payload["latency"])
+    print("head on synthetic tasks", payload["head_synthetic"])
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
