@@ -440,7 +440,11 @@ def evaluate_policy(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy (overall and per difficulty) and, if `config.num_samples` > 0,
-    sampled mean@k and pass@n per difficulty (design.md §5 estimators).
+    sampled mean@k and pass@n per difficulty (design.md §5 estimators), on rows with integer answers
+    and a `difficulty` (the arithmetic task), scored by `ArithmeticVerifier`.
+
+    mean@k is reported as c / n over all `num_samples` samples: the same expectation as the mean of k
+    samples, with less variance.
 
     Returns `{"overall", "by_difficulty", "sampled": {"mean_at_k", "pass_at_n", "k", "n", "temperature",
     "overall_mean", "overall_pass", "by_difficulty": {level: {"mean", "pass"}}}, "num_prompts",
