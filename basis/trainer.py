@@ -414,59 +414,66 @@ class PolicyTrainer(L.LightningModule):
         return compute_advantages(name, rewards, rollouts.index, **options)  # [N]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
-        """PPO-clip updates on one step's responses; returns averaged statistics."""
+        """PPO-clip updates on one step's responses; returns statistics averaged over micro-batches.
+
+        With a single update per step (`ppo_epochs = mini_batches = 1`) the old log-probs equal the
+        current ones, so they are taken (detached) from the loss pass itself instead of a separate
+        forward pass over the batch: same numbers, about a quarter less update time.
+        """
         hp = self.hparams
-        old_logprobs, entropy = self.sequence_logprobs(batch, with_entropy=True)  # [N, R], [N, R]
-        mask = batch.response_mask
-        is_weights = (
-            truncated_is_weights(old_logprobs, batch.rollout_logprobs, mask, cap=hp.tis_cap)
-            if hp.tis_cap
-            else None
-        )
-        ref_logprobs = self.reference_logprobs(batch) if hp.kl_coef > 0 else None
+        on_policy = hp.ppo_epochs == 1 and hp.mini_batches == 1
+        old_logprobs = None if on_policy else self.sequence_logprobs(batch)[0]  # [N, R]
+        ref_logprobs = self.reference_logprobs(batch) if hp.kl_coef > 0 else None  # [N, R]
         stats: dict[str, list[float]] = {}
         generator = torch.Generator().manual_seed(seed_for(hp.seed, self.rl_step, self.global_rank, 1))
         optimizer = self.optimizers()
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(len(advantages), generator=generator)  # [N]
             for mini in order.chunk(hp.mini_batches):
-                self._optimizer_update(
-                    optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats
-                )
-        summary = {k: float(np.mean(v)) for k, v in stats.items()}
-        summary["entropy"] = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-        summary["logprob_mismatch"] = float(logprob_mismatch(old_logprobs, batch.rollout_logprobs, mask))
-        return summary
+                self._optimizer_update(optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, stats)
+        return {k: float(np.mean(v)) for k, v in stats.items()}
 
     def _optimizer_update(
-        self, optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, is_weights, stats
+        self,
+        optimizer: Any,
+        batch: PolicyBatch,
+        mini: torch.Tensor,
+        advantages: torch.Tensor,
+        old_logprobs: torch.Tensor | None,
+        ref_logprobs: torch.Tensor | None,
+        stats: dict[str, list[float]],
     ) -> None:
         """One optimizer update over the responses `mini`, accumulated over micro-batches."""
         hp = self.hparams
         optimizer.zero_grad()
-        num_tokens = float(batch.response_mask[mini].sum())
+        num_tokens, num_sequences = float(batch.response_mask[mini].sum()), float(len(mini))
         finite = True
         for micro in mini.split(hp.micro_batch_size):
             sub = _select(batch, micro)
-            logprobs, _ = self.sequence_logprobs(sub, with_grad=True)  # [n, R]
+            mask = sub.response_mask  # [n, R]
+            logprobs, entropy = self.sequence_logprobs(sub, with_grad=True, with_entropy=True)  # [n, R] x 2
+            old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]  # [n, R]
+            is_weights = (
+                truncated_is_weights(old, sub.rollout_logprobs, mask, cap=hp.tis_cap) if hp.tis_cap else None
+            )
             out = policy_loss(
                 logprobs,
-                old_logprobs[micro],
+                old,
                 advantages[micro],
-                sub.response_mask,
+                mask,
                 eps_low=hp.eps_low,
                 eps_high=hp.eps_high,
                 clip_ratio_c=hp.clip_ratio_c,
                 agg=hp.loss_agg,
-                is_weights=None if is_weights is None else is_weights[micro],
+                is_weights=is_weights,
                 num_tokens=num_tokens,
-                num_sequences=float(len(mini)),
+                num_sequences=num_sequences,
             )
             loss = out.loss
             if ref_logprobs is not None:
                 kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
                 kl_loss = aggregate_loss(
-                    kl, sub.response_mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=float(len(mini))
+                    kl, mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences
                 )
                 loss = loss + hp.kl_coef * kl_loss
                 _append(stats, kl=float(kl_loss.detach()) * len(mini) / len(micro))
@@ -482,6 +489,8 @@ class PolicyTrainer(L.LightningModule):
                 clip_frac_high=float(out.clip_frac_high),
                 dual_clip_frac=float(out.dual_clip_frac),
                 approx_kl=float(out.approx_kl),
+                entropy=float((entropy * mask).sum() / mask.sum().clamp(min=1)),
+                logprob_mismatch=float(logprob_mismatch(old, sub.rollout_logprobs, mask)),
             )
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
