@@ -144,6 +144,14 @@ class PromptDataModule(L.LightningDataModule):
                 rows = [rows[i] for i in keep]
             self.val_rows = rows
 
+    def rows_for_steps(self, first: int, last: int, rank: int, world_size: int) -> list[PromptRow]:
+        """The distinct training prompts that RL steps `first..last` (inclusive) give to `rank`."""
+        if last - first + 1 >= len(self.train_rows):
+            return list(self.train_rows)
+        seen = {int(i) for step in range(first, last + 1)
+                for i in step_prompt_indices(len(self.train_rows), step, self.prompts_per_step, self.seed, rank, world_size)}  # fmt: skip
+        return [self.train_rows[i] for i in sorted(seen)]
+
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = trainer.lightning_module.rl_step if trainer is not None else 0

@@ -284,8 +284,28 @@ class PolicyTrainer(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        if self.prior is not None and self.trainer.datamodule is not None:
+            self.prepare_prior()
         if self.rl_step == 0 and self._has_val_prompts():
             self.run_validation()  # the starting policy's held-out numbers, logged at step 0
+
+    def prepare_prior(self) -> None:
+        """Let the prior embed every prompt this run will query, once, before the first step (its
+        per-step cost is then the in-context head alone); the one-time cost is logged."""
+        max_steps = self.trainer.max_steps
+        last = max_steps // self.updates_per_step if max_steps and max_steps > 0 else 10**9
+        rows = self.trainer.datamodule.rows_for_steps(
+            self.rl_step + 1, last, self.global_rank, self.trainer.world_size
+        )
+        start = time.perf_counter()
+        self.prior.prepare([prompt_text(r.prompt) for r in rows])
+        seconds = time.perf_counter() - start
+        log.info("prior: prepared %d prompts in %.1f s", len(rows), seconds)
+        if self.logger is not None and self.global_rank == 0:
+            self.logger.log_metrics(
+                {"v05/prior_prepare_seconds": seconds, "v05/prior_prepared_prompts": float(len(rows))},
+                step=self.rl_step,
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["basis_state"] = {

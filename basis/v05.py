@@ -35,6 +35,10 @@ class SuccessPrior(Protocol):
         """Success probabilities `[Q]` in [0, 1] for `query_prompts`, given the policy's context pairs."""
         ...
 
+    def prepare(self, prompts: Sequence[str]) -> None:
+        """Precompute per-prompt work (embeddings) for prompts that will be queried; may do nothing."""
+        ...
+
 
 @dataclass(frozen=True)
 class OslaSettings:

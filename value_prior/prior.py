@@ -119,6 +119,11 @@ class ValuePrior:
                 self._features[prompt] = z
         return torch.stack([self._features[p] for p in prompts])  # [n, F]
 
+    def prepare(self, prompts: Sequence[str]) -> None:
+        """Compute and cache the features of `prompts` now (e.g. every prompt a training run will
+        query), so later `predict` calls pay only for the head."""
+        self.features(list(dict.fromkeys(prompts)))
+
     # -- prediction ------------------------------------------------------------------------
 
     def _check_inputs(

@@ -34,6 +34,9 @@ class ConstantPrior:
         assert len(context_prompts) == len(context_success) > 0
         return torch.full((len(query_prompts),), self.p)
 
+    def prepare(self, prompts) -> None:
+        self.prepared = list(prompts)
+
 
 class BrokenPrior:
     """Test double for a prior that fails at run time: raises first, then returns NaN."""
@@ -46,6 +49,9 @@ class BrokenPrior:
         if self.calls == 1:
             raise RuntimeError("embedding server down")
         return torch.full((len(query_prompts),), float("nan"))
+
+    def prepare(self, prompts) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +119,7 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
         logger = MLflowLogger(experiment_name="v05-test", run_name=label)
         fit(module, task_dir, tmp_path / label, steps=2, logger=logger)
         assert prior.calls == 2
+        assert len(prior.prepared) == 8  # the prompts of steps 1-2, embedded before the first step
         runs[label] = logger.run_id
 
     perfect, adversarial = runs["perfect"], runs["adversarial"]
