@@ -13,7 +13,7 @@ export MKL_NUM_THREADS = $(TORCH_THREADS)
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup test test-all lint format bench demo demo-quick tiny-policy test-sglang clean
+.PHONY: setup test test-all lint format bench demo tiny-policy test-sglang clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,17 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup
+# The whole chain: tiny policy (if missing) -> GRPO -> harvest -> V0 -> V0.5 + OSLA and BASIS k=1,
+# then a comparison table and the MLflow UI command (~25 minutes on 2 cores).
+demo: setup
+	$(PY) -m basis.demo
+
+# Benchmarks print their figures and write JSON (with machine and date) to benchmarks/results/.
+bench: setup tiny-policy
 	$(PY) benchmarks/baseline_mse.py
 	$(PY) benchmarks/harvest_throughput.py
+	$(PY) benchmarks/trainer_throughput.py
+	$(PY) benchmarks/rollout_efficiency.py
 
 # The offline tiny policy (model + tokenizer + task data + eval.json) in artifacts/tiny-policy/.
 # Skipped when it exists; `make tiny-policy FORCE=1` rebuilds.

@@ -1,0 +1,160 @@
+"""Rollout efficiency: GRPO (fixed group of 8) vs V0.5 + OSLA vs BASIS (k = 1), 3 seeds.
+
+For every seed the three arms train the tiny policy from the same start with the demo's configs
+(`configs/policy/{grpo,v05,basis}_tiny.yaml`), validating held-out mean@k (sampled at the training
+temperature) every `--val-every` steps. The V0 prior comes from the demo chain: GRPO checkpoints of
+seed 0 -> `harvest run` -> `value-prior fit` (reused from `--prior` when that folder exists).
+
+Per arm and seed it records the final held-out mean@k ("final_mean_at_4": the expected accuracy of one
+sample, estimated from 8 per prompt – the same expectation as mean@4), the rollouts consumed, and
+"rollouts_to_match_grpo": the rollouts consumed at the first validation where the arm's mean@k
+reached the final mean@k of GRPO with the same seed (null if it never did). It also records the
+per-step gradient-norm spread (std and coefficient of variation over steps).
+
+    .venv/bin/python benchmarks/rollout_efficiency.py [--seeds 0 1 2] [--steps 200]
+
+Writes `benchmarks/results/rollout_efficiency.json`; runs land in MLflow experiment
+`rollout-efficiency`. About 10 policy runs of 3-4 minutes each on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results_io import write_results
+
+ARMS = {"grpo": "grpo_tiny.yaml", "v05_osla": "v05_tiny.yaml", "basis_k1": "basis_tiny.yaml"}
+EXPERIMENT = "rollout-efficiency"
+
+
+def run(command: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("==>", " ".join(command), flush=True)
+    with log.open("w") as out:
+        code = subprocess.run(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        ).returncode
+    if code:
+        raise SystemExit(f"failed ({code}): see {log}\n" + log.read_text()[-2000:])
+
+
+def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None) -> Path:
+    run_dir = args.workdir / f"{arm}-seed{seed}"
+    if (run_dir / "mlflow_run_id").exists() and (run_dir / "exports" / f"step_{args.steps:06d}").exists():
+        return run_dir  # finished earlier: reuse
+    command = [
+        sys.executable, "-m", "basis.cli", "fit", f"--config=configs/policy/{ARMS[arm]}",
+        f"--model.model_path={args.policy}", f"--model.run_dir={run_dir}", f"--trainer.max_steps={args.steps}",
+        f"--model.val_every_n_steps={args.val_every}", f"--data.val_prompts={args.val_prompts}",
+        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--data.train_path={args.policy / 'data'}", f"--data.val_path={args.policy / 'data'}",
+        f"--trainer.logger.init_args.experiment_name={EXPERIMENT}", f"--trainer.logger.init_args.run_name={arm}-seed{seed}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    if prior is not None:
+        command.append(f"--model.prior={prior}")
+    run(command, args.workdir / "logs" / f"{arm}-seed{seed}.log")
+    return run_dir
+
+
+def build_prior(grpo_run: Path, args: argparse.Namespace) -> Path:
+    """The demo chain's prior: harvest the seed-0 GRPO checkpoints, pretrain V0 on the pairs."""
+    pairs = args.workdir / "pairs"
+    checkpoints = (
+        f"[{{path: {args.policy}, policy: grpo, step: 0}}, {{path: {grpo_run / 'exports'}, policy: grpo}}]"
+    )
+    run([sys.executable, "-m", "data_pipelines.harvest", "run", "--config=configs/harvest/tiny.yaml",
+         f"--prompts={args.policy / 'data'}", f"--out={pairs}", f"--checkpoints={checkpoints}", "--progress=false"],
+        args.workdir / "logs" / "harvest.log")  # fmt: skip
+    run([sys.executable, "-m", "value_prior.cli", "fit", "--config=configs/value_prior/v0_pairs_minilm.yaml",
+         f"--data.pairs={pairs}", f"--model.export_dir={args.prior}"], args.workdir / "logs" / "v0.log")  # fmt: skip
+    return args.prior
+
+
+def read_run(run_dir: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from basis.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri())
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+
+    def series(name: str) -> list[tuple[int, float]]:
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, name))
+
+    rollouts = dict(series("train/rollouts_total"))
+    grad = [v for _, v in series("train/grad_norm")]
+    return {
+        "val": series("val/mean_at_k"),
+        "rollouts_at": rollouts,
+        "rollouts": max(rollouts.values()),
+        "grad_norm_std": statistics.pstdev(grad),
+        "grad_norm_cv": statistics.pstdev(grad) / statistics.mean(grad),
+    }
+
+
+def rollouts_to_reach(run: dict, target: float) -> float | None:
+    for step, value in run["val"]:
+        if step > 0 and value >= target:
+            return run["rollouts_at"][step]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--val-every", type=int, default=25)
+    parser.add_argument("--val-prompts", type=int, default=500)
+    parser.add_argument("--policy", type=Path, default=Path("artifacts/tiny-policy"))
+    parser.add_argument("--prior", type=Path, default=Path("artifacts/priors/rollout-efficiency"))
+    parser.add_argument("--workdir", type=Path, default=Path("runs/rollout-efficiency"))
+    args = parser.parse_args()
+    if not (args.policy / "eval.json").exists():
+        sys.exit(f"{args.policy} is missing: run `make tiny-policy` first")
+
+    runs: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
+    for seed in args.seeds:
+        runs["grpo"][seed] = read_run(policy_run("grpo", seed, args, None))
+        if not (args.prior / "config.json").exists():
+            build_prior(args.workdir / f"grpo-seed{seed}", args)
+        for arm in ("v05_osla", "basis_k1"):
+            runs[arm][seed] = read_run(policy_run(arm, seed, args, args.prior))
+
+    result: dict[str, dict] = {}
+    for arm, by_seed in runs.items():
+        result[arm] = {
+            "final_mean_at_4": [by_seed[s]["val"][-1][1] for s in args.seeds],
+            "rollouts": [by_seed[s]["rollouts"] for s in args.seeds],
+            "rollouts_to_match_grpo": [
+                rollouts_to_reach(by_seed[s], runs["grpo"][s]["val"][-1][1]) for s in args.seeds
+            ],
+            "start_mean_at_4": [by_seed[s]["val"][0][1] for s in args.seeds],
+            "grad_norm_std": [by_seed[s]["grad_norm_std"] for s in args.seeds],
+            "grad_norm_cv": [by_seed[s]["grad_norm_cv"] for s in args.seeds],
+        }
+    grpo_rollouts = result["grpo"]["rollouts"]
+    for arm, row in result.items():
+        fractions = [
+            m / g if m is not None else None for m, g in zip(row["rollouts_to_match_grpo"], grpo_rollouts)
+        ]
+        row["fraction_of_grpo_rollouts_to_match"] = fractions
+        shown = ", ".join("never" if f is None else f"{f:.0%}" for f in fractions)
+        finals = row["final_mean_at_4"]
+        print(f"{arm:<9} final mean@4 {statistics.mean(finals):.3f} (seeds {', '.join(f'{v:.3f}' for v in finals)}); "
+              f"rollouts {statistics.mean(row['rollouts']):.0f}; to match GRPO: {shown}; "
+              f"grad-norm CV {statistics.mean(row['grad_norm_cv']):.3f}")  # fmt: skip
+    result["config"] = {"seeds": args.seeds, "steps": args.steps, "val_every": args.val_every, "val_prompts": args.val_prompts,
+                        "val_samples": 8, "prior": str(args.prior)}  # fmt: skip
+    print(f"wrote {write_results('rollout_efficiency', result)}")
+
+
+if __name__ == "__main__":
+    main()
