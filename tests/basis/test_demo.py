@@ -1,0 +1,28 @@
+"""`make demo --quick`: the whole chain in real subprocesses (minutes; builds the tiny policy if missing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_chain(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "basis.demo", "--quick", f"--workdir={tmp_path / 'demo'}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = json.loads((tmp_path / "demo" / "comparison.json").read_text())
+    assert set(table) == {"grpo", "v05_osla", "basis_k1"}
+    assert table["basis_k1"]["rollouts"] < table["grpo"]["rollouts"]
+    assert (tmp_path / "demo" / "prior" / "config.json").exists()
+    assert "mlflow ui --backend-store-uri" in result.stdout
