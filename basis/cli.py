@@ -19,6 +19,7 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import PromptDataModule
@@ -40,15 +41,12 @@ class PolicyCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is None or not config.get("ckpt_path"):
             return
+        if config.get("weights_only") is None:
+            config.weights_only = True  # checkpoints hold tensors and plain values only
         logger = config.trainer.get("logger")
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
-        if (
-            logger
-            and hasattr(logger, "init_args")
-            and run_file.exists()
-            and not logger.init_args.get("run_id")
-        ):
-            logger.init_args.run_id = run_file.read_text().strip()
+        if isinstance(logger, Namespace) and run_file.exists() and not logger.init_args.get("run_id"):
+            logger.init_args.run_id = run_file.read_text().strip()  # continue the same MLflow run
 
 
 def main(args: list[str] | None = None) -> None:
@@ -66,6 +64,7 @@ def main(args: list[str] | None = None) -> None:
             "enable_model_summary": False,
         },
         seed_everything_default=0,
+        auto_configure_optimizers=False,  # the optimizer is PolicyTrainer's own `optimizer` argument
         parser_kwargs={"default_env": False},
         args=args,
     )

@@ -107,9 +107,14 @@ class HFEngine:
         model: A causal LM (`PreTrainedModel` or a `peft.PeftModel`), used as is (eval mode while sampling).
         tokenizer: Its tokenizer; needs a pad or EOS token.
         max_batch_size: Most sequences sampled in one `generate` call.
+        synced_gpus: Keep decoding until every rank is done (needed when parameters are sharded,
+            e.g. FSDP: each forward is a collective, and ranks finish their own prompts at different
+            lengths). The trainer turns it on under a sharded strategy.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 256) -> None:
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 256, synced_gpus: bool = False
+    ) -> None:
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError(
                 "tokenizer has neither a pad nor an EOS token; the HF engine needs one to pad batches"
@@ -119,6 +124,7 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.synced_gpus = synced_gpus
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = _eos_ids(model, tokenizer)
 
@@ -151,6 +157,7 @@ class HFEngine:
                 eos_token_id=self.eos_ids,
                 return_dict_in_generate=True,
                 output_scores=True,
+                synced_gpus=self.synced_gpus,
             )
         finally:
             self.model.train(was_training)

@@ -42,6 +42,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy
 
 from basis.advantages import ESTIMATORS, compute_advantages, fused_baseline, osla_extra_rollouts
 from basis.data import PromptRow, seed_for
@@ -266,6 +267,8 @@ class PolicyTrainer(L.LightningModule):
         ]
 
     def setup(self, stage: str) -> None:
+        if isinstance(self.engine, HFEngine) and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
         datamodule = self.trainer.datamodule
         if datamodule is not None and stage == "fit":
             datamodule.setup(stage)
