@@ -136,20 +136,19 @@ def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     assert (run_dir / "exports" / "step_000002" / "model.safetensors").exists()
 
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
-CLI_FOR = {"policy": "basis.cli", "value_prior": "value_prior.cli"}
+POLICY_CONFIGS = sorted(
+    (REPO / "configs" / "policy").glob("*.yaml")
+)  # value_prior/ and harvest/ configs: their own tests
 
 
-@pytest.mark.parametrize(
-    "config", [c for c in CONFIGS if c.parent.name in CLI_FOR], ids=lambda c: str(c.relative_to(REPO))
-)
-def test_every_config_parses(config: Path) -> None:
+@pytest.mark.parametrize("config", POLICY_CONFIGS, ids=lambda c: c.name)
+def test_every_policy_config_parses(config: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", CLI_FOR[config.parent.name], "fit", "--config", str(config), "--print_config"],
+        [sys.executable, "-m", "basis.cli", "fit", "--config", str(config), "--print_config"],
         capture_output=True,
         text=True,
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "model:" in result.stdout
+    assert "model_path:" in result.stdout
