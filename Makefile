@@ -46,6 +46,7 @@ demo: setup
 # Benchmarks print their figures and write JSON (with machine and date) to benchmarks/results/.
 bench: setup tiny-policy
 	$(PY) benchmarks/baseline_mse.py
+	test -f runs/grpo-tiny/exports/step_000200/config.json || $(PY) -m basis.cli fit --config configs/policy/grpo_tiny.yaml
 	$(PY) benchmarks/harvest_throughput.py
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/rollout_efficiency.py
