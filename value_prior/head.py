@@ -318,26 +318,27 @@ class CapabilityPrior:
         bayes = None
         if bayes_samples > 0:
             # x_raw = u A + e, u ~ N(0, diag(m)), e ~ N(0, diag(d)); the affine rescaling of x is invertible.
-            a = mixing * relevant[:, None, :]  # [B, L, F]
-            d = noise_std[:, 0, :] ** 2 + (~relevant).float()  # [B, F]
-            cov_uu = torch.diag_embed(latent_mask)  # [B, L, L]
+            a = (mixing * relevant[:, None, :]).double()  # [B, L, F]
+            d = (noise_std[:, 0, :] ** 2 + (~relevant).float()).double()  # [B, F]
+            cov_uu = torch.diag_embed(latent_mask.double())  # [B, L, L]
             cov_xx = a.transpose(1, 2) @ cov_uu @ a + torch.diag_embed(d)  # [B, F, F]
             gain = cov_uu @ a @ torch.linalg.inv(cov_xx)  # [B, L, F]
-            mean = torch.einsum("brf,blf->brl", x_raw, gain)  # [B, R, L]
+            mean = torch.einsum("brf,blf->brl", x_raw.double(), gain)  # [B, R, L]
             post_cov = cov_uu - gain @ a.transpose(1, 2) @ cov_uu  # [B, L, L]
-            chol = torch.linalg.cholesky(post_cov + 1e-6 * torch.eye(Fe))  # [B, L, L]
+            post_cov = (post_cov + post_cov.transpose(1, 2)) / 2
+            eigval, eigvec = torch.linalg.eigh(post_cov)  # rounding can leave tiny negative eigenvalues
+            root = eigvec * eigval.clamp(min=0).sqrt()[:, None, :]  # [B, L, L], root @ root.T = post_cov
             mc = torch.Generator().manual_seed(12345)
-            eps = torch.randn(B, 1, bayes_samples, Fe, generator=mc)  # [B, 1, S, L]
-            u_post = (
-                mean[:, :, None, :] + torch.einsum("bsl,bkl->bsk", eps[:, 0], chol)[:, None]
-            )  # [B, R, S, L]
-            logit_post = ability[:, :, None] + beta[:, :, None] * torch.einsum(
-                "brsl,bl->brs", u_post, direction
-            )
-            logit_post = logit_post + (nonlinear * beta)[:, :, None] * torch.tanh(
-                2 * torch.einsum("brsl,bl->brs", u_post, v)
+            eps = torch.randn(B, bayes_samples, Fe, generator=mc, dtype=torch.float64)  # [B, S, L]
+            u_post = mean[:, :, None, :] + torch.einsum("bsl,bkl->bsk", eps, root)[:, None]  # [B, R, S, L]
+            direction64, v64 = direction.double(), v.double()
+            logit_post = ability.double()[:, :, None] + beta.double()[:, :, None] * torch.einsum(
+                "brsl,bl->brs", u_post, direction64
             )  # [B, R, S]
-            bayes = label_probability(torch.sigmoid(logit_post), self.rollouts).mean(-1)  # [B, R]
+            logit_post = logit_post + (nonlinear * beta).double()[:, :, None] * torch.tanh(
+                2 * torch.einsum("brsl,bl->brs", u_post, v64)
+            )  # [B, R, S]
+            bayes = label_probability(torch.sigmoid(logit_post), self.rollouts).mean(-1).float()  # [B, R]
         return SyntheticTasks(x=x, label=label, success_prob=p, num_support=num_support, bayes_prob=bayes)
 
 

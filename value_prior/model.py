@@ -233,6 +233,9 @@ class V0Module(L.LightningModule):
             context mean (the right answer when the labels carry no information). Without it the adapter
             can learn features that the frozen head ranks the same way whatever the labels say, i.e. a
             prior that ignores its context (0 turns it off).
+        feature_noise: Std of Gaussian noise added to the adapter features during training, relative to
+            each feature's std over the episode's rows (ours, a regulariser: the adapter otherwise
+            memorises the training prompts within a few hundred steps; 0 turns it off).
         lr: Peak AdamW learning rate of the adapter.
         weight_decay: AdamW weight decay (not applied to biases, LayerNorms or the static queries).
         warmup_frac: Share of the total steps spent in linear warm-up before the cosine decay.
@@ -256,6 +259,7 @@ class V0Module(L.LightningModule):
         ce_weight: float = 0.75,
         aux_weight: float = 0.0,
         shuffle_weight: float = 0.0,
+        feature_noise: float = 0.0,
         lr: float = 2e-4,
         weight_decay: float = 0.01,
         warmup_frac: float = 0.05,
@@ -327,6 +331,10 @@ class V0Module(L.LightningModule):
 
     def training_step(self, batch: EpisodeBatch, batch_idx: int) -> Tensor:
         support_z, query_z = self.episode_features(batch)  # [B, N, F], [B, M, F]
+        if self.hparams.feature_noise > 0:
+            scale = self.hparams.feature_noise * support_z.detach().std(dim=1, keepdim=True)  # [B, 1, F]
+            support_z = support_z + scale * torch.randn_like(support_z)  # [B, N, F]
+            query_z = query_z + scale * torch.randn_like(query_z)  # [B, M, F]
         s = self._head_scores(batch, support_z, query_z)  # [B, M]
         loss, pair, ce = v0_loss(s, batch.query_success, self.hparams.pair_weight, self.hparams.ce_weight)
         size = len(batch.pools)
