@@ -76,10 +76,10 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 from transformers import AutoConfig
 from transformers.utils import cached_file
 
+from basis.policy_io import full_tensor, merged_lora_weight
 from basis.rollout import Completion, FinishReason, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -215,32 +215,6 @@ class PlannedTensor:
     shape: tuple[int, ...]
     nbytes: int
     load: Callable[[], torch.Tensor]
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A detached, unsharded view of `tensor` (FSDP2 `DTensor`s are gathered, a collective)."""
-    tensor = tensor.detach()
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-@torch.no_grad()
-def merged_lora_weight(layer: LoraLayer) -> torch.Tensor:
-    """`W + sum_a delta_a` for the active, unmerged adapters of one LoRA layer; the layer is not modified.
-
-    `delta_a` is peft's own `get_delta_weight` (scale * B @ A, with fan_in_fan_out and rsLoRA scaling).
-    The sum is taken in float32 and cast back to the base weight's dtype.
-    """
-    base = full_tensor(layer.get_base_layer().weight)  # [out, in]
-    if layer.disable_adapters:
-        return base
-    merged = base.float()  # [out, in]
-    for adapter in layer.active_adapters:
-        if adapter in layer.merged_adapters or adapter not in layer.lora_A:
-            continue
-        if layer.use_dora.get(adapter, False):
-            raise ValueError(f"adapter {adapter!r} uses DoRA; merge-and-push supports plain LoRA only")
-        merged = merged + full_tensor(layer.get_delta_weight(adapter)).float()  # [out, in]
-    return merged.to(base.dtype)
 
 
 def plan_full_push(

@@ -34,7 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,6 +55,7 @@ from basis.losses import (
     truncated_is_weights,
 )
 from basis.metrics import PassAtK
+from basis.policy_io import LoraSettings, export_policy, load_policy
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
 from basis.v05 import OslaSettings, SuccessPrior, SupportBuffer, load_prior
@@ -67,23 +68,6 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter settings (peft `LoraConfig`).
-
-    Args:
-        r: Adapter rank.
-        alpha: Scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
-        dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt, or "all-linear".
-    """
-
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
 
 
 class Rollouts(NamedTuple):
@@ -846,94 +830,6 @@ class PolicyTrainer(L.LightningModule):
 
 
 # --------------------------------------------------------------------- module-level helpers
-
-
-def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Module, Any]:
-    """Load a causal LM and its tokenizer; wrap it with a LoRA adapter if `lora` is given."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    path = Path(model_path)
-    looks_local = path.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
-    if not path.exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
-        raise ValueError(f"model.model_path {model_path!r} does not exist (and is not a reachable hub id)")
-    try:
-        config = AutoConfig.from_pretrained(model_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(
-            f"model.model_path {model_path!r} is not a loadable Hugging Face model: {err}"
-        ) from err
-    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    saved_as = [name for name in (config.architectures or []) if name not in causal_classes]
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as:
-        kind = saved_as[0] if saved_as else f"{config.model_type!r} model"
-        raise ValueError(f"model.model_path {model_path!r} holds a {kind}, not a causal LM")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules=lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    model.train()
-    return model, tokenizer
-
-
-def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF-named full weights of `policy`. For a PEFT LoRA model each adapted weight is returned as
-    `W + get_delta_weight()` (= W + s·B·A), computed out of place: merging in place and unmerging
-    again would leave rounding error in the training weights."""
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    if not isinstance(policy, PeftModel):
-        return {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    base = policy.get_base_model()
-    deltas: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    key = f"{name}.base_layer.weight"
-                    deltas[key] = deltas.get(key, 0) + module.get_delta_weight(adapter).detach()
-    merged = {}
-    for key, tensor in base.state_dict().items():
-        if ".lora_" in key:
-            continue
-        value = tensor.detach() + deltas[key] if key in deltas else tensor.detach().clone()
-        merged[key.replace(".base_layer.", ".")] = value
-    return merged
-
-
-def export_policy(
-    policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None
-) -> Path:
-    """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`."""
-    from peft import PeftModel
-
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
-    base.save_pretrained(tmp, state_dict=merged_state_dict(policy))
-    tokenizer.save_pretrained(tmp)
-    if isinstance(policy, PeftModel):
-        policy.save_pretrained(tmp / "adapter")
-    (tmp / "basis_export.json").write_text(json.dumps(metadata or {}, indent=2))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 _SERIES_SENTINEL = {"train": "train/reward_mean", "val": "val/mean_at_k"}

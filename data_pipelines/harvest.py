@@ -307,12 +307,12 @@ def resolve_checkpoints(specs: Sequence[CheckpointSpec | str]) -> list[Checkpoin
 
 
 def load_checkpoint(checkpoint: Checkpoint) -> tuple[Any, Any]:
-    """Load a checkpoint's model and tokenizer with `basis.trainer.load_policy`, in eval mode.
+    """Load a checkpoint's model and tokenizer with `basis.policy_io.load_policy`, in eval mode.
 
     Raises:
         HarvestError: naming the checkpoint when it is not a loadable causal LM (any loader error).
     """
-    from basis.trainer import load_policy
+    from basis.policy_io import load_policy
 
     try:
         model, tokenizer = load_policy(str(checkpoint.path), None)
@@ -589,6 +589,7 @@ def _log_to_mlflow(
     """One MLflow run with params, metrics, per-checkpoint mean success (a series over step per policy),
     the success-rate histogram PNG and the manifest; returns the run id."""
     import mlflow
+
     from basis.tracking import mlflow_run
 
     with mlflow_run(experiment, run_name=run_name) as run:

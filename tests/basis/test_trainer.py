@@ -11,8 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from basis.data import PromptDataModule, step_prompt_indices
+from basis.policy_io import LoraSettings
 from basis.tasks import write_arithmetic_task
-from basis.trainer import LoraSettings, PolicyTrainer
+from basis.trainer import PolicyTrainer
 
 
 @pytest.fixture(scope="module")

@@ -61,8 +61,8 @@ SMALL = {
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two trainer exports of untrained tiny policies (steps 5 and 10) and a digit prompt set."""
+    from basis.policy_io import export_policy
     from basis.tiny_policy import build_model, build_tokenizer
-    from basis.trainer import export_policy
 
     root = tmp_path_factory.mktemp("harvest")
     tokenizer = build_tokenizer()

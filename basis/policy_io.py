@@ -1,0 +1,142 @@
+"""Loading, merging and exporting policies: the Hugging Face side of the trainer.
+
+- `load_policy` loads any HF causal LM folder (or hub id) with its tokenizer, with clear errors for a
+  missing path or a model that is not a causal LM, and wraps it with a peft LoRA adapter on request.
+- `merged_lora_weight` / `merged_state_dict` give the full HF-named weights of a (LoRA) policy without
+  touching the training model; the SGLang engine pushes them, `export_policy` saves them.
+- `export_policy` writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads (for LoRA also
+  the adapter in `adapter/`), atomically: these exports are the checkpoints `harvest run` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch.distributed.tensor import DTensor
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (peft `LoraConfig`).
+
+    Args:
+        r: Adapter rank.
+        alpha: Scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or "all-linear".
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached, unsharded view of `tensor` (FSDP2 `DTensor`s are gathered, a collective)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def merged_lora_weight(layer: LoraLayer) -> torch.Tensor:
+    """`W + sum_a delta_a` for the active, unmerged adapters of one LoRA layer; the layer is not modified.
+
+    `delta_a` is peft's own `get_delta_weight` (scale * B @ A, with fan_in_fan_out and rsLoRA scaling).
+    The sum is taken in float32 and cast back to the base weight's dtype.
+    """
+    base = full_tensor(layer.get_base_layer().weight)  # [out, in]
+    if layer.disable_adapters:
+        return base
+    merged = base.float()  # [out, in]
+    for adapter in layer.active_adapters:
+        if adapter in layer.merged_adapters or adapter not in layer.lora_A:
+            continue
+        if layer.use_dora.get(adapter, False):
+            raise ValueError(f"adapter {adapter!r} uses DoRA; merge-and-push supports plain LoRA only")
+        merged = merged + full_tensor(layer.get_delta_weight(adapter)).float()  # [out, in]
+    return merged.to(base.dtype)
+
+
+def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer; wrap it with a LoRA adapter if `lora` is given."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(model_path)
+    looks_local = path.is_absolute() or model_path.startswith(".") or model_path.count("/") != 1
+    if not path.exists() and (looks_local or os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise ValueError(f"model.model_path {model_path!r} does not exist (and is not a reachable hub id)")
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model.model_path {model_path!r} is not a loadable Hugging Face model: {err}"
+        ) from err
+    causal_classes = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    saved_as = [name for name in (config.architectures or []) if name not in causal_classes]
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as:
+        kind = saved_as[0] if saved_as else f"{config.model_type!r} model"
+        raise ValueError(f"model.model_path {model_path!r} holds a {kind}, not a causal LM")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    model.train()
+    return model, tokenizer
+
+
+def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF-named full weights of `policy`, every LoRA layer merged out of place (`merged_lora_weight`):
+    merging in place and unmerging again would leave rounding error in the training weights."""
+    if not isinstance(policy, PeftModel):
+        return {k: full_tensor(v).clone() for k, v in policy.state_dict().items()}
+    base = policy.get_base_model()
+    merged = {
+        f"{name}.base_layer.weight": merged_lora_weight(m)
+        for name, m in base.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+    return {
+        key.replace(".base_layer.", "."): merged[key] if key in merged else full_tensor(tensor).clone()
+        for key, tensor in base.state_dict().items()
+        if ".lora_" not in key
+    }
+
+
+def export_policy(
+    policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
+    base.save_pretrained(tmp, state_dict=merged_state_dict(policy))
+    tokenizer.save_pretrained(tmp)
+    if isinstance(policy, PeftModel):
+        policy.save_pretrained(tmp / "adapter")
+    (tmp / "basis_export.json").write_text(json.dumps(metadata or {}, indent=2))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
