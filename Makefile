@@ -33,6 +33,7 @@ test-all: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy basis/advantages.py basis/losses.py basis/metrics.py   # strict (pyproject)
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
