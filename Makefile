@@ -51,6 +51,7 @@ bench: setup tiny-policy
 	$(PY) benchmarks/harvest_throughput.py
 	$(PY) benchmarks/trainer_throughput.py
 	$(PY) benchmarks/rollout_efficiency.py
+	$(PY) benchmarks/value_prior_quality.py
 
 # The offline tiny policy (model + tokenizer + task data + eval.json) in artifacts/tiny-policy/.
 # Skipped when it exists; `make tiny-policy FORCE=1` rebuilds.
