@@ -58,7 +58,7 @@ from basis.metrics import PassAtK
 from basis.policy_io import LoraSettings, export_policy, load_policy
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
-from basis.v05 import OslaSettings, SuccessPrior, SupportBuffer, load_prior
+from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, load_prior
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,9 @@ class PolicyTrainer(L.LightningModule):
         context_size: Pairs sampled from them per prior query (design.md: 256).
         min_context: Pairs (of both outcomes) needed before the prior is used; before that the step
             uses the empirical baseline and logs it.
+        prior_calibration: Recalibrate the prior online (Platt scaling on the run's own recent
+            outcomes, never the current step's) before fusing it. Our extension, off by default as in
+            the paper; it helps when V0 ranks prompts well but is miscalibrated for this policy.
         heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
             held-out success estimate to score the baseline's squared error (0 disables it).
         val_samples: Samples per validation prompt; pass@k is logged for k = 1..val_samples.
@@ -179,6 +182,7 @@ class PolicyTrainer(L.LightningModule):
         support_capacity: int = 512,
         context_size: int = 256,
         min_context: int = 32,
+        prior_calibration: bool = False,
         heldout_rollouts: int = 0,
         val_samples: int = 8,
         val_every_n_steps: int = 0,
@@ -217,6 +221,7 @@ class PolicyTrainer(L.LightningModule):
         self.prior = load_prior(prior) if prior is not None else None
         self.osla = osla
         self.support = SupportBuffer(support_capacity, context_size, min_context)
+        self.calibrator = PriorCalibrator() if prior_calibration else None
         self.rl_step = 0
         self.rollouts_total = 0
         self._prior_failures = 0
@@ -301,6 +306,7 @@ class PolicyTrainer(L.LightningModule):
             "bad_steps": self._bad_steps,
             "rollouts_total": self.rollouts_total,
             "support_buffer": self.support.state_dict(),
+            "prior_calibration": None if self.calibrator is None else self.calibrator.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -313,6 +319,8 @@ class PolicyTrainer(L.LightningModule):
         self.rollouts_total = int(state.get("rollouts_total", 0))
         if self.prior is not None:
             self.support.load_state_dict(state.get("support_buffer", {"format": None}))
+        if self.calibrator is not None and state.get("prior_calibration") is not None:
+            self.calibrator.load_state_dict(state["prior_calibration"])
 
     # ----------------------------------------------------------------- the RL step
 
@@ -320,7 +328,11 @@ class PolicyTrainer(L.LightningModule):
         self.rl_step += 1
         timings: dict[str, float] = {}
         with _timer(timings, "prior"):
-            prior = self.query_prior(prompts)  # [P] on the ±1 scale, or None: empirical fallback
+            prior_p = self.query_prior(prompts)  # [P] raw V0 probabilities, or None: empirical fallback
+        calibrated = (
+            prior_p if self.calibrator is None or prior_p is None else self.calibrator(prior_p)
+        )  # [P]
+        prior = None if calibrated is None else 2.0 * calibrated - 1.0  # [P] on the ±1 scale
         rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
         if self.osla is not None and prior is not None:
             rollouts = self.osla_rounds(rollouts, prior, timings)
@@ -336,6 +348,9 @@ class PolicyTrainer(L.LightningModule):
         self.record_step(rollouts, advantages, update_stats, timings, prior)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
+        if self.calibrator is not None and prior_p is not None:
+            counts = torch.bincount(rollouts.index, minlength=len(prompts))  # [P]
+            self.calibrator.update(prior_p, success_rates(rollouts) * counts, counts.float())
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
@@ -389,7 +404,7 @@ class PolicyTrainer(L.LightningModule):
         return rollouts
 
     def query_prior(self, prompts: list[PromptRow]) -> torch.Tensor | None:
-        """The prior V on the ±1 scale `[P]`, or None when the step must use the empirical baseline."""
+        """V0's success probabilities `[P]`, or None when the step must use the empirical baseline."""
         if self.prior is None or not self.support.ready():
             return None
         rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
@@ -406,7 +421,7 @@ class PolicyTrainer(L.LightningModule):
             self._prior_failures += 1
             log.warning("step %d: value prior failed (%s); using the empirical baseline", self.rl_step, err)
             return None
-        return 2.0 * p - 1.0  # [P]
+        return p  # [P]
 
     def advantages(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
         rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
@@ -734,6 +749,9 @@ class PolicyTrainer(L.LightningModule):
         metrics["v05/fusion_weight_mean"] = float(weight.mean())
         metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
         metrics["v05/prior_brier"] = float((((prior + 1) / 2 - (means + 1) / 2) ** 2).mean())
+        if self.calibrator is not None:
+            metrics["v05/calibration_scale"] = self.calibrator.scale
+            metrics["v05/calibration_shift"] = self.calibrator.shift
         if self.hparams.heldout_rollouts:
             heldout = self.heldout_mean_reward(rollouts.prompts)  # [P]
             metrics["v05/baseline_sq_error_heldout"] = float(((baseline - heldout) ** 2).mean())

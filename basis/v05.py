@@ -143,3 +143,69 @@ def load_prior(prior: str | SuccessPrior) -> SuccessPrior:
     from value_prior import ValuePrior
 
     return ValuePrior.load(prior)
+
+
+def fit_platt(
+    logits: torch.Tensor, successes: torch.Tensor, trials: torch.Tensor, ridge: float = 1.0, iters: int = 50
+) -> tuple[float, float]:
+    """Platt scaling `p' = sigmoid(a * logit + b)`: the MAP fit of `successes` out of `trials` (all `[M]`)
+    under a binomial likelihood and a Gaussian prior of precision `ridge` around the identity
+    (a, b) = (1, 0), by damped Newton steps. The prior keeps the fit sane when outcomes are one-sided
+    (all failures would otherwise send b to -inf)."""
+    x = logits.double()  # [M]
+    k, n = successes.double(), trials.double()  # [M], [M]
+    identity = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    design = torch.stack([x, torch.ones_like(x)], dim=1)  # [M, 2]
+    theta = identity.clone()  # (a, b)
+    for _ in range(iters):
+        p = torch.sigmoid(design @ theta)  # [M]
+        grad = design.T @ (n * p - k) + ridge * (theta - identity)  # [2]
+        hess = design.T @ (design * (n * p * (1 - p)).unsqueeze(1)) + ridge * torch.eye(
+            2, dtype=torch.float64
+        )
+        step = torch.linalg.solve(hess, grad).clamp(-1.0, 1.0)  # [2], damped
+        theta = theta - step
+        if float(step.abs().max()) < 1e-8:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+class PriorCalibrator:
+    """Online Platt recalibration of the prior against the policy's own recent outcomes.
+
+    Our extension (not in the V0.5 paper, off by default): V0 reads the policy's context but may still
+    be miscalibrated for it, and the fused baseline's hypothesis test compares the prior to rollout
+    means in absolute terms, so a miscalibrated prior is rejected (and OSLA samples) needlessly. The
+    calibrator refits `(a, b)` on the previous `window` prompts' (prior logit, successes, rollouts)
+    before each step; a step's own rollouts never enter its calibration, so the test and its
+    1/sqrt(k) bias bound are unchanged.
+
+    Args:
+        window: Recent prompts the fit uses.
+        min_prompts: Prompts needed before the calibration departs from the identity.
+    """
+
+    def __init__(self, window: int = 512, min_prompts: int = 64) -> None:
+        self.window, self.min_prompts = window, min_prompts
+        self.history: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self.scale, self.shift = 1.0, 0.0
+
+    def __call__(self, p: torch.Tensor) -> torch.Tensor:
+        """Recalibrated success probabilities `[P]` for raw prior probabilities `p` `[P]`."""
+        logit = torch.logit(p.double().clamp(1e-4, 1 - 1e-4))  # [P]
+        return torch.sigmoid(self.scale * logit + self.shift).to(p.dtype)  # [P]
+
+    def update(self, p: torch.Tensor, successes: torch.Tensor, trials: torch.Tensor) -> None:
+        """Record this step's raw prior `p` `[P]` with its realised successes out of `trials`, and refit."""
+        logit = torch.logit(p.double().clamp(1e-4, 1 - 1e-4))  # [P]
+        self.history.extend(zip(logit.tolist(), successes.double().tolist(), trials.double().tolist()))
+        if len(self.history) >= self.min_prompts:
+            x, k, n = (torch.tensor(column) for column in zip(*self.history))
+            self.scale, self.shift = fit_platt(x, k, n)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "scale": self.scale, "shift": self.shift}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = deque((tuple(row) for row in state["history"]), maxlen=self.window)
+        self.scale, self.shift = float(state["scale"]), float(state["shift"])

@@ -19,7 +19,7 @@ from basis.data import PromptDataModule
 from basis.tasks import write_arithmetic_task
 from basis.tracking import MLflowLogger
 from basis.trainer import PolicyTrainer
-from basis.v05 import OslaSettings, SupportBuffer
+from basis.v05 import OslaSettings, PriorCalibrator, SupportBuffer, fit_platt
 
 
 class ConstantPrior:
@@ -193,3 +193,41 @@ def test_checkpoint_carries_the_support_buffer_and_rejects_old_formats(
     checkpoint["basis_state"]["support_buffer"] = {"format": 0}
     with pytest.raises(ValueError, match="support buffer in the checkpoint has format 0"):
         fresh.on_load_checkpoint(checkpoint)
+
+
+def test_platt_fit_recovers_a_known_miscalibration() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4000) * 1.5
+    trials = torch.full((4000,), 4.0)
+    successes = torch.binomial(trials, torch.sigmoid(0.5 * logits - 0.7))
+    scale, shift = fit_platt(logits, successes, trials)
+    assert abs(scale - 0.5) < 0.05 and abs(shift + 0.7) < 0.07
+
+
+def test_calibrator_is_the_identity_until_it_has_data_then_learns_from_past_steps() -> None:
+    calibrator = PriorCalibrator(window=256, min_prompts=64)
+    p = torch.tensor([0.2, 0.5, 0.9])
+    assert torch.allclose(calibrator(p), p)
+    # V0 says 0.9 where the policy succeeds half the time: after seeing that, 0.9 maps near 0.5.
+    for _ in range(8):
+        calibrator.update(torch.full((16,), 0.9), torch.full((16,), 2.0), torch.full((16,), 4.0))
+    assert abs(float(calibrator(torch.tensor([0.9]))) - 0.5) < 0.05
+    restored = PriorCalibrator(window=256, min_prompts=64)
+    restored.load_state_dict(calibrator.state_dict())
+    assert torch.allclose(restored(p), calibrator(p))
+
+
+def test_trainer_recalibrates_the_prior_and_logs_it(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    module = primed(
+        module_for(
+            tiny_lm_path, tmp_path, prior=ConstantPrior(0.9), osla=OslaSettings(), prior_calibration=True
+        )
+    )
+    module.calibrator.min_prompts = 4
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=3, logger=logger)
+    shifts = history("v05/calibration_shift", logger.run_id)
+    assert shifts[0] == 0.0 > shifts[1] > shifts[2]  # the identity, then pulled down by past failures
+    assert float(module.calibrator(torch.tensor([0.9]))) < 0.5  # V0 said 0.9; the policy always fails
