@@ -305,9 +305,16 @@ class ExportPrior(L.Callback):
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_state_dict(state)
             log.info("export: restored best checkpoint %s", best)
+        callback = trainer.checkpoint_callback
+        best_score = getattr(callback, "best_model_score", None)
         info: dict[str, Any] = {
             "best_checkpoint": best,
-            "val_metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+            "best_score": {"monitor": getattr(callback, "monitor", None), "value": float(best_score)}
+            if best_score is not None
+            else None,
+            "last_epoch_val_metrics": {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")
+            },
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
         }

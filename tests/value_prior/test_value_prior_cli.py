@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import yaml
 
@@ -89,12 +90,23 @@ def test_tiny_fit_test_and_export(
     )
     assert done.returncode == 0, done.stderr[-4000:]
 
+    predictions = tmp_path / "predictions.parquet"
+    writer = [
+        "--trainer.callbacks+=value_prior.model.PredictionsWriter",
+        f"--trainer.callbacks.output={predictions}",
+    ]
+    done = run_cli("predict", "--config", str(config_path), *overrides, *writer, "--ckpt_path", str(tmp_path / "checkpoints" / "best.ckpt"), env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = datasets.Dataset.from_parquet(str(predictions))
+    assert set(rows.column_names) == {"pool", "prompt_id", "prob", "success"} and len(rows) > 0
+    assert all(0 < p < 1 for p in rows["prob"])
+
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_store)
     client = mlflow.MlflowClient()
     runs = mlflow.search_runs(experiment_names=["value-prior"], order_by=["attributes.start_time ASC"])
-    fit_run, test_run = runs.iloc[0], runs.iloc[1]
+    fit_run, test_run = runs.iloc[0], runs.iloc[1]  # (the predict run follows)
     for metric in (
         "val/gauc",
         "val/auc",
