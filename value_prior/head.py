@@ -586,14 +586,16 @@ def prior_fit(config: PriorFitConfig) -> dict[str, float]:
 
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    earlier: dict[str, Any] = {}
     if config.init_from:
         head = load_head(config.init_from)
+        earlier = {"continued_from": head.info}  # lineage: the earlier stage's config and evaluation
     else:
         model, arch_config = build_tabpfn(
             config.emsize, config.nlayers, config.nhead, config.features_per_group, seed=config.seed
         )
         head = InContextHead(model, arch_config)
-    head.info = {"prior_fit": dataclasses.asdict(config)}
+    head.info = {"prior_fit": dataclasses.asdict(config), **earlier}
     prior = CapabilityPrior()
     eval_tasks = prior.sample(
         config.eval_tasks,
@@ -642,6 +644,7 @@ def prior_fit(config: PriorFitConfig) -> dict[str, float]:
         "prior_fit": dataclasses.asdict(config),
         "eval": final,
         "wall_seconds": round(wall, 1),
+        **earlier,
     }
     path = head.save(config.out)
     logger.experiment.log_artifact(logger.run_id, str(path))

@@ -165,6 +165,20 @@ def test_prior_fit_cli_writes_a_loadable_head(tmp_path: Path, mlflow_store: str)
     head = load_head(out)
     assert head.info["prior_fit"]["max_steps"] == 6
     assert set(head.info["eval"]) >= {"head", "logreg", "bayes"}
+    # A second stage continues from the first and records its lineage.
+    stage2 = tmp_path / "stage2.ckpt"
+    cmd2 = [sys.executable, "-m", "value_prior.cli", "prior-fit", "--init_from", str(out), "--out", str(stage2),
+            "--max_steps", "2", "--eval_every", "2", "--tasks_per_step", "2", "--support_max", "64",
+            "--eval_tasks", "4", "--eval_support", "32", "--num_query", "8", "--warmup_steps", "1", "--seed", "1"]  # fmt: skip
+    done = subprocess.run(
+        cmd2,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"MLFLOW_TRACKING_URI": mlflow_store},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_head(stage2).info["continued_from"]["prior_fit"]["max_steps"] == 6
 
     import mlflow
 
