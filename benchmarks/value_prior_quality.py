@@ -46,7 +46,14 @@ from benchmarks.results_io import write_results  # noqa: E402
 from data_pipelines.v0_release import read_v0_release  # noqa: E402
 from value_prior import ValuePrior  # noqa: E402
 from value_prior.data import Pool, PromptSplit, pools_from_pairs, split_pools  # noqa: E402
-from value_prior.metrics import bootstrap_ci, grouped_auc, paired_bootstrap_diff, score_predictions  # noqa: E402
+from value_prior.metrics import (  # noqa: E402
+    auc,
+    bootstrap_ci,
+    brier,
+    grouped_auc,
+    paired_bootstrap_diff,
+    score_predictions,
+)
 
 RELEASE = REPO.parent / "shared" / "data" / "v0-release"
 DEFAULT_PRIOR = REPO / "artifacts" / "priors" / "v0-release-minilm"
@@ -148,6 +155,12 @@ def evaluate_split(
     def gauc_fn(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
         return grouped_auc(p, s, list(gr))
 
+    def auc_fn(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
+        return auc(p, s)
+
+    def brier_fn(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
+        return brier(p, s)
+
     scores = {}
     for method, parts in preds.items():
         p = np.concatenate(parts)
@@ -163,11 +176,15 @@ def evaluate_split(
     for variant, parts in ablation.items():
         p = np.concatenate(parts)
         ablation_scores[variant] = score_predictions(p, y, list(g))
-        if variant != "true_context":
-            diff = paired_bootstrap_diff(
-                gauc_fn, np.concatenate(ablation["true_context"]), p, y, g, n_resamples=500, seed=seed
-            )
-            ablation_scores[variant]["true_minus_this_gauc"] = {"diff": diff[0], "ci95": [diff[1], diff[2]]}
+        if variant == "true_context":
+            continue
+        true_p = np.concatenate(ablation["true_context"])
+        for name, fn in (("gauc", gauc_fn), ("auc", auc_fn), ("brier", brier_fn)):
+            diff = paired_bootstrap_diff(fn, true_p, p, y, g, n_resamples=500, seed=seed)
+            ablation_scores[variant][f"true_minus_this_{name}"] = {
+                "diff": diff[0],
+                "ci95": [diff[1], diff[2]],
+            }
     return scores, ablation_scores
 
 
@@ -292,6 +309,12 @@ def main() -> None:
             print(
                 f"  ablation {variant:22s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
             )
+            for name in ("gauc", "auc", "brier"):
+                if f"true_minus_this_{name}" in m:
+                    d = m[f"true_minus_this_{name}"]
+                    print(
+                        f"      true - this {name}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+                    )
     print("\nlatency", payload["latency"])
     print("head on synthetic tasks", payload["head_synthetic"])
     print(f"\nwrote {path}")

@@ -122,7 +122,11 @@ class ValuePrior:
     def prepare(self, prompts: Sequence[str]) -> None:
         """Compute and cache the features of `prompts` now (e.g. every prompt a training run will
         query), so later `predict` calls pay only for the head."""
-        self.features(list(dict.fromkeys(prompts)))
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"prompts[{i}] is {prompt!r}: prompts must be non-empty strings")
+        if prompts:
+            self.features(list(dict.fromkeys(prompts)))
 
     # -- prediction ------------------------------------------------------------------------
 

@@ -103,6 +103,16 @@ def test_features_are_cached_per_prompt(prior: ValuePrior, monkeypatch: pytest.M
     assert len(calls) == 1
 
 
+def test_prepare_fills_the_feature_cache_and_fits_the_trainer_protocol(prior: ValuePrior) -> None:
+    from basis.v05 import SuccessPrior
+
+    assert isinstance(prior, SuccessPrior)
+    prior.prepare(QUERIES)
+    assert set(QUERIES) <= set(prior._features)
+    with pytest.raises(ValueError, match=r"prompts\[0\] is None"):
+        prior.prepare([None])  # type: ignore[list-item]
+
+
 def test_chunked_queries_and_large_context(prior: ValuePrior) -> None:
     full = prior.predict(CONTEXT, SUCCESS, QUERIES)
     prior.query_chunk = 3
