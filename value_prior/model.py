@@ -2,7 +2,7 @@
 
 Model (design.md §3, from the authors' code github Now-Join-Us/V0):
 
-    g  = H[:, -1]                                   # last token of the left-padded sequence
+    g  = H[:, -1]                                   # last token of the left-padded sequence (pooling="mean": token mean)
     dQ = W2(Dropout(GELU(LN(W1 g))))                # W1: D->bottleneck, W2: ->K*d, W2 zero-init
     Q  = Q_static + dQ.view(B, K, d)                # Q_static learnable, randn init
     KV = Linear(D->d)(H)
@@ -83,6 +83,9 @@ class ResidualQueryAdapter(nn.Module):
         num_heads: Attention heads (must divide `query_dim`; paper 3).
         bottleneck: Width of the query generator (paper 128).
         dropout: Dropout in the query generator (paper 0.2).
+        pooling: What the query generator reads: `"last"`, the last real token (paper; right for
+            decoder backbones), or `"mean"`, the mean over real tokens (ours; the pooling sentence
+            encoders such as MiniLM are trained for).
     """
 
     def __init__(
@@ -93,12 +96,16 @@ class ResidualQueryAdapter(nn.Module):
         num_heads: int = 3,
         bottleneck: int = 128,
         dropout: float = 0.2,
+        pooling: str = "last",
     ) -> None:
         super().__init__()
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         if query_dim % num_heads:
             raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads})")
         self.num_queries = num_queries
         self.query_dim = query_dim
+        self.pooling = pooling
         self.generator_in = nn.Linear(hidden_size, bottleneck)
         self.generator_norm = nn.LayerNorm(bottleneck)
         self.generator_drop = nn.Dropout(dropout)
@@ -117,9 +124,13 @@ class ResidualQueryAdapter(nn.Module):
 
     def forward(self, hidden: Tensor, mask: Tensor) -> Tensor:
         """Features `[B, K*d]` from left-padded hidden states `[B, T, D]` and token mask `[B, T]`."""
-        last = hidden[:, -1]  # [B, D] last real token (left padding)
+        if self.pooling == "last":
+            pooled = hidden[:, -1]  # [B, D] last real token (left padding)
+        else:
+            weights = mask.to(hidden.dtype)[..., None]  # [B, T, 1]
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, D]
         shift = self.generator_out(
-            self.generator_drop(F.gelu(self.generator_norm(self.generator_in(last))))
+            self.generator_drop(F.gelu(self.generator_norm(self.generator_in(pooled))))
         )  # [B, K*d]
         queries = self.static_queries + shift.view(-1, self.num_queries, self.query_dim)  # [B, K, d]
         kv = self.key_value(hidden)  # [B, T, d]
@@ -222,6 +233,7 @@ class V0Module(L.LightningModule):
         num_heads: Adapter attention heads.
         bottleneck: Adapter query-generator width.
         dropout: Adapter query-generator dropout.
+        pooling: Adapter query-generator input, `"last"` token (paper) or `"mean"` over tokens.
         pair_weight: Weight of the pairwise ranking loss.
         ce_weight: Weight of the soft cross-entropy loss.
         aux_weight: Weight of the auxiliary ranking loss of a linear probe on the adapter features over
@@ -255,6 +267,7 @@ class V0Module(L.LightningModule):
         num_heads: int = 1,
         bottleneck: int = 128,
         dropout: float = 0.2,
+        pooling: str = "last",
         pair_weight: float = 0.25,
         ce_weight: float = 0.75,
         aux_weight: float = 0.0,
@@ -283,7 +296,7 @@ class V0Module(L.LightningModule):
         self.head_path = DEFAULT_HEAD if head == "default" else head
         torch.manual_seed(seed)
         self.adapter = ResidualQueryAdapter(
-            self.backbone.hidden_size, num_queries, query_dim, num_heads, bottleneck, dropout
+            self.backbone.hidden_size, num_queries, query_dim, num_heads, bottleneck, dropout, pooling
         )
         self.difficulty_probe = nn.Linear(self.adapter.num_features, 1)  # training-only (aux_weight > 0)
         self.head = load_head(self.head_path)

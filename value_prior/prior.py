@@ -384,6 +384,7 @@ def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] 
         "num_heads": hp.num_heads,
         "bottleneck": hp.bottleneck,
         "dropout": hp.dropout,
+        "pooling": hp.get("pooling", "last"),
     }
     return ValuePrior(
         module.backbone,

@@ -36,9 +36,13 @@ def test_adapter_shapes_and_zero_init_generator() -> None:
         ResidualQueryAdapter(hidden_size=12, query_dim=5, num_heads=2)
 
 
-def test_prompt_features_independent_of_batching(tiny_backbone: HFBackbone) -> None:
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_prompt_features_independent_of_batching(tiny_backbone: HFBackbone, pooling: str) -> None:
     torch.manual_seed(0)
-    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, num_queries=3, query_dim=2, num_heads=1).eval()
+    adapter = ResidualQueryAdapter(
+        tiny_backbone.hidden_size, num_queries=3, query_dim=2, num_heads=1, pooling=pooling
+    ).eval()
+    torch.nn.init.normal_(adapter.generator_out.weight)  # a live query generator: padding must not leak in
     prompts = [
         "Q: 1+2*3=",
         "Find the number of positive integers n such that n^2 + 1 divides 2024.",
@@ -48,6 +52,23 @@ def test_prompt_features_independent_of_batching(tiny_backbone: HFBackbone) -> N
         together = prompt_features(adapter, tiny_backbone, prompts, chunk_size=8)
         alone = torch.cat([prompt_features(adapter, tiny_backbone, [p]) for p in prompts])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_mean_pooling_reads_the_token_mean() -> None:
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(
+        hidden_size=6, num_queries=2, query_dim=2, num_heads=1, pooling="mean"
+    ).eval()
+    torch.nn.init.normal_(adapter.generator_out.weight)
+    tokens = torch.randn(3, 6)
+    same_mean = tokens.mean(0, keepdim=True).expand(3, 6)  # other tokens, same mean -> same queries
+    seen: list[torch.Tensor] = []
+    adapter.generator_in.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    adapter(*pad_left([tokens, same_mean, torch.randn(5, 6)]))
+    torch.testing.assert_close(seen[0][0], tokens.mean(0))
+    torch.testing.assert_close(seen[0][0], seen[0][1])
+    with pytest.raises(ValueError, match="pooling"):
+        ResidualQueryAdapter(hidden_size=6, num_queries=2, query_dim=2, num_heads=1, pooling="max")
 
 
 def test_v0_loss_hand_computed() -> None:

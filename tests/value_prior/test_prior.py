@@ -52,6 +52,21 @@ def test_save_load_gives_identical_predictions(prior: ValuePrior, tmp_path: Path
     torch.testing.assert_close(loaded.predict(CONTEXT, SUCCESS, QUERIES), before, rtol=0, atol=0)
 
 
+def test_mean_pooling_adapter_round_trips(
+    tiny_backbone: HFBackbone, shipped_head: str, tmp_path: Path
+) -> None:
+    config = {**ADAPTER, "pooling": "mean"}
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, **config)
+    torch.nn.init.normal_(adapter.generator_out.weight, std=0.1)
+    prior = ValuePrior(tiny_backbone, adapter, load_head(shipped_head), config)
+    loaded = ValuePrior.load(prior.save(tmp_path / "prior"))
+    assert loaded.adapter.pooling == "mean"
+    torch.testing.assert_close(
+        loaded.predict(CONTEXT, SUCCESS, QUERIES), prior.predict(CONTEXT, SUCCESS, QUERIES), rtol=0, atol=0
+    )
+
+
 def test_calibration_is_monotone_and_saved(prior: ValuePrior, tmp_path: Path) -> None:
     raw = prior.predict(CONTEXT, SUCCESS, QUERIES)
     prior.calibration = (2.0, 0.5)
