@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ def artifact_location() -> str | None:
 
 
 def ui_command() -> str:
-    """The command that opens the MLflow UI on the current store."""
-    return f"mlflow ui --backend-store-uri {default_tracking_uri()} --host 127.0.0.1 --port 5000"
+    """The command that opens the MLflow UI on the current store (this interpreter's `mlflow`, e.g. `.venv/bin/mlflow`)."""
+    script = Path(sys.executable).parent / "mlflow"
+    mlflow = str(script) if script.exists() else "mlflow"
+    return f"{mlflow} ui --backend-store-uri {default_tracking_uri()} --host 127.0.0.1 --port 5000"
 
 
 def ensure_experiment(name: str) -> str:
