@@ -13,7 +13,7 @@ Every stage is the same console command a user runs, in a subprocess, with the c
 a separate work folder. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same
 config, same starting policy, same validation protocol) instead of training GRPO twice.
 
-    python -m basis.demo              # ~25 minutes on 2 CPU cores
+    python -m basis.demo              # ~12 minutes on 2 CPU cores (10 with the tiny policy built)
     python -m basis.demo --quick --workdir /tmp/demo
 """
 
