@@ -74,37 +74,28 @@ def stages(workdir: Path, quick: bool) -> list[Stage]:
         tiny = [*py, "basis.tiny_policy", "--config=configs/tiny_policy.yaml", f"--out_dir={policy}"]
         out.append(Stage("tiny policy", tiny))
     out.append(policy_run("grpo", "grpo_tiny.yaml"))
-    exports = runs / "grpo" / "exports"
-    harvest = [
-        *py,
-        "data_pipelines.harvest",
-        "run",
-        "--config=configs/harvest/tiny.yaml",
-        f"--prompts={policy / 'data'}",
-        f"--out={pairs}",
-        f"--checkpoints=[{{path: {policy}, policy: grpo, step: 0}}, {{path: {exports}, policy: grpo}}]",
-    ]
-    # All 500 held-out prompts, not the config's 200: in 60-step V0.5 probes the prior fitted on 500
-    # was rejected on 31 % of prompts instead of 37 % (6.6 rollouts per prompt instead of 7.4), for
-    # about 30 s more harvesting.
-    size = ["--num_prompts=64", "--rollouts_per_prompt=4"] if quick else ["--num_prompts=500"]
-    out.append(Stage("harvest pairs", harvest + size))
-    v0 = [
-        *py,
-        "value_prior.cli",
-        "fit",
-        "--config=configs/value_prior/v0_pairs_minilm.yaml",
-        f"--data.pairs={pairs}",
-        f"--model.export_dir={prior}",
-    ]
-    out.append(
-        Stage(
-            "V0 pretraining", v0 + (["--trainer.max_epochs=1", "--data.batches_per_epoch=2"] if quick else [])
-        )
-    )
+    out += prior_stages(policy, runs / "grpo" / "exports", pairs, prior, quick)
     out.append(policy_run("v05_osla", "v05_tiny.yaml", f"--model.prior={prior}"))
     out.append(policy_run("basis_k1", "basis_tiny.yaml", f"--model.prior={prior}"))
     return out
+
+
+def prior_stages(policy: Path, exports: Path, pairs: Path, prior: Path, quick: bool = False) -> list[Stage]:
+    """Harvest `policy` (step 0) and the GRPO run's `exports` into `pairs`, pretrain V0 on them and
+    export it to `prior` (also the rollout-efficiency benchmark's prior)."""
+    py = [sys.executable, "-m"]
+    checkpoints = f"[{{path: {policy}, policy: grpo, step: 0}}, {{path: {exports}, policy: grpo}}]"
+    harvest = [*py, "data_pipelines.harvest", "run", "--config=configs/harvest/tiny.yaml",
+               f"--prompts={policy / 'data'}", f"--out={pairs}", f"--checkpoints={checkpoints}"]  # fmt: skip
+    # All 500 held-out prompts, not the config's 200: in 60-step V0.5 probes the prior fitted on 500
+    # was rejected on 31 % of prompts instead of 37 % (6.6 rollouts per prompt instead of 7.4), for
+    # about 30 s more harvesting.
+    harvest += ["--num_prompts=64", "--rollouts_per_prompt=4"] if quick else ["--num_prompts=500"]
+    v0 = [*py, "value_prior.cli", "fit", "--config=configs/value_prior/v0_pairs_minilm.yaml",
+          f"--data.pairs={pairs}", f"--model.export_dir={prior}"]  # fmt: skip
+    if quick:
+        v0 += ["--trainer.max_epochs=1", "--data.batches_per_epoch=2"]
+    return [Stage("harvest pairs", harvest), Stage("V0 pretraining", v0)]
 
 
 def run_stage(stage: Stage, log_dir: Path) -> float:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from basis.demo import prior_stages
 from benchmarks.results_io import write_results
 
 ARMS = {"grpo": "grpo_tiny.yaml", "v05_osla": "v05_tiny.yaml", "basis_k1": "basis_tiny.yaml"}
@@ -67,17 +68,9 @@ def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None
 
 
 def build_prior(grpo_run: Path, args: argparse.Namespace) -> Path:
-    """The demo chain's prior: harvest the seed-0 GRPO checkpoints (all 500 held-out prompts, as
-    `make demo`), pretrain V0 on the pairs."""
-    pairs = args.workdir / "pairs"
-    checkpoints = (
-        f"[{{path: {args.policy}, policy: grpo, step: 0}}, {{path: {grpo_run / 'exports'}, policy: grpo}}]"
-    )
-    run([sys.executable, "-m", "data_pipelines.harvest", "run", "--config=configs/harvest/tiny.yaml",
-         f"--prompts={args.policy / 'data'}", f"--out={pairs}", f"--checkpoints={checkpoints}", "--num_prompts=500", "--progress=false"],
-        args.workdir / "logs" / "harvest.log")  # fmt: skip
-    run([sys.executable, "-m", "value_prior.cli", "fit", "--config=configs/value_prior/v0_pairs_minilm.yaml",
-         f"--data.pairs={pairs}", f"--model.export_dir={args.prior}"], args.workdir / "logs" / "v0.log")  # fmt: skip
+    """The demo chain's prior (`basis.demo.prior_stages`): harvest the GRPO checkpoints, pretrain V0."""
+    for stage in prior_stages(args.policy, grpo_run / "exports", args.workdir / "pairs", args.prior):
+        run(stage.command, args.workdir / "logs" / (stage.name.replace(" ", "_") + ".log"))
     return args.prior
 
 

@@ -103,6 +103,9 @@ class ResidualQueryAdapter(nn.Module):
             raise ValueError(f"pooling must be 'last' or 'mean', got {pooling!r}")
         if query_dim % num_heads:
             raise ValueError(f"query_dim ({query_dim}) must be divisible by num_heads ({num_heads})")
+        # The constructor arguments except `hidden_size`: what an exported prior stores to rebuild it.
+        self.config = {"num_queries": num_queries, "query_dim": query_dim, "num_heads": num_heads,
+                       "bottleneck": bottleneck, "dropout": dropout, "pooling": pooling}  # fmt: skip
         self.num_queries = num_queries
         self.query_dim = query_dim
         self.pooling = pooling

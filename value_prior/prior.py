@@ -57,9 +57,8 @@ class ValuePrior:
 
     Args:
         backbone: Text backbone (its `hidden_size` must match the adapter).
-        adapter: Trained residual query adapter.
+        adapter: Trained residual query adapter (its `config` is saved with the artifact).
         head: In-context TabPFN head.
-        adapter_config: The adapter's constructor arguments except `hidden_size`.
         label_threshold: Context success rates at or above this are labelled successes.
         max_context: Most context pairs given to the head (larger contexts are subsampled).
         query_chunk: Queries per head call (query rows are independent given the support).
@@ -75,7 +74,6 @@ class ValuePrior:
         backbone: TextBackbone,
         adapter: ResidualQueryAdapter,
         head: InContextHead,
-        adapter_config: dict[str, Any],
         label_threshold: float = 0.5,
         max_context: int = 512,
         query_chunk: int = 1024,
@@ -91,7 +89,6 @@ class ValuePrior:
         self.backbone = backbone
         self.adapter = adapter.to(device).eval().requires_grad_(False)
         self.head = head.to(device).eval().requires_grad_(False)
-        self.adapter_config = dict(adapter_config)
         self.label_threshold = label_threshold
         self.max_context = max_context
         self.query_chunk = query_chunk
@@ -208,7 +205,7 @@ class ValuePrior:
         }
         config = {
             "format": ARTIFACT_FORMAT,
-            "adapter": self.adapter_config,
+            "adapter": self.adapter.config,
             "num_features": self.num_features,
             "label_threshold": self.label_threshold,
             "max_context": self.max_context,
@@ -272,7 +269,6 @@ class ValuePrior:
             backbone,
             adapter,
             head,
-            config["adapter"],
             label_threshold=config["label_threshold"],
             max_context=config["max_context"],
             calibration=(config["calibration"]["scale"], config["calibration"]["bias"]),
@@ -377,21 +373,11 @@ def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] 
     """A `ValuePrior` sharing (copies of) a `V0Module`'s backbone, adapter and head."""
     import copy
 
-    hp = module.hparams
-    adapter_config = {
-        "num_queries": hp.num_queries,
-        "query_dim": hp.query_dim,
-        "num_heads": hp.num_heads,
-        "bottleneck": hp.bottleneck,
-        "dropout": hp.dropout,
-        "pooling": hp.get("pooling", "last"),
-    }
     return ValuePrior(
         module.backbone,
         copy.deepcopy(module.adapter).cpu(),
         copy.deepcopy(module.head).cpu(),
-        adapter_config,
-        label_threshold=hp.label_threshold,
+        label_threshold=module.hparams.label_threshold,
         max_context=max_context,
         info={"head_source": str(module.head_path), **(info or {})},
     )

@@ -21,11 +21,14 @@ QUERIES = ["Q: 2+2*2=", "Q: 95+17*3=", "Q: 23+45*2=", "Let x + 1/x = 3. Compute 
 
 
 @pytest.fixture
-def prior(tiny_backbone: HFBackbone, shipped_head: str) -> ValuePrior:
+def prior(request: pytest.FixtureRequest, tiny_backbone: HFBackbone, shipped_head: str) -> ValuePrior:
+    """A prior with a random non-trivial adapter; indirect parametrisation picks its pooling."""
     torch.manual_seed(0)
-    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, **ADAPTER)
+    adapter = ResidualQueryAdapter(
+        tiny_backbone.hidden_size, **ADAPTER, pooling=getattr(request, "param", "last")
+    )
     torch.nn.init.normal_(adapter.generator_out.weight, std=0.1)  # a non-trivial adapter
-    return ValuePrior(tiny_backbone, adapter, load_head(shipped_head), ADAPTER, info={"test": True})
+    return ValuePrior(tiny_backbone, adapter, load_head(shipped_head), info={"test": True})
 
 
 def test_predict_contract(prior: ValuePrior) -> None:
@@ -38,6 +41,7 @@ def test_predict_contract(prior: ValuePrior) -> None:
     assert prior.predict(CONTEXT, SUCCESS, []).shape == (0,)
 
 
+@pytest.mark.parametrize("prior", ["last", "mean"], indirect=True)
 def test_save_load_gives_identical_predictions(prior: ValuePrior, tmp_path: Path) -> None:
     before = prior.predict(CONTEXT, SUCCESS, QUERIES)
     path = prior.save(tmp_path / "prior")
@@ -49,22 +53,8 @@ def test_save_load_gives_identical_predictions(prior: ValuePrior, tmp_path: Path
     ]
     loaded = ValuePrior.load(path)
     assert loaded.num_features == prior.num_features and loaded.info == {"test": True}
+    assert loaded.adapter.pooling == prior.adapter.pooling
     torch.testing.assert_close(loaded.predict(CONTEXT, SUCCESS, QUERIES), before, rtol=0, atol=0)
-
-
-def test_mean_pooling_adapter_round_trips(
-    tiny_backbone: HFBackbone, shipped_head: str, tmp_path: Path
-) -> None:
-    config = {**ADAPTER, "pooling": "mean"}
-    torch.manual_seed(0)
-    adapter = ResidualQueryAdapter(tiny_backbone.hidden_size, **config)
-    torch.nn.init.normal_(adapter.generator_out.weight, std=0.1)
-    prior = ValuePrior(tiny_backbone, adapter, load_head(shipped_head), config)
-    loaded = ValuePrior.load(prior.save(tmp_path / "prior"))
-    assert loaded.adapter.pooling == "mean"
-    torch.testing.assert_close(
-        loaded.predict(CONTEXT, SUCCESS, QUERIES), prior.predict(CONTEXT, SUCCESS, QUERIES), rtol=0, atol=0
-    )
 
 
 def test_calibration_is_monotone_and_saved(prior: ValuePrior, tmp_path: Path) -> None:
@@ -159,7 +149,7 @@ def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_enco
     with pytest.raises(ValueError, match="adapter weights do not match"):
         ValuePrior.load(path)
     with pytest.raises(ValueError, match="width 32, the adapter expects 384"):
-        ValuePrior(prior.backbone, ResidualQueryAdapter(384, **ADAPTER), prior.head, ADAPTER)
+        ValuePrior(prior.backbone, ResidualQueryAdapter(384, **ADAPTER), prior.head)
 
 
 def test_no_warning_for_a_two_class_context(prior: ValuePrior) -> None:
