@@ -135,9 +135,9 @@ def append_discriminant(support_x: Tensor, query_x: Tensor, support_y: Tensor) -
     """
     y = support_y.to(support_x.dtype)[..., None]  # [B, N, 1]
     positives, negatives = y.sum(1), (1 - y).sum(1)  # [B, 1]
-    direction = (support_x * y).sum(1) / positives.clamp(min=1) - (support_x * (1 - y)).sum(1) / negatives.clamp(
-        min=1
-    )  # [B, F]
+    direction = (support_x * y).sum(1) / positives.clamp(min=1) - (support_x * (1 - y)).sum(
+        1
+    ) / negatives.clamp(min=1)  # [B, F]
     direction = direction * ((positives > 0) & (negatives > 0))  # zero for a single-class support
     support_score = support_x @ direction[..., None]  # [B, N, 1]
     scale = support_score.std(1, keepdim=True, correction=0).clamp(min=1e-6)  # [B, 1, 1]

@@ -17,10 +17,10 @@ from value_prior.head import (
     HeadCheckpointError,
     InContextHead,
     SyntheticTaskStream,
+    append_discriminant,
     build_tabpfn,
     evaluate_head_on_tasks,
     load_head,
-    append_discriminant,
     whiten_by_support,
 )
 
@@ -125,7 +125,9 @@ def test_discriminant_column_is_fishers_linear_discriminant() -> None:
     for b in range(3):
         lda = LinearDiscriminantAnalysis().fit(t.x[b, :n].double().numpy(), t.label[b, :n].numpy())
         reference = lda.decision_function(t.x[b, n:].double().numpy())
-        assert np.corrcoef(reference, query_out[b, :, 5].numpy())[0, 1] > 0.9999  # same score up to an affine map
+        assert (
+            np.corrcoef(reference, query_out[b, :, 5].numpy())[0, 1] > 0.9999
+        )  # same score up to an affine map
     # A single-class support has no discriminant: the column is zero, not NaN.
     single, single_query = append_discriminant(support, query, torch.ones(3, n))
     assert torch.count_nonzero(single[..., 5]) == 0 and torch.count_nonzero(single_query[..., 5]) == 0
