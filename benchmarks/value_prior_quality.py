@@ -18,8 +18,8 @@ Context ablation (same queries): the true context, another policy's context (the
 same step), and the true context with its success rates shuffled (5 shuffles, averaged).
 
 Also: predict latency with 256 context pairs + 256 queries (features cached, and backbone states
-only), and the head's AUC on held-out synthetic tasks vs a logistic regression on the same support
-vs Bayes-optimal.
+only), and the AUC on held-out synthetic tasks of the prior's head and of every head shipped in
+`value_prior/heads/`, vs a logistic regression on the same support vs Bayes-optimal.
 
 Run: `python benchmarks/value_prior_quality.py [--prior artifacts/priors/v0-release-minilm]`; if the
 prior is missing it is trained first with `value-prior fit --config
@@ -46,6 +46,7 @@ from benchmarks.results_io import write_results  # noqa: E402
 from data_pipelines.v0_release import read_v0_release  # noqa: E402
 from value_prior import ValuePrior  # noqa: E402
 from value_prior.data import Pool, PromptSplit, pools_from_pairs, split_pools  # noqa: E402
+from value_prior.head import InContextHead, load_head  # noqa: E402
 from value_prior.metrics import (  # noqa: E402
     auc,
     bootstrap_ci,
@@ -58,6 +59,7 @@ from value_prior.metrics import (  # noqa: E402
 RELEASE = REPO.parent / "shared" / "data" / "v0-release"
 DEFAULT_PRIOR = REPO / "artifacts" / "priors" / "v0-release-minilm"
 DEFAULT_CONFIG = REPO / "configs" / "value_prior" / "v0_release_minilm.yaml"
+SHIPPED_HEADS = REPO / "value_prior" / "heads"
 KNN_CHOICES = (8, 16, 32, 64)
 
 
@@ -215,24 +217,30 @@ def measure_latency(prior: ValuePrior, prompts: list[str], success: np.ndarray, 
     }
 
 
-def head_on_synthetic(prior: ValuePrior, tasks: int, seed: int) -> dict:
-    """The prior's head on held-out synthetic capability tasks (8 features, 256 support, 64 queries):
-    its AUC, a logistic regression's on the same support rows, and the Bayes-optimal AUC given the
-    features (plus the latent oracle, an upper bound)."""
+def head_on_synthetic(heads: dict[str, InContextHead], tasks: int, seed: int) -> dict:
+    """Heads on held-out synthetic capability tasks (8 features, 256 support, 64 queries): each head's
+    AUC, a logistic regression's on the same support rows, and the Bayes-optimal AUC given the
+    features (plus the latent oracle, an upper bound). The first head is the prior's."""
     from value_prior.head import CapabilityPrior, evaluate_head_on_tasks
 
     features = 8
     generated = CapabilityPrior().sample(
         tasks, 256 + 64, features, 256, torch.Generator().manual_seed(seed), bayes_samples=256
     )
-    result = evaluate_head_on_tasks(prior.head, generated)
-    return result | {
-        "features": features,
-        "support": 256,
-        "queries": 64,
-        "head_minus_logreg": result["head"] - result["logreg"],
-        "gap_to_bayes": result["bayes"] - result["head"],
-    }
+    result: dict = {}
+    for name, head in heads.items():
+        scores = evaluate_head_on_tasks(head, generated)
+        if not result:  # the references do not depend on the head
+            result = {k: v for k, v in scores.items() if k != "head"} | {
+                "features": features, "support": 256, "queries": 64, "heads": {}
+            }  # fmt: skip
+        result["heads"][name] = {
+            "auc": scores["head"],
+            "input_transform": head.input_transform,
+            "minus_logreg": scores["head"] - scores["logreg"],
+            "gap_to_bayes": scores["bayes"] - scores["head"],
+        }
+    return result
 
 
 def main() -> None:
@@ -287,7 +295,12 @@ def main() -> None:
         **results,
         "context_ablation": ablations,
         "latency": measure_latency(prior, first.prompts, first.success),
-        "head_synthetic": head_on_synthetic(prior, args.synthetic_tasks, args.seed + 123),
+        "head_synthetic": head_on_synthetic(
+            {"prior": prior.head}
+            | {path.name: load_head(path) for path in sorted(SHIPPED_HEADS.glob("*.ckpt"))},
+            args.synthetic_tasks,
+            args.seed + 123,
+        ),
         "prior": {
             "path": str(prior_path),
             "backbone": prior.backbone_name,
@@ -316,7 +329,12 @@ def main() -> None:
                         f"      true - this {name}: {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
                     )
     print("\nlatency", payload["latency"])
-    print("head on synthetic tasks", payload["head_synthetic"])
+    synthetic = payload["head_synthetic"]
+    print(
+        f"heads on synthetic tasks (logistic regression {synthetic['logreg']:.3f}, Bayes {synthetic['bayes']:.3f}):"
+    )
+    for name, row in synthetic["heads"].items():
+        print(f"  {name:42s} AUC {row['auc']:.3f} ({row['minus_logreg']:+.3f} vs logistic regression)")
     print(f"\nwrote {path}")
 
 

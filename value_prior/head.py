@@ -20,13 +20,15 @@ V0.5 baseline consumes; the support size follows a curriculum (small contexts fi
 architecture's multiclass target densification is switched off (`use_multiclass_target_encoding =
 False`) so a single-class support is not silently relabelled.
 
-The shipped head also preprocesses its input in the forward pass (`input_transform="discriminant"`,
-saved in the checkpoint): features are whitened with the support's statistics and the support's
-linear discriminant score is appended as one more column. Reason, measured: a small (2-layer, 64-wide)
-PFN ranks like Gaussian naive Bayes (held-out AUC 0.797 vs naive Bayes 0.796, LDA 0.835, logistic
-regression 0.838): it reads each feature group on its own and misses correlated features. TabPFN's
-own inference pipeline appends engineered columns (SVD components) for the same reason; the head
-still decides, in context, how far to trust the column. TabPFN checkpoints load with `"none"`.
+Optional input transform (ours, `input_transform="discriminant"`, saved in the checkpoint; off in
+the default head, which reads raw features as the paper's does): features are whitened with the
+support's statistics and the support's linear discriminant score is appended as one more column.
+Reason, measured: the small (2-layer, 64-wide) PFN ranks like Gaussian naive Bayes (held-out AUC 0.797
+vs naive Bayes 0.796, LDA 0.835, logistic regression 0.838): it reads each feature group on its own
+and misses correlated features. TabPFN's own inference pipeline appends engineered columns (SVD
+components) for the same reason; the head still decides in context how far to trust the column.
+The shipped discriminant head reaches 0.835, but V0 trained with it was not better on the release
+data (value_prior/heads/README.md), so it is an option, not the default.
 
 Checkpoints are saved as `{"state_dict", "config", "architecture_name", "inference_config"}` plus a
 `"value_prior_head"` record, which `tabpfn.TabPFNClassifier(model_path=...)` loads. The stored
@@ -34,7 +36,7 @@ inference config switches off TabPFN's sklearn-side preprocessing ensemble, beca
 trained on raw features.
 
 Run: `value-prior prior-fit --max_steps 3000 --out artifacts/heads/my_head.ckpt` (see `PriorFitConfig`
-for every flag; `value_prior/heads/README.md` has the two commands that made the shipped head).
+for every flag; `value_prior/heads/README.md` has the commands that made the shipped heads).
 """
 
 from __future__ import annotations
@@ -643,7 +645,7 @@ class PriorFitConfig:
     nhead: int = 4
     features_per_group: int = 2
     init_from: str | None = None
-    input_transform: str = "discriminant"
+    input_transform: str = "none"
     max_steps: int = 3000
     eval_every: int = 500
     tasks_per_step: int = 16
