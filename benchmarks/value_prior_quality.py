@@ -220,27 +220,33 @@ def measure_latency(prior: ValuePrior, prompts: list[str], success: np.ndarray, 
 def head_on_synthetic(heads: dict[str, InContextHead], tasks: int, seed: int) -> dict:
     """Heads on held-out synthetic capability tasks (8 features, 256 support, 64 queries): each head's
     AUC, a logistic regression's on the same support rows, and the Bayes-optimal AUC given the
-    features (plus the latent oracle, an upper bound). The first head is the prior's."""
+    features (plus the latent oracle, an upper bound)."""
     from value_prior.head import CapabilityPrior, evaluate_head_on_tasks
 
     features = 8
     generated = CapabilityPrior().sample(
         tasks, 256 + 64, features, 256, torch.Generator().manual_seed(seed), bayes_samples=256
     )
-    result: dict = {}
-    for name, head in heads.items():
-        scores = evaluate_head_on_tasks(head, generated)
-        if not result:  # the references do not depend on the head
-            result = {k: v for k, v in scores.items() if k != "head"} | {
-                "features": features, "support": 256, "queries": 64, "heads": {}
-            }  # fmt: skip
-        result["heads"][name] = {
-            "auc": scores["head"],
-            "input_transform": head.input_transform,
-            "minus_logreg": scores["head"] - scores["logreg"],
-            "gap_to_bayes": scores["bayes"] - scores["head"],
+    scores = {name: evaluate_head_on_tasks(head, generated) for name, head in heads.items()}
+    references = {k: v for k, v in next(iter(scores.values())).items() if k != "head"}  # head-independent
+    rows = {
+        name: {
+            "auc": s["head"],
+            "input_transform": heads[name].input_transform,
+            "minus_logreg": s["head"] - s["logreg"],
+            "gap_to_bayes": s["bayes"] - s["head"],
         }
-    return result
+        for name, s in scores.items()
+    }
+    return references | {"features": features, "support": 256, "queries": 64, "heads": rows}
+
+
+def synthetic_heads(prior: ValuePrior) -> dict[str, InContextHead]:
+    """The prior's head, then every head shipped in `value_prior/heads/` that is not the one the prior
+    was fitted with (the head is frozen, so that one would be scored twice)."""
+    source = Path(prior.info.get("head_source", "")).resolve()
+    shipped = {path.name: path for path in sorted(SHIPPED_HEADS.glob("*.ckpt")) if path.resolve() != source}
+    return {"prior": prior.head} | {name: load_head(path) for name, path in shipped.items()}
 
 
 def main() -> None:
@@ -295,12 +301,7 @@ def main() -> None:
         **results,
         "context_ablation": ablations,
         "latency": measure_latency(prior, first.prompts, first.success),
-        "head_synthetic": head_on_synthetic(
-            {"prior": prior.head}
-            | {path.name: load_head(path) for path in sorted(SHIPPED_HEADS.glob("*.ckpt"))},
-            args.synthetic_tasks,
-            args.seed + 123,
-        ),
+        "head_synthetic": head_on_synthetic(synthetic_heads(prior), args.synthetic_tasks, args.seed + 123),
         "prior": {
             "path": str(prior_path),
             "backbone": prior.backbone_name,

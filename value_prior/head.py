@@ -137,10 +137,9 @@ def append_discriminant(support_x: Tensor, query_x: Tensor, support_y: Tensor) -
     """
     y = support_y.to(support_x.dtype)[..., None]  # [B, N, 1]
     positives, negatives = y.sum(1), (1 - y).sum(1)  # [B, 1]
-    direction = (support_x * y).sum(1) / positives.clamp(min=1) - (support_x * (1 - y)).sum(
-        1
-    ) / negatives.clamp(min=1)  # [B, F]
-    direction = direction * ((positives > 0) & (negatives > 0))  # zero for a single-class support
+    mean_success = (support_x * y).sum(1) / positives.clamp(min=1)  # [B, F]
+    mean_failure = (support_x * (1 - y)).sum(1) / negatives.clamp(min=1)  # [B, F]
+    direction = (mean_success - mean_failure) * ((positives > 0) & (negatives > 0))  # [B, F], 0 if one class
     support_score = support_x @ direction[..., None]  # [B, N, 1]
     scale = support_score.std(1, keepdim=True, correction=0).clamp(min=1e-6)  # [B, 1, 1]
     query_score = query_x @ direction[..., None]  # [B, M, 1]
@@ -172,15 +171,23 @@ class InContextHead(nn.Module):
         input_transform: str = "none",
     ) -> None:
         super().__init__()
-        if input_transform not in INPUT_TRANSFORMS:
-            raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {input_transform!r}")
         self.model = model
         # Off so a single-class support is not densified to class 0 (design.md §3 pitfall).
         self.model.use_multiclass_target_encoding = False
         self.config = dict(config)
         self.architecture_name = architecture_name
         self.info = dict(info or {})
-        self.input_transform = input_transform
+        self.input_transform = input_transform  # validated by the property
+
+    @property
+    def input_transform(self) -> str:
+        return self._input_transform
+
+    @input_transform.setter
+    def input_transform(self, value: str) -> None:
+        if value not in INPUT_TRANSFORMS:
+            raise ValueError(f"unknown input_transform {value!r} (use one of {INPUT_TRANSFORMS})")
+        self._input_transform = value
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Logits over {fail, success} for every query row.
@@ -298,9 +305,10 @@ def load_head(path: str | Path) -> InContextHead:
         raise HeadCheckpointError(f"head checkpoint {path}: weights do not fit its config ({err})") from err
     info = dict(checkpoint.get(HEAD_KIND, {}))
     transform = info.pop("input_transform", "none")  # TabPFN's own checkpoints: raw features
-    if transform not in INPUT_TRANSFORMS:
-        raise HeadCheckpointError(f"head checkpoint {path}: unknown input_transform {transform!r}")
-    return InContextHead(model.eval(), dataclasses.asdict(config), name, info, input_transform=transform)
+    try:
+        return InContextHead(model.eval(), dataclasses.asdict(config), name, info, input_transform=transform)
+    except ValueError as err:
+        raise HeadCheckpointError(f"head checkpoint {path}: {err}") from err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -617,9 +625,9 @@ class PriorFitConfig:
         nhead: Attention heads.
         features_per_group: TabPFN feature grouping (1 or 2).
         init_from: Continue from this head checkpoint instead of a fresh architecture.
-        input_transform: `"discriminant"` (whitened features plus the support's linear
-            discriminant score, see `InContextHead`) or `"none"` (raw features); a continued head
-            takes this setting.
+        input_transform: `"none"` (raw features) or `"discriminant"` (whitened features plus the
+            support's linear discriminant score, see `InContextHead`); a continued head takes this
+            setting.
         max_steps: Training steps.
         eval_every: Steps between held-out evaluations (one Lightning "epoch").
         tasks_per_step: Synthetic tasks per step.
@@ -680,9 +688,7 @@ def prior_fit(config: PriorFitConfig) -> dict[str, float]:
             config.emsize, config.nlayers, config.nhead, config.features_per_group, seed=config.seed
         )
         head = InContextHead(model, arch_config)
-    if config.input_transform not in INPUT_TRANSFORMS:
-        raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}, got {config.input_transform!r}")
-    head.input_transform = config.input_transform
+    head.input_transform = config.input_transform  # a continued head takes the configured transform
     head.info = {"prior_fit": dataclasses.asdict(config), **earlier}
     prior = CapabilityPrior()
     eval_tasks = prior.sample(

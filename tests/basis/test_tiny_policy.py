@@ -61,7 +61,9 @@ def test_build_model_is_seeded_and_validates_shape() -> None:
     tokenizer = build_tokenizer()
     a, b = build_model(tokenizer, seed=3), build_model(tokenizer, seed=3)
     c = build_model(tokenizer, seed=4)
-    differ = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
+    differ = [
+        n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)
+    ]
     assert not differ, f"same seed, different weights: {differ}"
     assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
     assert a.config.vocab_size == len(tokenizer)
