@@ -549,7 +549,7 @@ def build_tiny_policy(
     Returns:
         The evaluation dict written to `eval.json`.
     """
-    from basis.tracking import mlflow_run
+    from basis.tracking import environment, mlflow_run
 
     start = time.perf_counter()
     torch.set_num_threads(num_threads)
@@ -613,6 +613,7 @@ def build_tiny_policy(
             sft_steps=len(losses),
             build_seconds=round(time.perf_counter() - start, 1),
             train_seconds=round(train_s, 1),
+            environment=environment(),
         )
         (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         metrics = {"test/greedy_acc": result["overall"]}

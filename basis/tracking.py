@@ -8,18 +8,60 @@ Lightning runs log through `MLflowLogger` (Lightning's own `MLFlowLogger` with o
 (tiny-policy build, harvest, benchmarks) use `mlflow_run(...)`.
 
 Metric names must avoid `@ ( )`: write `pass_at_k/8`, not `pass@8`.
+
+`environment()` describes what a number was measured on (CPU model and vector extensions, package
+versions); the tiny-policy build and every benchmark result record it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 STORE_DIR = Path("mlflow")
+NUMERIC_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "tabpfn",
+    "lightning",
+    "numpy",
+    "scikit-learn",
+    "peft",
+)
+"""Packages whose version can change a seeded result."""
+
+
+def environment() -> dict[str, Any]:
+    """CPU model, the SIMD extensions that pick torch's CPU kernels, Python and package versions.
+
+    A seeded build is byte-identical on one machine and environment (the tiny policy, measured), but
+    not across CPUs with different vector units or across package releases; recording both lets a
+    moved figure be traced.
+    """
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    cpu = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines) if v}
+    versions: dict[str, str | None] = {}
+    for name in NUMERIC_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu_model": cpu.get("model name", platform.processor() or platform.machine()),
+        "cpu_simd": sorted(f for f in cpu.get("flags", "").split() if f.startswith(("avx", "amx", "fma"))),
+        "python": platform.python_version(),
+        "packages": versions,
+    }
 
 
 def default_tracking_uri() -> str:

@@ -1,8 +1,10 @@
 """Write benchmark results as JSON under `benchmarks/results/`, stamped with machine and date.
 
 Every benchmark prints its figures and calls `write_results(name, payload)`; the payload keeps the
-shape its issue asks for and gains one extra top-level key, `"meta"` (machine, date, versions, git
-commit), so the history of committed results shows where and when each figure was measured.
+shape its issue asks for and gains one extra top-level key, `"meta"` (machine, CPU model and vector
+extensions, date, package versions, git commit), so the history of committed results shows where and
+when each figure was measured, and a figure that moves at the same commit can be traced to the
+machine or the environment.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from basis.tracking import environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -33,9 +37,9 @@ def machine_meta() -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **environment(),
         "git_commit": commit,
     }
 

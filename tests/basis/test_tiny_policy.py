@@ -176,6 +176,21 @@ def test_command_writes_policy_data_and_eval(built_policy: tuple[Path, dict, str
     for level, mean in sampled["mean_at_k"].items():
         assert 0.0 <= mean <= sampled["pass_at_n"][level] <= 1.0
     assert result["seed"] == 3 and result["num_parameters"] > 0
+    environment = result["environment"]  # what a moved figure is traced to
+    assert environment["packages"]["torch"] == torch.__version__ and environment["cpu_model"]
+
+
+def test_same_seed_rebuilds_byte_identical_policy(
+    built_policy: tuple[Path, dict, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out, result, _ = built_policy
+    config = out.parent / "config.yaml"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    main(["--config", str(config), "--out_dir", str(tmp_path / "again"), "--seed", "3"])
+    for name in ("model.safetensors", "tokenizer.json", "data/train.parquet", "data/test.parquet"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
+    assert again["overall"] == result["overall"] and again["sampled"] == result["sampled"]
 
 
 def test_command_logs_to_mlflow(built_policy: tuple[Path, dict, str]) -> None:
