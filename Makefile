@@ -1,6 +1,7 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test` (the test suite).
 # Both create .venv on first use. Torch goes in first as the local CPU wheel (torch==2.13.0), so no
-# later requirement can pull a multi-GB CUDA build.
+# later requirement can pull a multi-GB CUDA build; everything else at the versions in constraints.txt
+# (the environment the committed benchmark figures were measured in).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,11 +18,11 @@ export TOKENIZERS_PARALLELISM = false
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: setup
