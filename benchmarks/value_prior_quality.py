@@ -11,7 +11,11 @@ Methods, all on the prior's backbone (MiniLM, mean-pooled and L2-normalised for 
 `v0` (the exported prior), `knn` (mean success of the k nearest context prompts, k chosen per pool by
 leave-one-out over {8, 16, 32, 64}), `logreg` (per-context logistic regression on the success rates),
 `global_logreg` (one logistic regression on every pool's context pairs: shared prompt difficulty),
-`context_mean`. Metrics: gAUC, AUC, Brier, ECE, pair accuracy (value_prior.metrics), with 95 %
+`context_mean`, and one diagnostic, `head_given_global_logit`: the prior's head reading a single
+feature column, the global logistic regression's logit, from the same context (in-sample on the
+context prompts, as V0's adapter features are). It measures what the in-context step alone costs: how
+much ranking the head loses re-learning a good score from one policy's few hundred binary labels.
+Metrics: gAUC, AUC, Brier, ECE, pair accuracy (value_prior.metrics), with 95 %
 bootstrap intervals for gAUC and paired intervals for V0 minus each baseline.
 
 Context ablation (same queries): the true context, another policy's context (the other model at the
@@ -61,6 +65,7 @@ DEFAULT_PRIOR = REPO / "artifacts" / "priors" / "v0-release-minilm"
 DEFAULT_CONFIG = REPO / "configs" / "value_prior" / "v0_release_minilm.yaml"
 SHIPPED_HEADS = REPO / "value_prior" / "heads"
 KNN_CHOICES = (8, 16, 32, 64)
+METHODS = ("v0", "knn", "logreg", "global_logreg", "context_mean", "head_given_global_logit")
 
 
 def pooled_embeddings(prior: ValuePrior, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -99,6 +104,24 @@ def knn_predict(context_x: np.ndarray, context_y: np.ndarray, query_x: np.ndarra
     return context_y[nearest].mean(1)
 
 
+def head_given_feature(
+    prior: ValuePrior, context_feature: np.ndarray, context_success: np.ndarray, query_feature: np.ndarray
+) -> np.ndarray:
+    """The prior's head reading one feature column; a single-class context gives the context mean."""
+    labels = context_success >= prior.label_threshold
+    if labels.min() == labels.max():
+        return np.full(len(query_feature), context_success.mean())
+
+    def rows(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32)[None, :, None]  # [1, n, 1]
+
+    with torch.no_grad():
+        s = prior.head.success_logit(
+            rows(context_feature), torch.as_tensor(labels[None], dtype=torch.float32), rows(query_feature)
+        )
+    return torch.sigmoid(s[0]).numpy()
+
+
 def other_policy(name: str, names: list[str]) -> str:
     """The pool of the other model at the same step (falls back to any other pool)."""
     policy, step = name.rsplit("@", 1)
@@ -121,9 +144,7 @@ def evaluate_split(
     all_x = np.stack([embed[p] for n in names for p in context[n].prompts])
     all_y = np.concatenate([context[n].success for n in names])
     global_lr = fit_soft_logreg(all_x, all_y)
-    preds: dict[str, list[np.ndarray]] = {
-        m: [] for m in ("v0", "knn", "logreg", "global_logreg", "context_mean")
-    }
+    preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     ablation: dict[str, list[np.ndarray]] = {
         "true_context": [],
         "other_policy_context": [],
@@ -141,6 +162,11 @@ def evaluate_split(
         preds["logreg"].append(fit_soft_logreg(cx, ctx.success).predict_proba(qx)[:, 1])
         preds["global_logreg"].append(global_lr.predict_proba(qx)[:, 1])
         preds["context_mean"].append(np.full(len(qx), ctx.success.mean()))
+        preds["head_given_global_logit"].append(
+            head_given_feature(
+                prior, global_lr.decision_function(cx), ctx.success, global_lr.decision_function(qx)
+            )
+        )
         other = context[other_policy(name, names)]
         ablation["true_context"].append(v0)
         ablation["other_policy_context"].append(
@@ -313,11 +339,11 @@ def main() -> None:
     path = write_results("value_prior_quality", payload)
     for split_name in ("context_holdout", "train_queries"):
         print(f"\n{split_name} ({results[split_name]['num_queries']} queries)")
-        for method in ("v0", "knn", "logreg", "global_logreg", "context_mean"):
+        for method in METHODS:
             m = results[split_name][method]
             lo, hi = m["gauc_ci95"]
             print(
-                f"  {method:14s} gAUC {m['gauc']:.3f} [{lo:.3f}, {hi:.3f}]  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
+                f"  {method:24s} gAUC {m['gauc']:.3f} [{lo:.3f}, {hi:.3f}]  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
             )
         for variant, m in ablations[split_name].items():
             print(
