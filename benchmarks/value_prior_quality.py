@@ -19,7 +19,10 @@ Metrics: gAUC, AUC, Brier, ECE, pair accuracy (value_prior.metrics), with 95 %
 bootstrap intervals for gAUC and paired intervals for V0 minus each baseline.
 
 Context ablation (same queries): the true context, another policy's context (the other model at the
-same step), and the true context with its success rates shuffled (5 shuffles, averaged).
+same step), and the true context with its success rates shuffled (5 shuffles, averaged). The
+other-policy swap is also run for the context-reading baselines (`logreg`, `knn`): if they rank a
+policy's prompts as well from another policy's context, the data holds no policy-specific ranking
+for any context reader to find.
 
 Also: predict latency with 256 context pairs + 256 queries (features cached, and backbone states
 only), and the AUC on held-out synthetic tasks of the prior's head and of every head shipped in
@@ -150,6 +153,7 @@ def evaluate_split(
         "other_policy_context": [],
         "shuffled_context": [],
     }
+    baselines_other: dict[str, list[np.ndarray]] = {"logreg": [], "knn": []}
     success, groups = [], []
     rng = np.random.default_rng(seed)
     for name in names:
@@ -176,6 +180,9 @@ def evaluate_split(
             prior.predict(ctx.prompts, rng.permutation(ctx.success), qry.prompts).numpy() for _ in range(5)
         ]
         ablation["shuffled_context"].append(np.mean(shuffled, axis=0))
+        ox = np.stack([embed[p] for p in other.prompts])
+        baselines_other["logreg"].append(fit_soft_logreg(ox, other.success).predict_proba(qx)[:, 1])
+        baselines_other["knn"].append(knn_predict(ox, other.success, qx))
         success.append(qry.success)
         groups += [name] * len(qry.success)
     y, g = np.concatenate(success), np.array(groups)
@@ -213,6 +220,16 @@ def evaluate_split(
                 "diff": diff[0],
                 "ci95": [diff[1], diff[2]],
             }
+    # The same swap for the context-reading baselines: is there policy-specific ranking to read at all?
+    ablation_scores["baselines_other_policy_context"] = {}
+    for method, parts in baselines_other.items():
+        true_p, other_p = np.concatenate(preds[method]), np.concatenate(parts)
+        diff = paired_bootstrap_diff(gauc_fn, true_p, other_p, y, g, n_resamples=500, seed=seed)
+        ablation_scores["baselines_other_policy_context"][method] = {
+            "gauc_true_context": scores[method]["gauc"],
+            "gauc_other_policy_context": gauc_fn(other_p, y, g),
+            "true_minus_this_gauc": {"diff": diff[0], "ci95": [diff[1], diff[2]]},
+        }
     return scores, ablation_scores
 
 
@@ -345,7 +362,15 @@ def main() -> None:
             print(
                 f"  {method:24s} gAUC {m['gauc']:.3f} [{lo:.3f}, {hi:.3f}]  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
             )
+        for method, m in ablations[split_name]["baselines_other_policy_context"].items():
+            d = m["true_minus_this_gauc"]
+            print(
+                f"  ablation {method} with another policy's context: gAUC {m['gauc_other_policy_context']:.3f} "
+                f"(true - this {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
+            )
         for variant, m in ablations[split_name].items():
+            if variant == "baselines_other_policy_context":
+                continue
             print(
                 f"  ablation {variant:22s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
             )
