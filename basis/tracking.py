@@ -2,7 +2,8 @@
 
 The default store is the sqlite database `mlflow/mlflow.db` with artifacts under `mlflow/artifacts`,
 both relative to the working directory (the repository root for the Makefile targets). Setting
-`MLFLOW_TRACKING_URI` (for example a tracking server) overrides both.
+`MLFLOW_TRACKING_URI` overrides both: another sqlite store keeps its artifacts beside its .db file,
+a tracking server decides its own.
 
 Lightning runs log through `MLflowLogger` (Lightning's own `MLFlowLogger` with our defaults); plain scripts
 (tiny-policy build, harvest, benchmarks) use `mlflow_run(...)`.
@@ -73,11 +74,18 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{(STORE_DIR / 'mlflow.db').resolve()}"
 
 
-def artifact_location() -> str | None:
-    """Artifact root for new experiments in the local store; a remote server decides its own."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+def artifact_location(tracking_uri: str | None = None) -> str | None:
+    """Artifact root for new experiments: `artifacts/` beside a local sqlite store.
+
+    That is `mlflow/artifacts` for the default store and `<folder of the .db>/artifacts` for any
+    `sqlite:///` URI (MLflow's own default would be `./mlruns` under whatever the working directory
+    is, which scattered the artifacts of runs against another store, tests included, into the
+    repository). A tracking server or a file store decides its own (`None`).
+    """
+    uri = tracking_uri or default_tracking_uri()
+    if not uri.startswith("sqlite:///"):
         return None
-    root = (STORE_DIR / "artifacts").resolve()
+    root = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve()
     root.mkdir(parents=True, exist_ok=True)
     return root.as_uri()
 
@@ -111,7 +119,8 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
 
     Use it in YAML as `trainer.logger: {class_path: basis.tracking.MLflowLogger, init_args:
     {experiment_name: ...}}`. Only the defaults differ: the tracking URI comes from
-    `default_tracking_uri()` when not given, and new experiments put artifacts under `mlflow/artifacts`.
+    `default_tracking_uri()` when not given, and new experiments put artifacts beside a sqlite store
+    (`artifact_location`).
 
     Args:
         experiment_name: MLflow experiment to log into (created if missing).
@@ -141,7 +150,7 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
             run_id=run_id,
             log_model=log_model,
             tags=tags,
-            artifact_location=artifact_location(),
+            artifact_location=artifact_location(tracking_uri),
         )
 
 

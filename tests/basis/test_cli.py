@@ -152,3 +152,28 @@ def test_every_policy_config_parses(config: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "model_path:" in result.stdout
+
+
+def test_runs_against_another_sqlite_store_keep_artifacts_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's default artifact root is `./mlruns` in the working directory; ours is beside the .db."""
+    import mlflow
+
+    from basis.tracking import MLflowLogger, artifact_location, mlflow_run
+
+    store, workdir = tmp_path / "store", tmp_path / "cwd"
+    store.mkdir()
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with mlflow_run("plain-script") as run:
+        mlflow.log_text("hello", "note.txt")
+    logger = MLflowLogger(experiment_name="lightning-run", tracking_uri=uri)
+    logger.experiment.log_text(logger.run_id, "hello", "note.txt")
+    saved = sorted(str(p.relative_to(store)) for p in store.rglob("note.txt"))
+    assert len(saved) == 2 and all(p.startswith("artifacts/") for p in saved)
+    assert any(run.info.run_id in p for p in saved)
+    assert not any(workdir.iterdir())  # no ./mlruns
+    assert artifact_location("http://127.0.0.1:5000") is None  # a server decides
