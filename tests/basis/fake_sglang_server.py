@@ -16,6 +16,12 @@ Fault injection for the error-path tests: `fail_routes` (HTTP 500), `reject_rout
 `success=False`), `generate_delays` (sleep before answering, to trigger client timeouts),
 `drop_updates` (claim success but load nothing), `corrupt_adapters` (flip one adapter tensor on load).
 Every request's route is appended to `calls`, so a test can assert the call order of a training step.
+
+Like a real server it shares no state with the test process: unseeded sampling draws from the
+server's own generator, not torch's global one, and closing the server waits for requests still in
+flight (a timed-out `/generate` keeps running after its client gave up). Before, such a request
+sampled from the global generator while later tests ran and made a seeded model build in another
+test file come out different.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ class FakeSGLangServer:
         self.corrupt_adapters = False
         self.loaded_names: list[str] = []
         self._lock = threading.Lock()
+        self._rng = torch.Generator().manual_seed(0)  # unseeded requests; never the global generator
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -74,7 +81,7 @@ class FakeSGLangServer:
 
     def __enter__(self) -> FakeSGLangServer:
         server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        server.daemon_threads = True
+        server.daemon_threads = False  # so server_close() joins requests still in flight
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
@@ -245,7 +252,7 @@ class FakeSGLangServer:
         temperature, top_k, top_p = sp.get("temperature", 1.0), sp.get("top_k", -1), sp.get("top_p", 1.0)
         if temperature < _SAMPLING_EPS:
             temperature, top_k = 1.0, 1
-        generator = torch.Generator().manual_seed(sp["sampling_seed"]) if "sampling_seed" in sp else None
+        generator = torch.Generator().manual_seed(sp["sampling_seed"]) if "sampling_seed" in sp else self._rng
         stops = sp.get("stop") or []
         ids, output, logprobs = list(prompt), [], []
         finish: dict[str, Any] = {"type": "length", "length": sp.get("max_new_tokens", 128)}
@@ -286,7 +293,7 @@ class FakeSGLangServer:
         return {"text": text, "output_ids": output, "meta_info": meta}
 
     @staticmethod
-    def _pick(logprobs: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    def _pick(logprobs: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator) -> int:
         if top_k == 1:
             return int(logprobs.argmax())
         probs = logprobs.exp()  # [V]
