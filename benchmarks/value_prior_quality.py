@@ -6,6 +6,10 @@ Splits (both from `../shared/data/v0-release`):
   (train + val) pairs. This is the split the issue judges on.
 - `train_queries`: the release's `train.jsonl` queries (prompts disjoint from the pools); context is
   the whole pool. Only 32 queries per pool, so its intervals are wide.
+- `harvested_pairs` (when `--harvested_prior` exists, as after `benchmarks/rollout_efficiency.py`):
+  the same methods on the prompt-level test split of the pairs harvested from the tiny policy's GRPO
+  checkpoints, with the prior fitted on them (the prior V0.5 uses in that benchmark). Its pools are
+  checkpoints of one policy, so its "other policy" context is another checkpoint.
 
 Methods, all on the prior's backbone (MiniLM, mean-pooled and L2-normalised for the baselines):
 `v0` (the exported prior), `knn` (mean success of the k nearest context prompts, k chosen per pool by
@@ -66,6 +70,8 @@ from value_prior.metrics import (  # noqa: E402
 RELEASE = REPO.parent / "shared" / "data" / "v0-release"
 DEFAULT_PRIOR = REPO / "artifacts" / "priors" / "v0-release-minilm"
 DEFAULT_CONFIG = REPO / "configs" / "value_prior" / "v0_release_minilm.yaml"
+HARVESTED_PRIOR = REPO / "artifacts" / "priors" / "rollout-efficiency"
+CACHE_DIR = REPO / ".cache" / "value_prior" / "hidden_states"
 SHIPPED_HEADS = REPO / "value_prior" / "heads"
 KNN_CHOICES = (8, 16, 32, 64)
 METHODS = ("v0", "knn", "logreg", "global_logreg", "context_mean", "head_given_global_logit")
@@ -233,6 +239,30 @@ def evaluate_split(
     return scores, ablation_scores
 
 
+def load_split(prior: ValuePrior) -> PromptSplit:
+    """The prompt-level split the prior was trained with (recorded in its artifact)."""
+    info = prior.info.get("data", {})
+    return PromptSplit(
+        info.get("val_fraction", 0.1), info.get("test_fraction", 0.2), info.get("split_salt", "v0-holdout")
+    )
+
+
+def evaluate_harvested(path: Path, seed: int) -> tuple[dict, dict]:
+    """Every method on the test split of the harvested pairs the prior at `path` was fitted on."""
+    from data_pipelines.pairs import load_valid_pairs
+
+    prior = ValuePrior.load(path, cache_dir=str(CACHE_DIR))
+    pairs = Path(prior.info["data"]["pairs"])
+    pools = pools_from_pairs(load_valid_pairs(str(pairs if pairs.is_absolute() else REPO / pairs)))
+    split = load_split(prior)
+    embed = pooled_embeddings(prior, sorted({p for pool in pools.values() for p in pool.prompts}))
+    scores, ablation = evaluate_split(
+        prior, split_pools(pools, split, ("train", "val")), split_pools(pools, split, ("test",)), embed, seed
+    )
+    scores["prior"] = str(path)
+    return scores, ablation
+
+
 def measure_latency(prior: ValuePrior, prompts: list[str], success: np.ndarray, repeats: int = 20) -> dict:
     """Median predict time with 256 context pairs + 256 queries."""
     context, queries = prompts[:256], prompts[256:512]
@@ -298,6 +328,11 @@ def main() -> None:
     parser.add_argument("--release", default=str(RELEASE), help="V0 release data folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic_tasks", type=int, default=256)
+    parser.add_argument(
+        "--harvested_prior",
+        default=str(HARVESTED_PRIOR),
+        help="a prior fitted on harvested pairs; its test split is scored too when the folder exists",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -314,13 +349,8 @@ def main() -> None:
             cwd=REPO,
         )
         fit_seconds = time.perf_counter() - start
-    prior = ValuePrior.load(prior_path, cache_dir=str(REPO / ".cache" / "value_prior" / "hidden_states"))
-    split_info = prior.info.get("data", {})
-    split = PromptSplit(
-        split_info.get("val_fraction", 0.1),
-        split_info.get("test_fraction", 0.2),
-        split_info.get("split_salt", "v0-holdout"),
-    )
+    prior = ValuePrior.load(prior_path, cache_dir=str(CACHE_DIR))
+    split = load_split(prior)
 
     pools = pools_from_pairs(read_v0_release(args.release, "context"))
     train_queries = pools_from_pairs(read_v0_release(args.release, "train"))
@@ -339,6 +369,10 @@ def main() -> None:
     results["train_queries"], ablations["train_queries"] = evaluate_split(
         prior, pools, train_queries, embed, args.seed
     )
+    if (Path(args.harvested_prior) / "config.json").exists():
+        results["harvested_pairs"], ablations["harvested_pairs"] = evaluate_harvested(
+            Path(args.harvested_prior), args.seed
+        )
     first = pools[sorted(pools)[0]]
     payload = {
         **results,
@@ -354,7 +388,7 @@ def main() -> None:
         },
     }
     path = write_results("value_prior_quality", payload)
-    for split_name in ("context_holdout", "train_queries"):
+    for split_name in results:
         print(f"\n{split_name} ({results[split_name]['num_queries']} queries)")
         for method in METHODS:
             m = results[split_name][method]
