@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.special import expit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -150,9 +151,12 @@ def evaluate_split(
 ) -> tuple[dict, dict]:
     """Scores of every method and the context ablation on one split."""
     names = sorted(n for n in queries if len(queries[n].success) and n in context)
-    all_x = np.stack([embed[p] for n in names for p in context[n].prompts])
-    all_y = np.concatenate([context[n].success for n in names])
-    global_lr = fit_soft_logreg(all_x, all_y)
+    context_x = {n: np.stack([embed[p] for p in context[n].prompts]) for n in names}
+    # Each pool's own model serves its own queries and, in the ablation, another pool's.
+    context_lr = {n: fit_soft_logreg(context_x[n], context[n].success) for n in names}
+    global_lr = fit_soft_logreg(
+        np.concatenate([context_x[n] for n in names]), np.concatenate([context[n].success for n in names])
+    )
     preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     ablation: dict[str, list[np.ndarray]] = {
         "true_context": [],
@@ -164,20 +168,20 @@ def evaluate_split(
     rng = np.random.default_rng(seed)
     for name in names:
         ctx, qry = context[name], queries[name]
-        cx = np.stack([embed[p] for p in ctx.prompts])
+        cx = context_x[name]
         qx = np.stack([embed[p] for p in qry.prompts])
+        query_logit = global_lr.decision_function(qx)
         v0 = prior.predict(ctx.prompts, ctx.success, qry.prompts).numpy()
         preds["v0"].append(v0)
         preds["knn"].append(knn_predict(cx, ctx.success, qx))
-        preds["logreg"].append(fit_soft_logreg(cx, ctx.success).predict_proba(qx)[:, 1])
-        preds["global_logreg"].append(global_lr.predict_proba(qx)[:, 1])
+        preds["logreg"].append(context_lr[name].predict_proba(qx)[:, 1])
+        preds["global_logreg"].append(expit(query_logit))  # = predict_proba(qx)[:, 1], as sklearn computes it
         preds["context_mean"].append(np.full(len(qx), ctx.success.mean()))
         preds["head_given_global_logit"].append(
-            head_given_feature(
-                prior, global_lr.decision_function(cx), ctx.success, global_lr.decision_function(qx)
-            )
+            head_given_feature(prior, global_lr.decision_function(cx), ctx.success, query_logit)
         )
-        other = context[other_policy(name, names)]
+        other_name = other_policy(name, names)
+        other = context[other_name]
         ablation["true_context"].append(v0)
         ablation["other_policy_context"].append(
             prior.predict(other.prompts, other.success, qry.prompts).numpy()
@@ -186,9 +190,8 @@ def evaluate_split(
             prior.predict(ctx.prompts, rng.permutation(ctx.success), qry.prompts).numpy() for _ in range(5)
         ]
         ablation["shuffled_context"].append(np.mean(shuffled, axis=0))
-        ox = np.stack([embed[p] for p in other.prompts])
-        baselines_other["logreg"].append(fit_soft_logreg(ox, other.success).predict_proba(qx)[:, 1])
-        baselines_other["knn"].append(knn_predict(ox, other.success, qx))
+        baselines_other["logreg"].append(context_lr[other_name].predict_proba(qx)[:, 1])
+        baselines_other["knn"].append(knn_predict(context_x[other_name], other.success, qx))
         success.append(qry.success)
         groups += [name] * len(qry.success)
     y, g = np.concatenate(success), np.array(groups)
