@@ -33,6 +33,13 @@ class PromptRow(NamedTuple):
     difficulty: int | None
 
 
+class ValBatch(NamedTuple):
+    """A validation batch: `rows`, of which the first `real` count; the rest pad a rank whose shard is short."""
+
+    rows: list[PromptRow]
+    real: int
+
+
 def rows_from_dataset(dataset: Any) -> list[PromptRow]:
     """Convert a `datasets.Dataset` in the prompt-row contract into `PromptRow`s."""
     difficulty = dataset["difficulty"] if "difficulty" in dataset.column_names else [None] * len(dataset)
@@ -145,7 +152,8 @@ class PromptDataModule(L.LightningDataModule):
             self.val_rows = rows
 
     def rows_for_steps(self, first: int, last: int, rank: int, world_size: int) -> list[PromptRow]:
-        """The distinct training prompts that RL steps `first..last` (inclusive) give to `rank`."""
+        """The distinct training prompts that data steps `first..last` (inclusive, 0-based: RL step s
+        reads data step s - 1) give to `rank`."""
         if last - first + 1 >= len(self.train_rows):
             return list(self.train_rows)
         seen = {int(i) for step in range(first, last + 1)
@@ -163,7 +171,15 @@ class PromptDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         shard = self.val_rows[rank::world]
-        batches = [shard[i : i + self.val_batch_size] for i in range(0, len(shard), self.val_batch_size)]
+        # Every rank runs the same number of equally sized batches (sharded decoding runs in lockstep):
+        # a short shard is padded with copies of a prompt that validation generates for but ignores.
+        per_rank = -(-len(self.val_rows) // world)
+        padded = shard + self.val_rows[:1] * (per_rank - len(shard))
+        size = self.val_batch_size
+        batches = [
+            ValBatch(padded[i : i + size], max(0, min(size, len(shard) - i)))
+            for i in range(0, per_rank, size)
+        ]
         return DataLoader(batches, batch_size=None, collate_fn=_keep_rows)
 
 

@@ -45,7 +45,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 
 from basis.advantages import ESTIMATORS, compute_advantages, fused_baseline, osla_extra_rollouts
-from basis.data import PromptRow, seed_for
+from basis.data import PromptRow, ValBatch, seed_for
 from basis.losses import (
     aggregate_loss,
     entropy_from_logits,
@@ -211,7 +211,10 @@ class PolicyTrainer(L.LightningModule):
         self.sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_policy(model_path, lora)
-        self.reference = None  # built lazily when kl_coef > 0 (full fine-tuning only; LoRA disables adapters)
+        # The frozen reference for a KL penalty under full fine-tuning is the starting checkpoint, built
+        # lazily and kept out of the module tree (a dict is not registered): checkpoints need not carry a
+        # second copy of the model, and a resumed run rebuilds it from `model_path`. LoRA disables adapters.
+        self._frozen: dict[str, torch.nn.Module] = {}
         self.engine: RolloutEngine = (
             engine if engine is not None else HFEngine(self.policy, self.tokenizer, engine_batch_size)
         )
@@ -286,8 +289,8 @@ class PolicyTrainer(L.LightningModule):
         per-step cost is then the in-context head alone); the one-time cost is logged."""
         max_steps = self.trainer.max_steps
         last = max_steps // self.updates_per_step if max_steps and max_steps > 0 else 10**9
-        rows = self.trainer.datamodule.rows_for_steps(
-            self.rl_step + 1, last, self.global_rank, self.trainer.world_size
+        rows = self.trainer.datamodule.rows_for_steps(  # RL step s reads the prompts of data step s - 1
+            self.rl_step, last - 1, self.global_rank, self.trainer.world_size
         )
         start = time.perf_counter()
         self.prior.prepare([prompt_text(r.prompt) for r in rows])
@@ -305,6 +308,7 @@ class PolicyTrainer(L.LightningModule):
             "rl_step": self.rl_step,
             "bad_steps": self._bad_steps,
             "rollouts_total": self.rollouts_total,
+            "prior_failures": self._prior_failures,
             "support_buffer": self.support.state_dict(),
             "prior_calibration": None if self.calibrator is None else self.calibrator.state_dict(),
         }
@@ -317,6 +321,7 @@ class PolicyTrainer(L.LightningModule):
             )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
         self.rollouts_total = int(state.get("rollouts_total", 0))
+        self._prior_failures = int(state.get("prior_failures", 0))
         if self.prior is not None:
             self.support.load_state_dict(state.get("support_buffer", {"format": None}))
         if self.calibrator is not None and state.get("prior_calibration") is not None:
@@ -337,6 +342,10 @@ class PolicyTrainer(L.LightningModule):
         if self.osla is not None and prior is not None:
             rollouts = self.osla_rounds(rollouts, prior, timings)
         advantages = self.advantages(rollouts, prior)  # [N]
+        # the held-out check of this step's baseline samples the policy that produced the rollouts
+        heldout = (
+            self.heldout_mean_reward(prompts) if prior is not None and self.hparams.heldout_rollouts else None
+        )
         self.engine.release_memory()
         with _timer(timings, "update"):
             batch = self.policy_batch(rollouts)
@@ -345,7 +354,7 @@ class PolicyTrainer(L.LightningModule):
             self.engine.resume_memory()
             self.engine.update_weights(self.policy)
         self.rollouts_total += len(rollouts.completions)
-        self.record_step(rollouts, advantages, update_stats, timings, prior)
+        self.record_step(rollouts, advantages, update_stats, timings, prior, heldout)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
         if self.calibrator is not None and prior_p is not None:
@@ -409,6 +418,9 @@ class PolicyTrainer(L.LightningModule):
             return None
         rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
         context_prompts, context_success = self.support.sample(rng)
+        if len({rate >= 0.5 for rate in context_success}) < 2:  # the buffer has both classes, this draw not
+            log.info("step %d: the sampled context has one class; using the empirical baseline", self.rl_step)
+            return None
         queries = [prompt_text(r.prompt) for r in prompts]
         try:
             p = torch.as_tensor(
@@ -451,7 +463,9 @@ class PolicyTrainer(L.LightningModule):
         optimizer = self.optimizers()
         for _ in range(hp.ppo_epochs):
             order = torch.randperm(len(advantages), generator=generator)  # [N]
-            for mini in order.chunk(hp.mini_batches):
+            # exactly `mini_batches` updates whatever N is (OSLA varies it): Lightning's step count stays
+            # RL steps x updates_per_step, which checkpoint cadence and max_steps rely on
+            for mini in order.tensor_split(hp.mini_batches):
                 self._optimizer_update(optimizer, batch, mini, advantages, old_logprobs, ref_logprobs, stats)
         return {k: float(np.mean(v)) for k, v in stats.items()}
 
@@ -470,6 +484,7 @@ class PolicyTrainer(L.LightningModule):
         optimizer.zero_grad()
         num_tokens, num_sequences = float(batch.response_mask[mini].sum()), float(len(mini))
         finite = True
+        policy_loss_sum, kl_loss_sum = 0.0, 0.0  # micro-batch losses share the mini-batch denominators
         for micro in mini.split(hp.micro_batch_size):
             sub = _select(batch, micro)
             mask = sub.response_mask  # [n, R]
@@ -498,14 +513,14 @@ class PolicyTrainer(L.LightningModule):
                     kl, mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences
                 )
                 loss = loss + hp.kl_coef * kl_loss
-                _append(stats, kl=float(kl_loss.detach()) * len(mini) / len(micro))
+                kl_loss_sum += float(kl_loss.detach())
             if not torch.isfinite(loss):
                 finite = False
                 break
             self.manual_backward(loss)
+            policy_loss_sum += float(out.loss.detach())
             _append(
                 stats,
-                policy_loss=float(out.loss.detach()),
                 clip_frac=float(out.clip_frac),
                 clip_frac_low=float(out.clip_frac_low),
                 clip_frac_high=float(out.clip_frac_high),
@@ -517,17 +532,23 @@ class PolicyTrainer(L.LightningModule):
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
         )
-        if not finite or not torch.isfinite(grad_norm):
-            optimizer.zero_grad()
+        lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
+        skipped = not finite or not torch.isfinite(grad_norm)
+        if skipped:
             self._on_non_finite()
-            _append(stats, skipped_updates=1.0)
-            return
-        self._bad_steps = 0
+            # A counted no-op: parameters without gradients are left alone by torch optimizers (no
+            # weight decay, no moment update), and Lightning's step count and the schedule stay aligned.
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            self._bad_steps = 0
+            _append(stats, policy_loss=policy_loss_sum, grad_norm=float(grad_norm), lr=lr)
+            if ref_logprobs is not None:
+                _append(stats, kl=kl_loss_sum)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-        _append(stats, grad_norm=float(grad_norm), skipped_updates=0.0, lr=optimizer.param_groups[0]["lr"])
+        _append(stats, skipped_updates=float(skipped))
 
     def _on_non_finite(self) -> None:
         self._bad_steps += 1
@@ -586,9 +607,14 @@ class PolicyTrainer(L.LightningModule):
         with_entropy: bool = False,
         model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling temperature."""
+        """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling
+        temperature. Without grad (old and reference log-probs) dropout is off, as in the engine that
+        sampled the responses; the loss pass keeps the module's training mode."""
         model = model or self.policy
         logprobs, entropies = [], []
+        was_training = model.training
+        if not with_grad:
+            model.eval()
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
             for micro in torch.arange(batch.input_ids.shape[0]).split(self.hparams.micro_batch_size):
@@ -604,17 +630,18 @@ class PolicyTrainer(L.LightningModule):
                 )  # [n, R]
                 if with_entropy:
                     entropies.append(entropy_from_logits(logits.detach()))  # [n, R]
+        model.train(was_training)
         return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
 
     def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         if self.hparams.lora is not None:
             with self.policy.disable_adapter():
                 return self.sequence_logprobs(batch)[0]
-        if self.reference is None:
-            self.reference = (
+        if "reference" not in self._frozen:
+            self._frozen["reference"] = (
                 load_policy(self.hparams.model_path, None)[0].to(self.device).eval().requires_grad_(False)
             )
-        return self.sequence_logprobs(batch, model=self.reference)[0]
+        return self.sequence_logprobs(batch, model=self._frozen["reference"])[0]
 
     def _sampling_params(self, salt: int) -> SamplingParams:
         from dataclasses import replace
@@ -623,8 +650,8 @@ class PolicyTrainer(L.LightningModule):
 
     # ----------------------------------------------------------------- validation
 
-    def validation_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
-        k = self.hparams.val_samples
+    def validation_step(self, batch: ValBatch, batch_idx: int) -> None:
+        prompts, k = batch.rows, self.hparams.val_samples
         prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(k)]
         params = SamplingParams(
             **{
@@ -636,7 +663,7 @@ class PolicyTrainer(L.LightningModule):
         answers = [row.answer for row in prompts for _ in range(k)]
         correct = torch.as_tensor(self.verifier([c.text for c in completions], answers).rewards).view(
             len(prompts), k
-        )  # [P, k]
+        )[: batch.real]  # [P, k] without the padding rows
         num_correct = correct.sum(1).long()  # [P]
         self.val_pass_at_k.update(torch.full_like(num_correct, k), num_correct)
         self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
@@ -646,15 +673,18 @@ class PolicyTrainer(L.LightningModule):
             return
         pass_at = {int(k): float(v) for k, v in self.val_pass_at_k.compute().items()}
         self.val_pass_at_k.reset()
-        accuracy = (
-            self.all_gather(torch.cat(self._val_accuracy)).flatten().float()
-            if self._val_accuracy
-            else torch.zeros(0)
-        )
+        accuracy = torch.cat(self._val_accuracy).double() if self._val_accuracy else torch.zeros(0).double()
         self._val_accuracy = []
+        # ranks hold different numbers of prompts: reduce sums rather than gather the per-prompt values
+        totals = torch.stack([accuracy.sum(), (accuracy**2).sum(), torch.tensor(float(accuracy.numel()))])
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+        total, total_sq, n = totals.tolist()
+        mean = total / max(n, 1.0)
+        variance = (total_sq - n * mean**2) / (n - 1) if n > 1 else 0.0  # unbiased, as torch.std
         metrics = {f"val/pass_at_k/{k}": v for k, v in pass_at.items()}
-        metrics["val/mean_at_k"] = float(accuracy.mean())
-        metrics["val/mean_at_k_stderr"] = float(accuracy.std() / math.sqrt(max(1, accuracy.numel())))
+        metrics["val/mean_at_k"] = mean
+        metrics["val/mean_at_k_stderr"] = math.sqrt(max(variance, 0.0) / max(n, 1.0))
         self._pass_curves[self.rl_step] = pass_at
         self.log_metrics(metrics, series="val")
 
@@ -694,6 +724,7 @@ class PolicyTrainer(L.LightningModule):
         update: dict[str, float],
         timings: dict[str, float],
         prior: torch.Tensor | None,
+        heldout: torch.Tensor | None = None,
     ) -> None:
         lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
         truncated = torch.tensor(
@@ -719,7 +750,7 @@ class PolicyTrainer(L.LightningModule):
         metrics["time/step"] = sum(timings.values())
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
-            metrics.update(self.prior_diagnostics(rollouts, prior, timings))
+            metrics.update(self.prior_diagnostics(rollouts, prior, timings, heldout))
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
@@ -728,9 +759,15 @@ class PolicyTrainer(L.LightningModule):
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
 
     def prior_diagnostics(
-        self, rollouts: Rollouts, prior: torch.Tensor | None, timings: dict[str, float]
+        self,
+        rollouts: Rollouts,
+        prior: torch.Tensor | None,
+        timings: dict[str, float],
+        heldout: torch.Tensor | None = None,
     ) -> dict[str, float]:
-        """V0.5's own per-step diagnostics: rollouts per prompt, rejections, fusion weights, Brier, ..."""
+        """V0.5's own per-step diagnostics: rollouts per prompt, rejections, fusion weights, Brier, and,
+        given `heldout` (`[P]` mean ±1 reward of fresh samples from the same policy), the squared error
+        of the fused baseline and of the empirical mean against it."""
         counts, means = group_counts_means(rollouts)  # [P], [P]
         self._v05_history["rollouts_per_prompt"] += counts.tolist()
         metrics = {
@@ -752,8 +789,7 @@ class PolicyTrainer(L.LightningModule):
         if self.calibrator is not None:
             metrics["v05/calibration_scale"] = self.calibrator.scale
             metrics["v05/calibration_shift"] = self.calibrator.shift
-        if self.hparams.heldout_rollouts:
-            heldout = self.heldout_mean_reward(rollouts.prompts)  # [P]
+        if heldout is not None:
             metrics["v05/baseline_sq_error_heldout"] = float(((baseline - heldout) ** 2).mean())
             metrics["v05/empirical_sq_error_heldout"] = float(((means - heldout) ** 2).mean())
         return metrics

@@ -154,5 +154,80 @@ def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
     with pytest.raises(RuntimeError, match="three consecutive updates"):
         make_trainer(tmp_path, steps=10).fit(module, datamodule=data(task_dir))
     assert module.rl_step == 3
+    assert module.trainer.global_step == 2  # skipped updates still count: checkpoint cadence holds
     assert all(torch.equal(before[name], p) for name, p in module.policy.named_parameters())
     assert list((tmp_path / "checkpoints").glob("non-finite-step3.ckpt"))
+
+
+def test_full_finetune_with_kl_resumes_and_keeps_the_reference_out_of_checkpoints(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    module = make_module(tiny_lm_path, tmp_path, kl_coef=0.1, checkpoint_every_n_steps=1)
+    make_trainer(tmp_path, steps=2).fit(module, datamodule=data(task_dir))
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] and all(k.startswith("policy.") for k in checkpoint["state_dict"])
+    resumed = make_module(tiny_lm_path, tmp_path, kl_coef=0.1, checkpoint_every_n_steps=1)
+    make_trainer(tmp_path, steps=3).fit(
+        resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
+    )
+    assert resumed.rl_step == 3
+
+
+def one_step_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
+    """Eight sampled responses to four prompts, as the trainer's update sees them."""
+    from basis.data import PromptRow
+    from basis.rollout import SamplingParams
+    from basis.trainer import Rollouts
+
+    prompts = [PromptRow(f"p{i}", f"{i}+{3 * i}=", str(4 * i), "arith", None) for i in range(1, 5)]
+    index = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    prompt_ids = [module.prompt_token_ids(prompts[i]) for i in index.tolist()]
+    completions = module.engine.generate(prompt_ids, SamplingParams(12, 1.0, 1.0, 0, (), seed=1))
+    correct = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 0])
+    return module.policy_batch(Rollouts(prompts, prompt_ids, completions, index, correct, 0))
+
+
+def test_logged_policy_loss_does_not_depend_on_micro_batching(tiny_lm_path: str, tmp_path: Path) -> None:
+    stats = {}
+    for micro in (8, 2):
+        module = make_module(tiny_lm_path, tmp_path, micro_batch_size=micro, kl_coef=0.1)
+        optimizer = torch.optim.SGD([p for p in module.policy.parameters() if p.requires_grad], lr=0.0)
+        module.optimizers, module.lr_schedulers = (lambda o=optimizer: o), (lambda: None)  # no Trainer
+        module.manual_backward = lambda loss: loss.backward()
+        stats[micro] = module.update_policy(one_step_batch(module), torch.linspace(-0.5, 1.5, 8))
+    for name in ("policy_loss", "kl", "grad_norm"):
+        assert stats[2][name] == pytest.approx(stats[8][name], rel=1e-4, abs=1e-6), name
+
+
+def test_old_and_reference_logprobs_are_taken_without_dropout(tiny_lm_path: str, tmp_path: Path) -> None:
+    lora = LoraSettings(r=4, alpha=8, dropout=0.5)
+    module = make_module(tiny_lm_path, tmp_path, lora=lora)
+    with torch.no_grad():  # LoRA starts with B = 0, where dropout on its input changes nothing
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+    batch = one_step_batch(module)
+    module.policy.train()
+    first, second = module.sequence_logprobs(batch)[0], module.sequence_logprobs(batch)[0]
+    assert torch.equal(first, second)
+    assert module.policy.training  # the training mode is restored
+    noisy = module.sequence_logprobs(batch, with_grad=True)[0].detach()
+    assert not torch.equal(noisy, first)  # the loss pass itself keeps LoRA's dropout
+
+
+def test_validation_shards_are_equal_on_every_rank_and_cover_each_prompt_once(task_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    datamodule = PromptDataModule(
+        str(task_dir), val_path=str(task_dir), val_split="validation", val_batch_size=2
+    )
+    datamodule.setup("fit")
+    assert len(datamodule.val_rows) == 8
+    real, shapes = [], set()
+    for rank in range(3):
+        datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=3)
+        batches = list(datamodule.val_dataloader())
+        shapes.add(tuple(len(b.rows) for b in batches))
+        real += [row.prompt_id for b in batches for row in b.rows[: b.real]]
+    assert len(shapes) == 1  # 3 prompts per rank, padded where a rank holds 2
+    assert sorted(real) == sorted(row.prompt_id for row in datamodule.val_rows)

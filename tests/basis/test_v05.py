@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from basis.data import PromptDataModule
+from basis.data import PromptDataModule, PromptRow
 from basis.tasks import write_arithmetic_task
 from basis.tracking import MLflowLogger
 from basis.trainer import PolicyTrainer
@@ -28,10 +28,13 @@ class ConstantPrior:
     def __init__(self, p: float) -> None:
         self.p = p
         self.calls = 0
+        self.queried: list[str] = []
 
     def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
         self.calls += 1
         assert len(context_prompts) == len(context_success) > 0
+        assert {s >= 0.5 for s in context_success} == {True, False}, "V0 needs a two-class context"
+        self.queried += list(query_prompts)
         return torch.full((len(query_prompts),), self.p)
 
     def prepare(self, prompts) -> None:
@@ -65,6 +68,10 @@ def primed(module: PolicyTrainer) -> PolicyTrainer:
     """Give the support buffer a two-class context so the prior is used from the first step."""
     module.support.add([f"Q{i}" for i in range(8)], [1.0, 0.0] * 4)
     return module
+
+
+def rows(n: int) -> list[PromptRow]:
+    return [PromptRow(f"p{i}", f"{i}+{i}=", str(2 * i), "arith", None) for i in range(n)]
 
 
 def fit(module: PolicyTrainer, task_dir: Path, tmp_path: Path, steps: int, logger=None) -> None:
@@ -120,6 +127,7 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
         fit(module, task_dir, tmp_path / label, steps=2, logger=logger)
         assert prior.calls == 2
         assert len(prior.prepared) == 8  # the prompts of steps 1-2, embedded before the first step
+        assert set(prior.queried) == set(prior.prepared)
         runs[label] = logger.run_id
 
     perfect, adversarial = runs["perfect"], runs["adversarial"]
@@ -133,6 +141,30 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
     assert history("train/rollouts_total", adversarial) == [64.0, 128.0]
     for error in history("v05/baseline_sq_error_heldout", adversarial):
         assert error <= 1 / 16  # |b - mu| <= 1/sqrt(k) with k = 16 (held-out mu of the same policy)
+
+
+def test_held_out_check_samples_the_policy_that_made_the_rollouts(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.0), heldout_rollouts=4))
+    events: list[str] = []
+    heldout, update_weights = module.heldout_mean_reward, module.engine.update_weights
+    module.heldout_mean_reward = lambda prompts: events.append("heldout") or heldout(prompts)
+    module.engine.update_weights = lambda policy: events.append("update") or update_weights(policy)
+    fit(module, task_dir, tmp_path, steps=2)
+    assert events == ["heldout", "update"] * 2
+
+
+def test_a_one_class_draw_from_a_two_class_buffer_falls_back(tiny_lm_path: str, tmp_path: Path) -> None:
+    prior = ConstantPrior(0.5)  # asserts that every context it is given has both classes
+    module = module_for(tiny_lm_path, tmp_path, prior=prior, context_size=16, support_capacity=64)
+    module.support.add([f"Q{i}" for i in range(64)], [1.0] + [0.0] * 63)
+    assert module.support.ready()
+    served = []
+    for step in range(1, 21):
+        module.rl_step = step
+        served.append(module.query_prior(rows(4)) is not None)
+    assert prior.calls == sum(served) and 0 < sum(served) < 20  # P(draw holds the success) = 1/4
 
 
 def test_without_context_the_step_falls_back_and_logs_it(
