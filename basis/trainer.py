@@ -529,9 +529,7 @@ class PolicyTrainer(L.LightningModule):
                 entropy=float((entropy * mask).sum() / mask.sum().clamp(min=1)),
                 logprob_mismatch=float(logprob_mismatch(old, sub.rollout_logprobs, mask)),
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.policy.parameters() if p.requires_grad], self.hparams.grad_clip
-        )
+        grad_norm = self._clip_gradients()
         lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
         skipped = not finite or not torch.isfinite(grad_norm)
         if skipped:
@@ -549,6 +547,15 @@ class PolicyTrainer(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         _append(stats, skipped_updates=float(skipped))
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the policy's gradient norm to `grad_clip`; returns the norm before clipping. Under FSDP
+        each rank holds a shard of every gradient, so the root FSDP module computes the global norm."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy):
+            return strategy.model.clip_grad_norm_(self.hparams.grad_clip)  # the root FSDP module
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        return torch.nn.utils.clip_grad_norm_(params, self.hparams.grad_clip)
 
     def _on_non_finite(self) -> None:
         self._bad_steps += 1

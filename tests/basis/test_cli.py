@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,8 +125,10 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(workdir: Path) -> 
 
 def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     run_dir = workdir / "ddp"
+    ddp = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2")
+    # 7 validation prompts: rank 0 holds 4, rank 1 holds 3 (padded to 4 and reduced as sums)
     subprocess.run(
-        basis_cmd(workdir, run_dir, "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2"),
+        basis_cmd(workdir, run_dir, *ddp, "--data.val_prompts=7"),
         env=env(workdir),
         check=True,
         capture_output=True,
@@ -134,6 +137,9 @@ def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     rank1 = pq.read_table(run_dir / "rollouts" / "step_000001-rank1.parquet").to_pydict()["prompt_id"]
     assert len(set(rank0)) == len(set(rank1)) == 4 and not set(rank0) & set(rank1)
     assert (run_dir / "exports" / "step_000002" / "model.safetensors").exists()
+    client = MlflowClient(env(workdir)["MLFLOW_TRACKING_URI"])
+    validated = client.get_metric_history((run_dir / "mlflow_run_id").read_text(), "val/mean_at_k")
+    assert sorted(m.step for m in validated) == [0, 2]
 
 
 POLICY_CONFIGS = sorted(

@@ -231,3 +231,29 @@ def test_validation_shards_are_equal_on_every_rank_and_cover_each_prompt_once(ta
         real += [row.prompt_id for b in batches for row in b.rows[: b.real]]
     assert len(shapes) == 1  # 3 prompts per rank, padded where a rank holds 2
     assert sorted(real) == sorted(row.prompt_id for row in datamodule.val_rows)
+
+
+def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_global_norm(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    """Lightning refuses FSDP on CPU, so the FSDP root here is a test double that records the call
+    (`FullyShardedDataParallel.clip_grad_norm_` all-reduces the shard norms; torch's would not)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class FsdpRootDouble:
+        def __init__(self) -> None:
+            self.max_norms: list[float] = []
+
+        def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+            self.max_norms.append(max_norm)
+            return torch.tensor(2.5)
+
+    module = make_module(tiny_lm_path, tmp_path, grad_clip=0.7)
+    strategy, root = FSDPStrategy(), FsdpRootDouble()
+    strategy.model = root
+    module._trainer = SimpleNamespace(strategy=strategy)
+    assert float(module._clip_gradients()) == 2.5 and root.max_norms == [0.7]
+    module._trainer = None
+    assert float(module._clip_gradients()) == 0.0  # no gradients yet: torch's own clipping
