@@ -1,7 +1,9 @@
 """Verifiers: score responses against ground-truth answers with rewards in {0, 1}.
 
-- `ArithmeticVerifier`: exact integer match for the arithmetic task. The response's answer is the
-  integer after the last `####` marker if there is one, else the last integer in the response.
+- `ArithmeticVerifier`: exact match for the arithmetic task. The response's answer is the number right
+  after the last `####` marker if there is one, else the last number in the response. A number is read
+  whole, thousands commas and decimals included (`1,130` is 1130, `113.9` is 113.9, never 113), and
+  compared exactly with the integer answer (`113.0` counts as 113).
 - `MathVerifier`: LaTeX / expression equivalence with `math-verify` (`parse` + `verify`), e.g.
   `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`. math-verify's own timeouts use `signal.alarm`,
   which fails outside the main thread, so they are disabled and every item runs in a pool of worker
@@ -25,6 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -33,8 +36,11 @@ from math_verify import parse, verify
 if TYPE_CHECKING:
     import torch
 
-FINAL_ANSWER = re.compile(r"####\s*(-?\d+)")
-INTEGER = re.compile(r"-?\d+")
+# A whole number: optional minus, digits with optional thousands commas, optional decimals. It may not
+# start inside or end inside a longer run of digits (`1,13` and `1.2.3` are not numbers; `113.` is 113).
+_NUMBER = r"-?(?<![\d.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![.,]?\d)"
+NUMBER = re.compile(_NUMBER)
+FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
 
 
 class VerifyResult(NamedTuple):
@@ -56,17 +62,15 @@ def _check_lengths(responses: Sequence[str], answers: Sequence[str]) -> None:
         raise ValueError(f"responses ({len(responses)}) and answers ({len(answers)}) differ in length")
 
 
-def extract_integer(response: str) -> int | None:
-    """The marked final answer (`#### 113`) if a marker is present, else the last integer; None if neither."""
-    if "####" in response:
-        marked = FINAL_ANSWER.findall(response)
-        return int(marked[-1]) if marked else None
-    numbers = INTEGER.findall(response)
-    return int(numbers[-1]) if numbers else None
+def extract_number(response: str) -> Decimal | None:
+    """The marked final answer (`#### 1,130` -> 1130) if a marker is present, else the last number in the
+    response; None if there is none (or a marker is not followed by a number)."""
+    found = FINAL_ANSWER.findall(response) if "####" in response else NUMBER.findall(response)
+    return Decimal(found[-1].replace(",", "")) if found else None
 
 
 class ArithmeticVerifier:
-    """Exact-integer verifier for the arithmetic task (in-process: it only runs two regexes)."""
+    """Exact-match verifier for the arithmetic task's integer answers (in-process: it only runs a regex)."""
 
     def __call__(self, responses: Sequence[str], answers: Sequence[str]) -> VerifyResult:
         _check_lengths(responses, answers)
@@ -75,9 +79,9 @@ class ArithmeticVerifier:
         for index, (response, answer) in enumerate(zip(responses, answers)):
             if not re.fullmatch(r"\s*-?\d+\s*", answer):
                 raise ValueError(f"answers[{index}] = {answer!r} is not an integer; use the math verifier")
-            predicted = extract_integer(response)
+            predicted = extract_number(response)
             failed += predicted is None
-            rewards.append(float(predicted == int(answer)))
+            rewards.append(float(predicted == int(answer)))  # Decimal == int compares exactly
         return VerifyResult(rewards, failed)
 
 
@@ -119,6 +123,7 @@ def _worker_loop(connection: Connection) -> None:
 class _Worker:
     process: Any  # multiprocessing.Process of the chosen context
     connection: Connection
+    started: float  # time.monotonic() of the (re)start; startup_timeout_s counts from here
     ready: bool = False
     job: tuple[int, float] | None = None  # (item index, start time)
 
@@ -149,7 +154,8 @@ class MathVerifier:
         num_workers: Worker processes (started on first use, reused across calls).
         start_method: `forkserver` (default; workers fork from a server that preloaded math-verify, so
             replacing a killed worker is fast) or `spawn`.
-        startup_timeout_s: Longest wait for a new worker to import math-verify before giving up.
+        startup_timeout_s: Longest wait for a (re)started worker to become ready before giving up, counted
+            from each worker's own start.
     """
 
     def __init__(
@@ -182,7 +188,7 @@ class MathVerifier:
         process = self._context.Process(target=_worker_loop, args=(child,), daemon=True)
         process.start()
         child.close()
-        return _Worker(process, parent)
+        return _Worker(process, parent, started=time.monotonic())
 
     def _replace(self, worker: _Worker) -> None:
         _stop_workers([worker])
@@ -205,7 +211,6 @@ class MathVerifier:
         rewards = [0.0] * len(responses)
         failed = [False] * len(responses)
         pending = deque(range(len(responses)))
-        started_waiting = time.monotonic()
         while pending or any(w.job for w in self._workers):
             now = time.monotonic()
             for worker in list(self._workers):
@@ -220,8 +225,12 @@ class MathVerifier:
                         continue
                     worker.job = (index, now)
             busy = [w for w in self._workers if w.job]
-            starting = not busy and not any(w.ready for w in self._workers)
-            if starting and now - started_waiting > self.startup_timeout_s:
+            # Stuck only if every worker is still starting, each for longer than the startup limit: the
+            # limit is per (re)start, since workers replaced after timeouts start afresh late in a call.
+            stuck = not busy and all(
+                not w.ready and now - w.started > self.startup_timeout_s for w in self._workers
+            )
+            if stuck:
                 raise RuntimeError(f"no math-verify worker became ready within {self.startup_timeout_s} s")
             deadline = min((w.job[1] + self.timeout_s for w in busy if w.job), default=now + 1.0)
             for connection in wait([w.connection for w in self._workers], timeout=max(0.0, deadline - now)):

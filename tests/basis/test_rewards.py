@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from basis.rewards import (
     ArithmeticVerifier,
     MathVerifier,
     VerifyResult,
-    extract_integer,
+    extract_number,
     get_verifier,
     to_pm1,
 )
@@ -29,12 +30,22 @@ def math_verifier() -> Iterator[MathVerifier]:
         yield verifier
 
 
-def test_extract_integer() -> None:
-    assert extract_integer("45*2=90 90+23=113 #### 113") == 113
-    assert extract_integer("#### 12 then #### -7") == -7
-    assert extract_integer("the sum is 5 and 8") == 8  # no marker: last integer
-    assert extract_integer("#### oops 5") is None  # a marker without an integer is unparseable
-    assert extract_integer("no digits") is None
+def test_extract_number() -> None:
+    assert extract_number("45*2=90 90+23=113 #### 113") == 113
+    assert extract_number("#### 12 then #### -7") == -7
+    assert extract_number("the sum is 5 and 8") == 8  # no marker: last number
+    assert extract_number("#### oops 5") is None  # a marker without a number is unparseable
+    assert extract_number("no digits") is None
+
+
+def test_extract_number_reads_the_whole_number() -> None:
+    assert extract_number("#### 113.9") == Decimal("113.9")  # not 113
+    assert extract_number("#### 1,130") == 1130  # not 1
+    assert extract_number("#### 12,345,678 apples") == 12345678
+    assert extract_number("so it is 113.9") == Decimal("113.9")  # no marker: the same reading, not 9
+    assert extract_number("the answer is 1,130.") == 1130
+    assert extract_number("#### 1,13") is None  # a broken thousands group is no number
+    assert extract_number("sums: 5,8") == 8  # not a thousands group: two numbers
 
 
 def test_arithmetic_verifier_scores_and_counts_unparseable() -> None:
@@ -43,6 +54,14 @@ def test_arithmetic_verifier_scores_and_counts_unparseable() -> None:
         ["113", "113", "5", "1", "-3"],
     )
     assert result == VerifyResult([1.0, 0.0, 0.0, 0.0, 1.0], 2)
+
+
+def test_arithmetic_verifier_compares_whole_numbers_exactly() -> None:
+    result = ArithmeticVerifier()(
+        ["#### 113.9", "113.9", "#### 1,130", "#### 1,130", "#### 113.0", "90+23=113 so -113"],
+        ["113", "113", "1", "1130", "113", "113"],
+    )
+    assert result == VerifyResult([0.0, 0.0, 0.0, 1.0, 1.0, 0.0], 0)
 
 
 def test_arithmetic_verifier_rejects_bad_arguments() -> None:
@@ -80,6 +99,18 @@ def test_math_verifier_hanging_input_times_out(math_verifier: MathVerifier) -> N
     assert elapsed < 10  # two 1 s limits on two workers, plus replacing the killed workers
     # The pool recovered: the replacement workers answer.
     assert math_verifier(["\\boxed{4}"], ["4"]) == VerifyResult([1.0], 0)
+
+
+def test_math_verifier_startup_limit_counts_from_each_restart() -> None:
+    """Workers replaced after timeouts late in a long call get the full startup limit from their restart;
+    the call's elapsed time (here 5 rounds of 0.5 s > the 1.5 s limit) is no startup failure."""
+    with MathVerifier(timeout_s=0.5, num_workers=2, startup_timeout_s=1.5) as verifier:
+        start = time.monotonic()
+        result = verifier([HANGING_RESPONSE] * 10 + ["\\boxed{3}"], ["5"] * 10 + ["3"])
+        elapsed = time.monotonic() - start
+    assert result == VerifyResult([0.0] * 10 + [1.0], 10)
+    assert verifier.failures.timeouts == 10
+    assert elapsed < 15
 
 
 def test_math_verifier_survives_a_killed_worker(math_verifier: MathVerifier) -> None:
