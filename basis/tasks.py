@@ -87,7 +87,7 @@ def check_prompt_row(row: Mapping[str, Any], index: int, source: str) -> None:
     if not answer.strip():
         raise ValueError(f"{where}, field 'answer': empty answer")
     for name in ("prompt_id", "data_source"):
-        if name in row and not (isinstance(row[name], str) and row[name]):
+        if name in row and not (isinstance(row[name], str) and row[name].strip()):
             raise ValueError(
                 f"{where}, field {name!r}: expected a non-empty string, got {_describe(row[name])}"
             )
@@ -166,8 +166,10 @@ def last_boxed(text: str) -> str:
     raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
 
 
-def math_level(level: str) -> int | None:
+def math_level(level: object) -> int | None:
     """MATH difficulty: `"Level 3"` -> 3; `"Level ?"` (present in the data) -> None."""
+    if not isinstance(level, str):
+        raise ValueError(f"expected a string like 'Level 3', got {_describe(level)}")
     match = re.fullmatch(r"\s*Level\s+(\d+)\s*", level)
     return int(match.group(1)) if match else None
 
@@ -271,9 +273,17 @@ def _load_raw(
     return datasets.load_dataset(path_or_hub_name, split=split), f"{path_or_hub_name}[{split}]"
 
 
-def _get_path(row: Mapping[str, Any], dotted: str) -> Any:
+def _get_path(row: Mapping[str, Any], dotted: str, where: str, field: str) -> Any:
+    """The value at the dotted column path; a null (or non-struct) parent on the way is a row error."""
     value: Any = row
-    for key in dotted.split("."):
+    keys = dotted.split(".")
+    for depth, key in enumerate(keys):
+        if not isinstance(value, Mapping):
+            parent = ".".join(keys[:depth])
+            found = "null" if value is None else _describe(value)
+            raise ValueError(
+                f"{where}, field {field!r} (column {dotted!r}): {parent!r} is {found}, not a struct"
+            )
         value = value[key]
     return value
 
@@ -296,18 +306,22 @@ def _convert_row(
     data_source: str,
     split: str,
 ) -> dict[str, Any]:
-    row = {name: _get_path(raw_row, column) for name, column in column_map.items()}
+    where = f"{source}: row {index}"
+    row = {name: _get_path(raw_row, column, where, name) for name, column in column_map.items()}
     check_prompt_row({"prompt": row["prompt"], "answer": row["answer"]}, index, source)
     if preset is not None and preset.answer_from is not None:
         try:
             row["answer"] = preset.answer_from(row["answer"])
         except ValueError as error:
-            raise ValueError(
-                f"{source}: row {index}, field 'answer' (column {column_map['answer']!r}): {error}"
-            ) from None
+            raise ValueError(f"{where}, field 'answer' (column {column_map['answer']!r}): {error}") from None
     difficulty = row.get("difficulty")
     if preset is not None and preset.difficulty_from is not None and difficulty is not None:
-        difficulty = preset.difficulty_from(difficulty)
+        try:
+            difficulty = preset.difficulty_from(difficulty)
+        except ValueError as error:
+            raise ValueError(
+                f"{where}, field 'difficulty' (column {column_map['difficulty']!r}): {error}"
+            ) from None
     prompt = row["prompt"]
     if isinstance(prompt, list):  # keep only role/content of chat messages
         prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]

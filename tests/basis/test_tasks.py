@@ -157,6 +157,46 @@ def test_gsm8k_answer_without_marker_names_row(tmp_path: Path) -> None:
         load_prompts(str(path), preset="gsm8k")
 
 
+def test_null_struct_under_a_column_path_names_file_row_field(tmp_path: Path) -> None:
+    rows = dapo_rows()
+    rows[1]["reward_model"] = None
+    path = write_jsonl(tmp_path / "dapo.jsonl", rows)
+    with pytest.raises(
+        ValueError,
+        match=r"dapo\.jsonl: row 1, field 'answer' \(column 'reward_model\.ground_truth'\): "
+        r"'reward_model' is null, not a struct",
+    ):
+        load_prompts(str(path), preset="dapo-math-17k")
+
+
+def test_non_string_math_level_names_file_row_field(tmp_path: Path) -> None:
+    rows = [
+        {"problem": "a", "solution": "\\boxed{1}", "level": "Level 1"},
+        {"problem": "b", "solution": "\\boxed{2}", "level": 3},
+    ]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    with pytest.raises(
+        ValueError,
+        match=r"math\.jsonl: row 1, field 'difficulty' \(column 'level'\): expected a string like 'Level 3', "
+        r"got int 3",
+    ):
+        load_prompts(str(path), preset="math")
+
+
+def test_whitespace_prompt_id_names_file_row_field(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "ids.jsonl",
+        [
+            {"prompt_id": "a", "prompt": "1+1", "answer": "2"},
+            {"prompt_id": "  ", "prompt": "2+2", "answer": "4"},
+        ],
+    )
+    with pytest.raises(
+        ValueError, match=r"ids\.jsonl: row 1, field 'prompt_id': expected a non-empty string, got str '  '"
+    ):
+        load_prompts(str(path))
+
+
 def test_validate_prompts_catches_duplicates_and_missing_columns() -> None:
     ds = datasets.Dataset.from_list([{"prompt_id": "a", "prompt": "x", "answer": "1"}] * 2)
     with pytest.raises(ValueError, match=r"src: row 1, field 'prompt_id'"):
