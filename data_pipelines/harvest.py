@@ -21,13 +21,16 @@ context pool per (policy, step). Four subcommands of the `harvest` console scrip
   checksums) and exits non-zero on errors.
 
 Interrupt and rerun (`run`): every shard is written to a temporary file and renamed into place
-(`os.replace`), then a small checksum record `out/progress/.../shard-XXXXX.json` (sha256, rows, the
-settings that produced it) is written the same way. A rerun skips shards whose record and file agree,
-and redoes – after reporting it by path – a shard whose file is missing, unreadable or fails its checksum,
-or that has no record (killed between the two renames). The manifest is deleted when work remains and
-written only once every shard is verified, so a folder with a manifest is a complete harvest. Shard
-sampling seeds derive from `(seed, policy, step, shard index)`, so a resumed run and an uninterrupted one
-produce byte-identical pair rows (same machine, engine batch size and library versions).
+(`os.replace`), then a small checksum record `out/progress/.../shard-XXXXX.json` is written the same way:
+sha256, rows, and a fingerprint of everything that decides the shard's rows (sampling and engine
+settings, checkpoint key and folder, shard seed, a hash of its prompt ids, texts and answers, prompt
+column map, verifier and its options). A rerun whose fingerprint differs is refused. A rerun skips
+shards whose record and file agree, and redoes – after reporting it by path – a shard whose file is
+missing, unreadable or fails its checksum, that has no record (killed between the two renames), or
+whose record is of an older format (its fingerprint cannot vouch for the shard). The manifest is deleted when work remains and written only once every shard
+is verified, so a folder with a manifest is a complete harvest. Shard sampling seeds derive from
+`(seed, policy, step, shard index)`, so a resumed run and an uninterrupted one produce byte-identical pair
+rows (same machine, engine batch size and library versions).
 
 Choices the source method leaves open (V0 release: 10 rollouts per pair, GRPO checkpoints):
 - Every checkpoint is loaded once before any rollout, so a missing or unloadable one fails the run
@@ -72,6 +75,9 @@ from data_pipelines.pairs import (
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+RECORD_FORMAT = 2
+"""Format of the per-shard checksum records; 2 added prompt texts, answers, checkpoint path, column map and
+verifier / engine options to the fingerprint. A shard whose record has another format is harvested again."""
 DATA_DIR = "data"
 PROGRESS_DIR = "progress"
 ROLLOUT_RECORD_COLUMNS: tuple[str, ...] = ("step", "prompt_id", "prompt", "reward")
@@ -428,6 +434,12 @@ def shard_status(out: Path, plan: ShardPlan) -> tuple[ShardRecord | None, str | 
         sha256, rows, fingerprint = record["sha256"], record["rows"], record["fingerprint"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         return None, f"checksum record {record_file} is unreadable ({err!r})"
+    found_format = record.get("format", 1)  # format 1 records had no "format" field
+    if found_format != RECORD_FORMAT:  # its fingerprint cannot vouch for the shard: harvest it afresh
+        return None, (
+            f"checksum record {record_file} has format {found_format}, not {RECORD_FORMAT} (whose fingerprint "
+            "also covers prompt texts, answers, checkpoint path and verifier options)"
+        )
     mismatch = _fingerprint_mismatch(fingerprint, plan.fingerprint)
     if mismatch is not None:
         raise HarvestError(
@@ -441,7 +453,12 @@ def shard_status(out: Path, plan: ShardPlan) -> tuple[ShardRecord | None, str | 
 
 
 def _write_record(out: Path, plan: ShardPlan, record: ShardRecord) -> None:
-    payload = {"sha256": record.sha256, "rows": record.rows, "fingerprint": plan.fingerprint}
+    payload = {
+        "format": RECORD_FORMAT,
+        "sha256": record.sha256,
+        "rows": record.rows,
+        "fingerprint": plan.fingerprint,
+    }
     _write_atomic_bytes(plan.record_path(out), (json.dumps(payload, indent=1) + "\n").encode())
 
 
@@ -464,11 +481,10 @@ def harvest_data_files(out: str | Path) -> list[str]:
     manifest_path = Path(out) / MANIFEST
     if not manifest_path.is_file():
         raise HarvestError(f"{out}: no {MANIFEST}; the harvest is unfinished (rerun it to resume)")
-    manifest = json.loads(manifest_path.read_text())
-    shards = manifest.get("shards")
+    shards = manifest_shards(read_manifest(manifest_path), manifest_path)
     if not shards:
         raise HarvestError(f"{manifest_path}: lists no shards")
-    return [str(Path(out) / shard["path"]) for shard in shards]
+    return [str(Path(out) / shard.path) for shard in shards]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,6 +554,39 @@ def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     path = out / MANIFEST
     _write_atomic_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at `path` as a dict; HarvestError naming `path` when it is not a JSON object."""
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise HarvestError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise HarvestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
+
+
+def manifest_shards(manifest: dict[str, Any], path: Path) -> list[ShardRecord]:
+    """The shards a manifest lists; HarvestError naming `path` and the entry when one is malformed."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise HarvestError(f"{path}: 'shards' must be a list, got {type(shards).__name__}")
+    records = []
+    for index, entry in enumerate(shards):
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("rows"), int)
+            and isinstance(entry.get("sha256"), str)
+        )
+        if not valid:
+            raise HarvestError(
+                f"{path}: shards[{index}] needs a string 'path', an int 'rows' and a string 'sha256', "
+                f"got {str(entry)[:200]}"
+            )
+        records.append(ShardRecord(entry["path"], entry["rows"], entry["sha256"], entry.get("seed")))
+    return records
 
 
 def success_histogram(rows: Iterable[dict[str, Any]], rollouts_per_prompt: int | None = None) -> Any:
@@ -687,27 +736,38 @@ def _plan(
     seed: int,
     settings: dict[str, Any],
 ) -> list[ShardPlan]:
+    """One plan per (checkpoint, shard), each with the fingerprint of everything that decides its rows:
+    `settings`, the checkpoint (key and folder), the shard seed, and a hash of its prompts (ids, texts,
+    answers)."""
+    ranges = shard_ranges(len(prompt_rows), prompts_per_shard)
+    prompt_hashes = [_prompts_sha256([prompt_rows[i] for i in prompt_range]) for prompt_range in ranges]
     plans = []
     for checkpoint in checkpoints:
-        for index, prompt_range in enumerate(shard_ranges(len(prompt_rows), prompts_per_shard)):
-            ids = "\n".join(prompt_rows[i].prompt_id for i in prompt_range)
+        for index, prompt_range in enumerate(ranges):
             sseed = shard_seed(seed, checkpoint.policy, checkpoint.step, index)
             fingerprint = {
                 **settings,
                 "policy": checkpoint.policy,
                 "step": checkpoint.step,
+                "checkpoint": str(checkpoint.path.resolve()),
                 "shard": index,
                 "seed": sseed,
-                "prompt_ids_sha256": hashlib.sha256(ids.encode()).hexdigest(),
+                "prompts_sha256": prompt_hashes[index],
             }
             plans.append(ShardPlan(checkpoint, index, prompt_range, sseed, fingerprint))
     return plans
 
 
+def _prompts_sha256(rows: Sequence[Any]) -> str:
+    """sha256 of the prompt ids, prompts (string or chat list) and answers of `rows`, in order."""
+    content = [[row.prompt_id, row.prompt, row.answer] for row in rows]
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
 def _check_output_folder(out: Path, plans: Sequence[ShardPlan]) -> None:
     manifest = out / MANIFEST
     if manifest.is_file():
-        kind = json.loads(manifest.read_text()).get("kind")
+        kind = read_manifest(manifest).get("kind")
         if kind != "rollouts":
             raise HarvestError(
                 f"{out} holds a {kind!r} pairs dataset, not a rollout harvest; use a new folder"
@@ -871,6 +931,7 @@ def run(
     batch_size: int = 256,
     prompts_per_shard: int = 50,
     verifier: str = "arithmetic",
+    verifier_options: dict[str, Any] | None = None,
     seed: int = 0,
     experiment: str | None = "harvest",
     run_name: str | None = None,
@@ -898,6 +959,8 @@ def run(
         batch_size: Sequences per `generate` call of the HF engine (rollouts of many prompts together).
         prompts_per_shard: Prompts per parquet shard, the unit of resumption.
         verifier: Verifier name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
+        verifier_options: Keyword arguments of the verifier's constructor (e.g. `{timeout_s: 10.0}` for
+            "math"); they can change scores, so a resumed harvest must use the same ones.
         seed: Base seed; shard seeds derive from (seed, policy, step, shard index).
         experiment: MLflow experiment to log into; None disables MLflow logging.
         run_name: MLflow run name (default: the output folder's name).
@@ -929,15 +992,25 @@ def run(
             "to start an in-process engine per checkpoint"
         )
     prompt_rows = _prompt_rows(prompts, prompt_split, prompt_column_map, num_prompts)
-    settings = {  # everything that decides a shard's samples, recorded with each shard
+    verifier_options = dict(verifier_options or {})
+    settings = {  # everything that decides a shard's rows, recorded with each shard (besides _plan's)
         "rollouts_per_prompt": rollouts_per_prompt,
         "sampling": asdict(sampling) | {"stop": list(sampling.stop)},
         "engine": engine,
         "batch_size": batch_size if engine == "hf" else None,
+        # The sglang.Engine arguments change samples; server_url, timeouts and retries do not.
+        "engine_kwargs": options.get("engine_kwargs"),
+        "prompt_column_map": prompt_column_map,
         "verifier": verifier,
+        "verifier_options": verifier_options,
     }
     plans = _plan(resolved, prompt_rows, prompts_per_shard, seed, settings)
-    score = get_verifier(verifier)
+    try:
+        score = get_verifier(verifier, **verifier_options)
+    except TypeError as err:  # an option the verifier's constructor does not take
+        raise HarvestError(
+            f"verifier_options {verifier_options} do not fit verifier {verifier!r}: {err}"
+        ) from err
     try:
         _check_answers(score, prompt_rows, prompts)
         for checkpoint in resolved:  # every checkpoint must load before any rollout is spent
@@ -965,7 +1038,6 @@ def run(
         "checkpoints": [{"path": str(c.path), "policy": c.policy, "step": c.step} for c in resolved],
         "prompts": prompts,
         "prompt_split": prompt_split,
-        "prompt_column_map": prompt_column_map,
         "num_prompts": len(prompt_rows),
         "prompts_per_shard": prompts_per_shard,
         "seed": seed,
@@ -1256,20 +1328,19 @@ def _manifest_problems(folder: Path) -> list[PairProblem]:
             ]
         return []
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        return [PairProblem(str(manifest_path), None, None, f"not valid JSON ({err})")]
-    if "shards" not in manifest:  # another writer's manifest (e.g. the V0 release importer)
-        return []
+        manifest = read_manifest(manifest_path)
+        if "shards" not in manifest:  # another writer's manifest (e.g. the V0 release importer)
+            return []
+        shards = manifest_shards(manifest, manifest_path)
+    except HarvestError as err:
+        return [PairProblem(str(folder), None, None, f"unusable manifest: {err}")]
     problems = []
     listed = set()
-    for shard in manifest["shards"]:
-        listed.add(shard["path"])
-        problem = check_shard_file(folder / shard["path"], shard["sha256"], shard["rows"])
+    for shard in shards:
+        listed.add(shard.path)
+        problem = check_shard_file(folder / shard.path, shard.sha256, shard.rows)
         if problem is not None:
-            problems.append(
-                PairProblem(str(folder / shard["path"]), None, None, f"corrupted shard: {problem}")
-            )
+            problems.append(PairProblem(str(folder / shard.path), None, None, f"corrupted shard: {problem}"))
     for path in sorted((folder / DATA_DIR).rglob("*.parquet")) if (folder / DATA_DIR).is_dir() else []:
         if str(path.relative_to(folder)) not in listed:
             problems.append(PairProblem(str(path), None, None, f"shard is not listed in {MANIFEST}"))

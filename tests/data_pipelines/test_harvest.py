@@ -8,6 +8,7 @@ answer single-digit prompts correctly a few percent of the time, so pairs have v
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -311,6 +312,103 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(
         harvest(workdir, out, rollouts_per_prompt=5)
     with pytest.raises(HarvestError, match="shards that are not part of this harvest"):
         harvest(workdir, out, prompts_per_shard=12)
+
+
+def harvest_from(out: Path, checkpoints: list, prompts: Path, **overrides) -> object:
+    """`run` with SMALL settings on any checkpoints and prompt file."""
+    config = {**SMALL, **overrides}
+    config["sampling"] = _sampling(config["sampling"])
+    return run(checkpoints=checkpoints, prompts=str(prompts), out=str(out), **config)
+
+
+def test_rerun_with_other_prompts_checkpoint_or_column_map_is_refused(
+    workdir: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Every input that decides a shard's rows is in its fingerprint, not only the prompt ids and settings."""
+    out = tmp_path / "inputs"
+    shutil.copytree(reference, out)
+    checkpoints = [str(workdir / "run")]
+    rows = datasets.load_dataset(
+        "parquet", data_files=str(workdir / "digits.parquet"), split="train"
+    ).to_list()
+    other_answer = write_prompts(tmp_path / "answer.parquet", rows, 3, answer="7")
+    other_text = write_prompts(tmp_path / "text.parquet", rows, 3, prompt="3+1")
+    for prompts in (other_answer, other_text):  # same prompt ids, other content
+        with pytest.raises(HarvestError, match=r"other settings \(prompts_sha256: recorded '[0-9a-f]+', now"):
+            harvest_from(out, checkpoints, prompts)
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(workdir / "run", moved)  # same policy name and steps, other checkpoint folder
+    with pytest.raises(HarvestError, match=rf"other settings \(checkpoint: recorded '{workdir}/run/exports/"):
+        harvest_from(out, [str(moved)], workdir / "digits.parquet")
+    column_map = {"prompt": "prompt", "answer": "answer", "prompt_id": "prompt_id"}
+    with pytest.raises(HarvestError, match=r"other settings \(prompt_column_map: recorded None, now \{"):
+        harvest_from(out, checkpoints, workdir / "digits.parquet", prompt_column_map=column_map)
+    assert shard_bytes(out) == shard_bytes(reference)  # nothing was overwritten
+    summary = harvest_from(out, checkpoints, workdir / "digits.parquet")  # same inputs: all kept
+    assert summary.skipped_shards == 8 and summary.new_pairs == 0
+
+
+def write_prompts(path: Path, rows: list[dict], index: int, **changes: str) -> Path:
+    """The prompt rows with row `index` changed, as a parquet file."""
+    datasets.Dataset.from_list(
+        [row | changes if i == index else row for i, row in enumerate(rows)]
+    ).to_parquet(str(path))
+    return path
+
+
+def test_rerun_with_other_verifier_options_is_refused(workdir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "math"
+    checkpoints = [str(workdir / "run" / "exports" / "step_000005")]
+    prompts = workdir / "digits.parquet"
+    math_verifier = {"verifier": "math", "num_prompts": 6}
+    harvest_from(out, checkpoints, prompts, **math_verifier)
+    with pytest.raises(HarvestError, match=r"verifier_options: recorded \{\}, now \{'timeout_s': 2.0\}"):
+        harvest_from(out, checkpoints, prompts, **math_verifier, verifier_options={"timeout_s": 2.0})
+    with pytest.raises(HarvestError, match=r"verifier_options \{'timeout': 2.0\} do not fit verifier 'math'"):
+        harvest_from(tmp_path / "x", checkpoints, prompts, **math_verifier, verifier_options={"timeout": 2.0})
+
+
+def test_shard_with_a_checksum_record_of_an_older_format_is_redone(
+    workdir: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A record written before the fingerprint covered prompt texts, answers and the checkpoint path
+    cannot vouch for its shard: the shard is harvested again, and reported."""
+    out = tmp_path / "old"
+    shutil.copytree(reference, out)
+    record_file = out / "progress/run/step_000005/shard-00001.json"
+    record = json.loads(record_file.read_text())
+    new_keys = {"checkpoint", "prompts_sha256", "engine_kwargs", "prompt_column_map", "verifier_options"}
+    fingerprint = {key: value for key, value in record["fingerprint"].items() if key not in new_keys}
+    ids = "\n".join(f"d{i}" for i in range(6, 12))  # the shard's prompts, hashed as format 1 did
+    fingerprint["prompt_ids_sha256"] = hashlib.sha256(ids.encode()).hexdigest()
+    old_record = {"sha256": record["sha256"], "rows": record["rows"], "fingerprint": fingerprint}
+    record_file.write_text(json.dumps(old_record))
+    capsys.readouterr()
+    summary = harvest(workdir, out)
+    assert f"checksum record {record_file} has format 1, not 2" in capsys.readouterr().err
+    assert summary.skipped_shards == 7 and len(summary.redone_shards) == 1
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert json.loads(record_file.read_text())["format"] == 2
+
+
+def test_damaged_manifest_is_named_by_path(workdir: Path, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "manifest"
+    shutil.copytree(reference, out)
+    manifest = out / MANIFEST
+    manifest.write_text('{"kind": "rollouts", "shards": [')  # a torn write
+    with pytest.raises(HarvestError, match=rf"{manifest}: not valid JSON"):
+        harvest_data_files(out)
+    with pytest.raises(HarvestError, match=rf"{manifest}: not valid JSON"):
+        harvest(workdir, out)
+    report = validate(str(out))
+    assert not report.ok and f"unusable manifest: {manifest}: not valid JSON" in str(report)
+    entries = json.loads((reference / MANIFEST).read_text())
+    del entries["shards"][2]["sha256"]
+    manifest.write_text(json.dumps(entries))
+    report = validate(str(out))
+    assert not report.ok and f"{manifest}: shards[2] needs a string 'path', an int 'rows'" in str(report)
+    with pytest.raises(HarvestError, match=r"shards\[2\] needs"):
+        harvest_data_files(out)
 
 
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(workdir: Path, reference: Path) -> None:
