@@ -4,12 +4,14 @@ Release rows are jsonl `{id, score, type, model, step, dataset}`; prompt text li
 `prompt_dict.json` under `f"{dataset}_{id}"`. Mapping to pairs: `policy = model`,
 `prompt_id = f"{dataset}_{id}"`, `n = 10` rollouts, `successes = round((score + 1) / 2 * 10)`, and
 `score` is rewritten as `2 * successes / n - 1` so it matches the successes exactly (release scores
-are multiples of 0.2 up to float rounding). A prompt id without text is an error naming the file and
-row. The release has two files: `context.jsonl` (the context pools, 512 pairs per key) and
-`train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
+are multiples of 0.2 up to float rounding). A bad row (a prompt id without text, a score that is not
+a number, a non-integer step, a null or empty model) is a `PairsError` naming the file, the line
+(1-based) and the field. The release has two files: `context.jsonl` (the context pools, 512 pairs per
+key) and `train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
 
 Run: `python -m data_pipelines.v0_release ../shared/data/v0-release artifacts/pairs/v0-release`
-writes `context/` and `train/` parquet shards, then `manifest.json` last.
+writes `context/` and `train/` parquet shards, then `manifest.json` last; a failed import leaves the
+previous output untouched.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -29,25 +34,35 @@ RELEASE_ROLLOUTS = 10
 """Rollouts behind every release score (scores are multiples of 0.2)."""
 RELEASE_FILES = {"context": "context.jsonl", "train": "train.jsonl"}
 RELEASE_FIELDS = ("id", "score", "model", "step", "dataset")
+RELEASE_SHARD = "pairs-00000.parquet"
+MANIFEST = "manifest.json"
 
 
 def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
-    """Map one release row to a pair; `where` (file:row) names the row in every error."""
+    """Map one release row to a pair; `where` (file and line) names the row in every error."""
+    if not isinstance(row, dict):
+        raise PairsError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [field for field in RELEASE_FIELDS if field not in row]
     if missing:
         raise PairsError(f"{where}: missing field(s) {missing}")
+    model, step, score = row["model"], row["step"], row["score"]
+    if not isinstance(model, str) or not model.strip():
+        raise PairsError(f"{where} field 'model': must be a non-empty string, got {model!r}")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise PairsError(f"{where} field 'step': must be an integer >= 0, got {step!r}")
+    if not isinstance(score, (int, float)) or isinstance(score, bool):
+        raise PairsError(f"{where} field 'score': must be a number, got {score!r}")
+    if not math.isfinite(score) or not -1.0 <= score <= 1.0:
+        raise PairsError(f"{where} field 'score': must lie in [-1, 1], got {score!r}")
     prompt_id = f"{row['dataset']}_{row['id']}"
     if prompt_id not in prompts:
         raise PairsError(f"{where}: prompt id {prompt_id!r} has no text in prompt_dict.json")
-    score = float(row["score"])
-    if not math.isfinite(score) or not -1.0 <= score <= 1.0:
-        raise PairsError(f"{where} field 'score': must lie in [-1, 1], got {row['score']!r}")
     successes = round((score + 1) / 2 * RELEASE_ROLLOUTS)
     if abs((2 * successes / RELEASE_ROLLOUTS - 1) - score) > 1e-6:
         raise PairsError(f"{where} field 'score': {score} is not a multiple of 0.2 (10 rollouts)")
     return {
-        "policy": str(row["model"]),
-        "step": int(row["step"]),
+        "policy": model,
+        "step": step,
         "prompt_id": prompt_id,
         "prompt": prompts[prompt_id],
         "n": RELEASE_ROLLOUTS,
@@ -56,8 +71,28 @@ def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
     }
 
 
+def _read_prompts(prompt_file: Path) -> dict[str, str]:
+    try:
+        prompts = json.loads(prompt_file.read_text())
+    except json.JSONDecodeError as err:
+        raise PairsError(f"{prompt_file}: not valid JSON ({err})") from err
+    if not isinstance(prompts, dict):
+        raise PairsError(
+            f"{prompt_file}: expected a JSON object of prompt id -> text, got {type(prompts).__name__}"
+        )
+    for prompt_id, text in prompts.items():
+        if not isinstance(text, str) or not text.strip():
+            raise PairsError(f"{prompt_file}: prompt {prompt_id!r} must be a non-empty string, got {text!r}")
+    return prompts
+
+
 def read_v0_release(folder: str | Path, split: Literal["context", "train"] = "context") -> datasets.Dataset:
-    """The release's `split` file as a validated pairs `Dataset` (raises `PairsError` on bad rows)."""
+    """The release's `split` file as a validated pairs `Dataset`.
+
+    Raises:
+        PairsError: naming the file, the line (1-based) and the field of the first bad row, or listing
+            the pair contract errors of the whole file.
+    """
     folder = Path(folder)
     if split not in RELEASE_FILES:
         raise ValueError(f"split must be one of {sorted(RELEASE_FILES)}, got {split!r}")
@@ -65,13 +100,13 @@ def read_v0_release(folder: str | Path, split: Literal["context", "train"] = "co
     for required in (prompt_file, rows_file):
         if not required.exists():
             raise PairsError(f"{required}: missing; {folder} is not a V0 release folder")
-    prompts = json.loads(prompt_file.read_text())
+    prompts = _read_prompts(prompt_file)
     pairs = []
     with rows_file.open() as lines:
-        for index, line in enumerate(lines):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            where = f"{rows_file} row {index}"
+            where = f"{rows_file} line {number}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
@@ -85,17 +120,30 @@ def read_v0_release(folder: str | Path, split: Literal["context", "train"] = "co
 
 
 def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
-    """Import both release files into `out/{context,train}/` parquet, then write `manifest.json` last."""
+    """Import both release files into `out/{context,train}/` parquet, then write `manifest.json` last.
+
+    Both files are read and validated before anything is written, and the new files are written into a
+    temporary sibling folder first, then moved into `out` with `os.replace` (the old manifest is removed
+    first, the new one moved last). A bad release therefore leaves a previous import in `out` untouched.
+    """
     out = Path(out)
-    counts = {}
-    for split in RELEASE_FILES:
-        dataset = read_v0_release(folder, split)  # type: ignore[arg-type]
-        (out / split).mkdir(parents=True, exist_ok=True)
-        dataset.to_parquet(str(out / split / "pairs-00000.parquet"))
-        counts[split] = len(dataset)
-    manifest = out / "manifest.json"
-    manifest.write_text(json.dumps({"source": str(Path(folder).resolve()), "rows": counts}, indent=2) + "\n")
-    return manifest
+    splits = {split: read_v0_release(folder, split) for split in RELEASE_FILES}  # type: ignore[arg-type]
+    manifest = {"source": str(Path(folder).resolve()), "rows": {s: len(d) for s, d in splits.items()}}
+    files = [f"{split}/{RELEASE_SHARD}" for split in splits] + [MANIFEST]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    try:
+        for split, dataset in splits.items():
+            (staging / split).mkdir()
+            dataset.to_parquet(str(staging / split / RELEASE_SHARD))
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (out / MANIFEST).unlink(missing_ok=True)  # no manifest while old and new files mix
+        for relative in files:
+            (out / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / relative, out / relative)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / MANIFEST
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -103,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("release", help="V0 release folder (context.jsonl, train.jsonl, prompt_dict.json)")
     parser.add_argument("out", help="output folder for the pairs parquet")
     args = parser.parse_args(argv)
-    print(write_release_pairs(args.release, args.out))
+    try:
+        print(write_release_pairs(args.release, args.out))
+    except PairsError as err:
+        raise SystemExit(f"v0_release: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_read_and_write(tmp_path: Path) -> None:
 
 def test_prompt_without_text_names_file_and_row(tmp_path: Path) -> None:
     release = make_release(tmp_path / "rel", ROWS, {"dapomath_1": "one", "dapomath_3": "three"})
-    with pytest.raises(PairsError, match=r"context.jsonl row 1: prompt id 'dapomath_2' has no text"):
+    with pytest.raises(PairsError, match=r"context.jsonl line 2: prompt id 'dapomath_2' has no text"):
         read_v0_release(release, "context")
 
 
@@ -71,6 +71,57 @@ def test_bad_rows(tmp_path: Path, row: dict, text: str) -> None:
     release = make_release(tmp_path / "rel", [ROWS[0], row], PROMPTS)
     with pytest.raises(PairsError, match=text):
         read_v0_release(release, "context")
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "text"),
+    [
+        ({"score": None}, "score", "must be a number, got None"),
+        ({"score": "abc"}, "score", "must be a number, got 'abc'"),
+        ({"step": "x"}, "step", "must be an integer >= 0, got 'x'"),
+        ({"step": 16.7}, "step", "must be an integer >= 0, got 16.7"),
+        ({"model": None}, "model", "must be a non-empty string, got None"),
+        ({"model": " "}, "model", "must be a non-empty string, got ' '"),
+    ],
+)
+def test_bad_values_name_file_line_and_field(tmp_path: Path, bad: dict, field: str, text: str) -> None:
+    release = make_release(tmp_path / "rel", [ROWS[0], ROWS[1] | bad], PROMPTS)
+    expected = f"{release / 'context.jsonl'} line 2 field {field!r}: {text}"
+    with pytest.raises(PairsError) as error:
+        read_v0_release(release, "context")
+    assert str(error.value) == expected
+
+
+def test_import_v0_cli_reports_a_bad_row_without_a_traceback(tmp_path: Path, capsys) -> None:
+    from data_pipelines.harvest import main
+
+    release = make_release(tmp_path / "rel", [ROWS[0], ROWS[1] | {"score": None}], PROMPTS)
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-v0", f"--release={release}", f"--out={tmp_path / 'out'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"harvest: error: {release / 'context.jsonl'} line 2 field 'score'" in err
+    assert "Traceback" not in err
+
+
+def test_failed_import_leaves_the_previous_output_untouched(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    release = make_release(tmp_path / "rel", ROWS, PROMPTS)
+    write_release_pairs(release, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # The new context file is good, its train file is not: nothing of the new import may land in `out`.
+    make_release(release, [*ROWS, ROWS[0] | {"step": 256}], PROMPTS)
+    (release / "train.jsonl").write_text(json.dumps(ROWS[0] | {"score": 0.3}) + "\n")
+    with pytest.raises(PairsError, match=r"not a multiple of 0\.2"):
+        write_release_pairs(release, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "rel"]  # no staging folder left behind
+    # A good import replaces the output as a whole.
+    make_release(release, [*ROWS, ROWS[0] | {"step": 256}], PROMPTS)
+    manifest = write_release_pairs(release, out)
+    assert json.loads(manifest.read_text())["rows"] == {"context": 4, "train": 1}
+    assert len(load_valid_pairs(out / "context")) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "rel"]
 
 
 def test_not_a_release_folder(tmp_path: Path) -> None:
