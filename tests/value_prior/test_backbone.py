@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, BertModel
 
 from value_prior.backbone import DEFAULT_BACKBONE, HFBackbone, TextBackbone, resolve_backbone_path, text_key
 
@@ -72,4 +75,51 @@ def test_bad_inputs(tiny_backbone: HFBackbone, tmp_path: Path) -> None:
 def test_default_backbone_is_the_packaged_minilm() -> None:
     path = Path(resolve_backbone_path(DEFAULT_BACKBONE))
     assert (path / "config.json").is_file()
-    assert HFBackbone(cache_dir=None).hidden_size == 384
+    backbone = HFBackbone(cache_dir=None)
+    assert backbone.hidden_size == 384
+    # Stable across instances, and not the bare name that older caches were keyed by (they are missed).
+    assert backbone.backbone_id == HFBackbone(cache_dir=None).backbone_id
+    assert backbone.backbone_id.startswith(f"{DEFAULT_BACKBONE}-")
+
+
+def test_models_in_same_named_folders_do_not_share_cached_states(
+    tiny_encoder_dir: str, tmp_path: Path
+) -> None:
+    run_a, run_b = tmp_path / "runA" / "final", tmp_path / "runB" / "final"
+    shutil.copytree(tiny_encoder_dir, run_a)
+    shutil.copytree(tiny_encoder_dir, run_b)
+    torch.manual_seed(1)
+    BertModel(BertModel.from_pretrained(run_b).config).save_pretrained(run_b)  # same shape, other weights
+    cache = str(tmp_path / "cache")
+    first = HFBackbone(str(run_a), max_length=32, cache_dir=cache)
+    second = HFBackbone(str(run_b), max_length=32, cache_dir=cache)
+    prompt = ["Q: 23+45*2="]
+    states_a = first.hidden_states(prompt)[0]
+    states_b = second.hidden_states(prompt)[0]  # must not be served from the first model's cache
+    fresh_b = HFBackbone(str(run_b), max_length=32, cache_dir=None).hidden_states(prompt)[0]
+    torch.testing.assert_close(states_b, fresh_b, rtol=0, atol=0)
+    assert not torch.allclose(states_a, states_b, atol=1e-2)
+    assert first.backbone_id != second.backbone_id and first.cache_dir != second.cache_dir
+    BertModel(BertModel.from_pretrained(run_b).config).save_pretrained(run_a)  # weights rewritten in place
+    assert HFBackbone(str(run_a), max_length=32, cache_dir=cache).backbone_id != first.backbone_id
+
+
+def test_left_padding_tokenizer_keeps_each_prompts_own_tokens(tmp_path: Path) -> None:
+    """A tokenizer configured with `padding_side: left` (as Qwen3-Embedding's may be) must not change the
+    states: a short prompt embedded beside a long one equals the prompt embedded alone."""
+    source = Path(resolve_backbone_path(DEFAULT_BACKBONE))
+    model = tmp_path / "minilm-left-padding"
+    model.mkdir()
+    for file in source.iterdir():
+        if file.is_file() and file.name != "tokenizer_config.json":
+            (model / file.name).symlink_to(file)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(config | {"padding_side": "left"}))
+    assert AutoTokenizer.from_pretrained(model).padding_side == "left"
+    short = "Q: 23+45*2="
+    long = "Find the number of positive integers n such that n^2 + 1 divides 2024, and explain why."
+    together = HFBackbone(str(model), batch_size=2, cache_dir=None).hidden_states([short, long])
+    alone = HFBackbone(str(model), batch_size=1, cache_dir=None).hidden_states([short])
+    assert together[0].shape == alone[0].shape
+    # Both are float16-stored: equal up to one float16 rounding step of a float32 difference ~1e-6.
+    torch.testing.assert_close(together[0], alone[0], rtol=2e-3, atol=1e-4)
