@@ -8,12 +8,13 @@ even though other policies' pools share some prompts.
 
 Training episode (design.md §3): one pool with both classes; `2 * query_pairs` query prompts drawn as
 `query_pairs` positives (success rate >= 0.5) and as many negatives; `support_size` support pairs
-from the rest of the pool. `episodes_per_batch` episodes are stacked into one `EpisodeBatch` (they
-share the support size, so the head runs them as one batch).
+drawn uniformly from the rest of the pool, holding both classes (`draw_support`: a single-class draw
+gets one row swapped for a row of the missing class). `episodes_per_batch` episodes are stacked into
+one `EpisodeBatch` (they share the support size, so the head runs them as one batch).
 
 Evaluation batches (one per pool): `val` queries against a context of the pool's `train` pairs,
 `test` (and `predict`) queries against a context of its `train` + `val` pairs; contexts larger than
-`eval_context_size` are subsampled with a fixed seed.
+`eval_context_size` are subsampled with a fixed seed, keeping both classes (`draw_support`).
 
 Run: `value-prior fit --config configs/value_prior/v0_pairs_minilm.yaml --data.pairs PATH`.
 """
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from data_pipelines.pairs import load_valid_pairs, pool_key
-from value_prior.model import EpisodeBatch
+from value_prior.model import EpisodeBatch, draw_support
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,8 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         negatives = self.rng.choice(np.flatnonzero(~labels), self.query_pairs, replace=False)
         query = np.concatenate([positives, negatives])
         rest = np.setdiff1d(np.arange(len(pool.success)), query)
-        support = self.rng.choice(rest, min(support_size, len(rest)), replace=False)
+        # The pool check in __init__ leaves at least one pair of each class in `rest`.
+        support = rest[draw_support(self.rng, labels[rest], min(support_size, len(rest)))]
         return name, pool, support, query
 
     def __iter__(self) -> Iterator[EpisodeBatch]:
@@ -221,7 +223,7 @@ def eval_batches(
             log.warning("pool %s: single-class context; its queries are not evaluated by V0", name)
             continue
         size = len(pool_context.success)
-        support = np.sort(rng.choice(size, min(context_size, size), replace=False))
+        support = np.sort(draw_support(rng, pool_context.labels(label_threshold), min(context_size, size)))
         # Context and queries come from different pools objects: merge them into one for indexing.
         merged = Pool(
             name,

@@ -188,6 +188,23 @@ def success_labels(success: Tensor, threshold: float = 0.5) -> Tensor:
     return (success >= threshold).to(success.dtype)
 
 
+def draw_support(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:
+    """Indices of `size` of the rows `labels` (`[N]` bool) drawn uniformly without replacement, holding
+    both classes whenever `labels` does and `size >= 2`.
+
+    The head needs both classes in its support (design.md §3 skips single-class supports). A uniform
+    draw that misses a class gets one of its rows, picked at random, swapped for a random row of the
+    missing class. Every draw that already holds both classes is the plain uniform draw, so this changes
+    nothing unless the uniform draw would have been single-class, and it never loops.
+    """
+    index = rng.choice(len(labels), size, replace=False)  # [size]
+    drawn = labels[index]  # [size]
+    if size < 2 or drawn.min() != drawn.max() or labels.min() == labels.max():
+        return index
+    index[rng.integers(size)] = rng.choice(np.flatnonzero(labels != drawn[0]))
+    return index
+
+
 def pairwise_ranking_loss(score: Tensor, success: Tensor, threshold: float = 0.5) -> Tensor:
     """Mean `-log sigmoid(score_i - score_j)` over rows of one episode with `y_i >= threshold > y_j`.
 

@@ -14,9 +14,13 @@ prompt text in memory (the adapter is frozen, so they never change) and backbone
 on disk when a cache folder is configured, so repeated prompts cost only the head.
 
 Behaviour at the edges (documented fallbacks and errors):
-- single-class context: returns the context mean for every query and warns (`SingleClassContextWarning`);
+- context larger than `max_context`: a fixed-seed uniform subsample of `max_context` pairs is used; if
+  that draw holds one class only while the whole context holds both, one drawn pair is swapped for a
+  random pair of the missing class (`value_prior.model.draw_support`), so the head sees both classes
+  whenever the context has them;
+- single-class context (checked on the pairs given to the head): returns the mean success of the whole
+  context for every query and warns (`SingleClassContextWarning`);
 - empty context, mismatched lengths, success rates outside [0, 1], empty prompts: `ValueError`;
-- context larger than `max_context`: a fixed-seed subsample of `max_context` pairs is used;
 - artifact with a missing file, a backbone whose width differs from the adapter's, or a head
   checkpoint that is not a TabPFN classifier or whose feature count does not fit: `ValueError`.
 
@@ -35,12 +39,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from value_prior.backbone import HFBackbone, TextBackbone
 from value_prior.head import HeadCheckpointError, InContextHead, load_head
-from value_prior.model import ResidualQueryAdapter, prompt_features
+from value_prior.model import ResidualQueryAdapter, draw_support, prompt_features
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,8 @@ class ValuePrior:
         adapter: Trained residual query adapter (its `config` is saved with the artifact).
         head: In-context TabPFN head.
         label_threshold: Context success rates at or above this are labelled successes.
-        max_context: Most context pairs given to the head (larger contexts are subsampled).
+        max_context: Most context pairs given to the head (>= 2; larger contexts are subsampled uniformly
+            with a fixed seed, keeping both classes when the context has both).
         query_chunk: Queries per head call (query rows are independent given the support).
         calibration: `(scale, bias)` of the output `sigmoid(scale * s + bias)` on the head score `s`
             (Platt scaling fitted on the hold-out at export; `(1, 0)` is the raw head). Monotone, so it
@@ -86,6 +92,8 @@ class ValuePrior:
                 f"backbone {backbone.backbone_id!r} has width {backbone.hidden_size}, "
                 f"the adapter expects {adapter.key_value.in_features}"
             )
+        if max_context < 2:
+            raise ValueError(f"max_context must be >= 2 (the head needs both classes), got {max_context}")
         self.backbone = backbone
         self.adapter = adapter.to(device).eval().requires_grad_(False)
         self.head = head.to(device).eval().requires_grad_(False)
@@ -168,22 +176,22 @@ class ValuePrior:
         success = self._check_inputs(context_prompts, context_success, query_prompts)
         if len(query_prompts) == 0:
             return torch.zeros(0, dtype=torch.float32)
-        labels = (success >= self.label_threshold).float()  # [N]
-        if labels.min() == labels.max():
+        labels = success >= self.label_threshold  # [N]
+        index = np.arange(len(context_prompts))
+        if len(index) > self.max_context:
+            index = np.sort(draw_support(np.random.default_rng(0), labels.numpy(), self.max_context))
+            labels = labels[torch.as_tensor(index)]  # [max_context]
+        if labels.min() == labels.max():  # the support the head would see has one class
             mean = float(success.mean())
             warnings.warn(
-                f"single-class context ({len(labels)} pairs, all {'successes' if labels[0] else 'failures'}): "
+                f"single-class context ({len(success)} pairs, all {'successes' if labels[0] else 'failures'}): "
                 f"returning the context mean {mean:.3f} for every query",
                 SingleClassContextWarning,
                 stacklevel=2,
             )
             return torch.full((len(query_prompts),), mean, dtype=torch.float32)
-        index = np.arange(len(context_prompts))
-        if len(index) > self.max_context:
-            index = np.sort(np.random.default_rng(0).choice(len(index), self.max_context, replace=False))
-            labels = labels[torch.as_tensor(index)]
         support_z = self.features([context_prompts[i] for i in index])[None]  # [1, N, F]
-        support_y = labels.to(self.device)[None]  # [1, N]
+        support_y = labels.float().to(self.device)[None]  # [1, N]
         probs = []
         for start in range(0, len(query_prompts), self.query_chunk):
             query_z = self.features(query_prompts[start : start + self.query_chunk])[None]  # [1, M, F]
@@ -327,10 +335,11 @@ class ExportPrior(L.Callback):
                 "test_fraction": datamodule.split.test_fraction,
                 "split_salt": datamodule.split.salt,
             }
-        prior = prior_from_module(pl_module, self.max_context, info=info)
+        calibration = (1.0, 0.0)
         if self.calibrate and datamodule is not None:
-            prior.calibration = fit_platt_scaling(pl_module, datamodule.val_dataloader())
+            calibration = fit_platt_scaling(pl_module, datamodule.val_dataloader())
             info["calibration_fitted_on"] = "val"
+        prior = prior_from_module(pl_module, self.max_context, calibration=calibration, info=info)
         path = prior.save(export_dir)
         log.info("exported V0 prior to %s", path)
         from lightning.pytorch.loggers import MLFlowLogger
@@ -340,9 +349,13 @@ class ExportPrior(L.Callback):
 
 
 @torch.no_grad()
-def fit_platt_scaling(module: Any, batches: Any) -> tuple[float, float]:
-    """`(scale, bias)` minimising the cross-entropy of `sigmoid(scale * s + bias)` against success rates."""
-    batches = list(batches)
+def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, float]:
+    """`(scale, bias)` minimising the cross-entropy of `sigmoid(scale * s + bias)` against success rates.
+
+    `batches` come straight from a dataloader (on the CPU), outside the Trainer's device transfer, so
+    they are moved to the module's device here.
+    """
+    batches = [move_data_to_device(batch, module.device) for batch in batches]
     was_training = module.training
     module.eval()
     scores = torch.cat([module.success_logits(batch).flatten() for batch in batches]).cpu()  # [Q]
@@ -369,7 +382,13 @@ def fit_platt_scaling(module: Any, batches: Any) -> tuple[float, float]:
     return scale, bias
 
 
-def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] | None = None) -> ValuePrior:
+def prior_from_module(
+    module: Any,
+    max_context: int = 512,
+    *,
+    calibration: tuple[float, float] = (1.0, 0.0),
+    info: dict[str, Any] | None = None,
+) -> ValuePrior:
     """A `ValuePrior` sharing (copies of) a `V0Module`'s backbone, adapter and head."""
     import copy
 
@@ -379,5 +398,6 @@ def prior_from_module(module: Any, max_context: int = 512, info: dict[str, Any] 
         copy.deepcopy(module.head).cpu(),
         label_threshold=module.hparams.label_threshold,
         max_context=max_context,
+        calibration=calibration,
         info={"head_source": str(module.head_path), **(info or {})},
     )

@@ -13,6 +13,7 @@ from data_pipelines.pairs import PAIR_FEATURES
 from value_prior.data import (
     EpisodeStream,
     PairsDataModule,
+    Pool,
     PromptSplit,
     eval_batches,
     pools_from_pairs,
@@ -84,6 +85,38 @@ def test_single_class_pools_are_skipped(pools, caplog: pytest.LogCaptureFixture)
         pool.success[:] = 0.0
     with pytest.raises(ValueError, match="no training pool"):
         EpisodeStream(pools, 16, 4, 2, 1, 0.5, 0)
+
+
+def rare_success_pool(size: int, successes: int) -> Pool:
+    """A pool whose first `successes` pairs are its only successes."""
+    success = np.zeros(size)
+    success[:successes] = 1.0
+    return Pool("rare", [f"p{i}" for i in range(size)], [f"Q: {i}+1=" for i in range(size)], success)
+
+
+def test_every_training_support_holds_both_classes() -> None:
+    """design.md §3 skips single-class supports: with 6 successes in 600 pairs and 4 of them drawn as
+    queries, a uniform 256-pair support misses the other 2 about a third of the time."""
+
+    def supports(seed: int) -> list[list[str]]:
+        stream = EpisodeStream({"rare": rare_success_pool(600, 6)}, 256, 4, 1, 50, 0.5, seed)
+        drawn = []
+        for batch in stream:
+            labels = batch.support_success[0] >= 0.5
+            assert labels.any() and not labels.all()
+            drawn.append([batch.prompts[i] for i in batch.support_index[0].tolist()])
+        return drawn
+
+    assert supports(0) == supports(0)  # reproducible under the seed
+    assert supports(0) != supports(1)
+
+
+def test_eval_context_subsample_holds_both_classes() -> None:
+    context, queries = {"rare": rare_success_pool(40, 1)}, {"rare": rare_success_pool(4, 2)}
+    for seed in range(5):
+        (batch,) = eval_batches(context, queries, context_size=10, label_threshold=0.5, seed=seed)
+        assert batch.support_index.shape == (1, 10)
+        assert batch.support_success.max() == 1.0 and batch.support_success.min() == 0.0
 
 
 def test_eval_batches_keep_context_and_queries_apart(pools) -> None:

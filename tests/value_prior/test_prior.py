@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from value_prior.backbone import HFBackbone
+from value_prior.data import PairsDataModule
 from value_prior.head import load_head
-from value_prior.model import ResidualQueryAdapter
-from value_prior.prior import SingleClassContextWarning, ValuePrior
+from value_prior.model import ResidualQueryAdapter, V0Module
+from value_prior.prior import ExportPrior, SingleClassContextWarning, ValuePrior, fit_platt_scaling
 
 ADAPTER = {"num_queries": 4, "query_dim": 2, "num_heads": 1, "bottleneck": 16, "dropout": 0.2}
 CONTEXT = [f"Q: {a}+{b}*2=" for a, b in [(1, 2), (5, 7), (40, 9), (88, 3), (3, 3), (61, 20), (9, 9), (70, 1)]]
@@ -127,6 +130,29 @@ def test_chunked_queries_and_large_context(prior: ValuePrior) -> None:
     assert subsampled.shape == (4,)
 
 
+def test_subsampled_context_gives_the_head_both_classes(
+    prior: ValuePrior, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A context larger than `max_context` with a single success: wherever that success sits, the
+    subsample given to the head keeps it (no silent single-class support, no fallback warning)."""
+    supports = []
+    original = prior.head.success_logit
+    monkeypatch.setattr(prior.head, "success_logit", lambda s, y, q: supports.append(y) or original(s, y, q))
+    prior.max_context = 4
+    for positive in range(len(CONTEXT)):
+        success = [0.0] * len(CONTEXT)
+        success[positive] = 1.0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SingleClassContextWarning)
+            prior.predict(CONTEXT, success, QUERIES)
+    assert [y.shape for y in supports] == [(1, 4)] * len(CONTEXT)
+    assert all(y.sum() == 1 for y in supports)
+    with pytest.warns(SingleClassContextWarning, match="returning the context mean 0.000"):
+        prior.predict(CONTEXT, [0.0] * len(CONTEXT), QUERIES)  # single-class as a whole: the fallback
+    with pytest.raises(ValueError, match="max_context must be >= 2"):
+        ValuePrior(prior.backbone, prior.adapter, prior.head, max_context=1)
+
+
 def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_encoder_dir: str) -> None:
     path = prior.save(tmp_path / "prior")
     (path / "adapter.safetensors").rename(path / "moved")
@@ -156,3 +182,37 @@ def test_no_warning_for_a_two_class_context(prior: ValuePrior) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", SingleClassContextWarning)
         prior.predict(CONTEXT, SUCCESS, QUERIES)
+
+
+def tiny_module_and_data(
+    backbone: HFBackbone, head: str, pairs: str, export_dir: Path
+) -> tuple[V0Module, PairsDataModule]:
+    module = V0Module(
+        backbone=backbone, head=head, num_queries=4, query_dim=2, num_heads=1, export_dir=str(export_dir)
+    )
+    data = PairsDataModule(pairs, support_size=16, query_pairs=2, episodes_per_batch=2, batches_per_epoch=1)
+    return module, data
+
+
+def test_export_saves_where_the_calibration_was_fitted(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path: Path
+) -> None:
+    module, data = tiny_module_and_data(tiny_backbone, shipped_head, tiny_pairs_path, tmp_path / "prior")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", callbacks=[ExportPrior()],
+                        default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert config["info"]["calibration_fitted_on"] == "val"
+    assert config["calibration"] != {"scale": 1.0, "bias": 0.0}
+    assert ValuePrior.load(tmp_path / "prior").info == config["info"]
+
+
+@pytest.mark.gpu
+def test_platt_scaling_runs_the_validation_batches_on_the_module_device(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path: Path
+) -> None:
+    module, data = tiny_module_and_data(tiny_backbone, shipped_head, tiny_pairs_path, tmp_path / "prior")
+    data.setup("fit")
+    scale, bias = fit_platt_scaling(module.to("cuda"), data.val_dataloader())  # batches come on the CPU
+    assert math.isfinite(scale) and math.isfinite(bias)
