@@ -68,6 +68,7 @@ from data_pipelines.pairs import (
     PAIR_FEATURES,
     PairProblem,
     PairsError,
+    RowLocator,
     load_pairs,
     pool_key,
     validate_pairs,
@@ -1382,7 +1383,7 @@ def validate(path: str, max_problems: int = 50) -> ValidationReport:
         report.problems.append(PairProblem(str(source), None, None, f"cannot be read as pairs: {err}"))
         return report
     report.rows = len(dataset)
-    report.problems += validate_pairs(dataset, str(source))
+    report.problems += validate_pairs(dataset, str(source), RowLocator.for_path(source))
     if all(c in dataset.column_names for c in ("policy", "step", "n", "successes")):
         report.pools = _pool_stats(dataset)
     return report

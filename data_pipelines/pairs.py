@@ -16,6 +16,7 @@ Run: `python -m data_pipelines.pairs PATH` prints the problems of a pairs file o
 
 from __future__ import annotations
 
+import bisect
 import math
 import sys
 from collections import Counter, defaultdict
@@ -59,11 +60,12 @@ class PairProblem:
     field: str | None
     message: str
     severity: Literal["error", "warning"] = "error"
+    unit: Literal["row", "line"] = "row"  # "row": 0-based row of the source; "line": 1-based jsonl line
 
     def __str__(self) -> str:
         where = self.source
         if self.row is not None:
-            where += f" row {self.row}"
+            where += f" {self.unit} {self.row}"
         if self.field is not None:
             where += f" field {self.field!r}"
         return f"{self.severity}: {where}: {self.message}"
@@ -118,6 +120,51 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
     return dataset
 
 
+class RowLocator:
+    """Where a row of a loaded pairs dataset lives: `(file, row, "row")` (0-based) in a parquet file,
+    `(file, line, "line")` (1-based, blank lines counted) in a jsonl file. Rows of a folder are
+    numbered per shard, not across the folder; a dataset without files keeps `(source, row, "row")`."""
+
+    def __init__(self, source: str, files: Sequence[str] = ()) -> None:
+        import pyarrow.parquet as pq
+
+        self.source, self.files = source, list(files)
+        self.starts: list[int] = []  # the first dataset row of each file
+        self.lines: list[list[int] | None] = []  # jsonl: the line number of each record
+        total = 0
+        for file in self.files:
+            if file.endswith(".jsonl"):
+                with open(file) as handle:
+                    lines = [number for number, text in enumerate(handle, start=1) if text.strip()]
+                self.lines.append(lines)
+                count = len(lines)
+            else:
+                self.lines.append(None)
+                count = pq.read_metadata(file).num_rows if file.endswith(".parquet") else 0
+            self.starts.append(total)
+            total += count
+
+    @classmethod
+    def for_path(cls, path: str | Path) -> RowLocator:
+        return cls(str(path), _data_files(Path(path))[1])
+
+    def __call__(self, index: int) -> tuple[str, int, Literal["row", "line"]]:
+        if not self.files:
+            return self.source, index, "row"
+        k = bisect.bisect_right(self.starts, index) - 1
+        local, lines = index - self.starts[k], self.lines[k]
+        return (self.files[k], local, "row") if lines is None else (self.files[k], lines[local], "line")
+
+    def describe(self, index: int, seen_from: int) -> str:
+        """`row 3` / `line 4` for a row in the same file as row `seen_from`, else prefixed by its file."""
+        file, number, unit = self(index)
+        return f"{unit} {number}" if file == self(seen_from)[0] else f"{file} {unit} {number}"
+
+    def problem(self, index: int, field: str | None, message: str) -> PairProblem:
+        file, number, unit = self(index)
+        return PairProblem(file, number, field, message, unit=unit)
+
+
 def _schema_problems(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
     problems = []
     for column in PAIR_COLUMNS:
@@ -132,30 +179,25 @@ def _schema_problems(dataset: datasets.Dataset, source: str) -> list[PairProblem
     return problems
 
 
-def _row_problems(row: dict, index: int, source: str) -> list[PairProblem]:
+def _row_problems(row: dict, index: int, at: RowLocator) -> list[PairProblem]:
     problems = []
     for column in ("policy", "prompt_id", "prompt"):
         if not isinstance(row[column], str) or not row[column].strip():
-            problems.append(
-                PairProblem(source, index, column, f"must be a non-empty string, got {row[column]!r}")
-            )
+            problems.append(at.problem(index, column, f"must be a non-empty string, got {row[column]!r}"))
     n, successes, score, step = row["n"], row["successes"], row["score"], row["step"]
     if step is None or step < 0:
-        problems.append(PairProblem(source, index, "step", f"must be >= 0, got {step}"))
+        problems.append(at.problem(index, "step", f"must be >= 0, got {step}"))
     if n is None or n <= 0:
-        problems.append(PairProblem(source, index, "n", f"must be >= 1 rollout, got {n}"))
+        problems.append(at.problem(index, "n", f"must be >= 1 rollout, got {n}"))
         return problems
     if successes is None or not 0 <= successes <= n:
-        problems.append(PairProblem(source, index, "successes", f"must lie in [0, n={n}], got {successes}"))
+        problems.append(at.problem(index, "successes", f"must lie in [0, n={n}], got {successes}"))
         return problems
     if score is None or not math.isfinite(score) or not -1.0 <= score <= 1.0:
-        problems.append(
-            PairProblem(source, index, "score", f"must be a finite mean reward in [-1, 1], got {score}")
-        )
+        problems.append(at.problem(index, "score", f"must be a finite mean reward in [-1, 1], got {score}"))
     elif abs(score - (2 * successes / n - 1)) > SCORE_TOLERANCE:
         problems.append(
-            PairProblem(
-                source,
+            at.problem(
                 index,
                 "score",
                 f"{score} disagrees with successes/n = {successes}/{n} (expected {2 * successes / n - 1:.6f})",
@@ -164,8 +206,12 @@ def _row_problems(row: dict, index: int, source: str) -> list[PairProblem]:
     return problems
 
 
-def validate_pairs(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
+def validate_pairs(
+    dataset: datasets.Dataset, source: str, locate: RowLocator | None = None
+) -> list[PairProblem]:
     """Every contract problem of `dataset` (errors and warnings), each naming source, row and field.
+    With `locate` (`RowLocator.for_path(path)` for a dataset from `load_pairs(path)`), a row problem
+    names the shard file and its row (parquet) or line (jsonl) instead of the dataset-wide row.
 
     Checks: schema (columns, dtypes), value ranges, `0 <= successes <= n`, score consistency with
     `successes / n`, duplicate `(policy, step, prompt_id)` rows, one prompt id with two texts, and
@@ -174,19 +220,22 @@ def validate_pairs(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
     problems = _schema_problems(dataset, source)
     if problems:
         return problems  # row checks need every column with its contract dtype
+    at = locate or RowLocator(source)
     first_row: dict[tuple[str, int, str], int] = {}
     text_of: dict[str, tuple[str, int]] = {}
     classes: dict[tuple[str, int], Counter] = defaultdict(Counter)
     for index, row in enumerate(dataset.select_columns(list(PAIR_COLUMNS))):
-        row_problems = _row_problems(row, index, source)
+        row_problems = _row_problems(row, index, at)
         problems.extend(row_problems)
         if row_problems:
             continue
         key = (row["policy"], row["step"], row["prompt_id"])
         if key in first_row:
             problems.append(
-                PairProblem(
-                    source, index, "prompt_id", f"duplicate of row {first_row[key]} for pool {key[:2]}"
+                at.problem(
+                    index,
+                    "prompt_id",
+                    f"duplicate of {at.describe(first_row[key], index)} for pool {key[:2]}",
                 )
             )
         else:
@@ -194,11 +243,10 @@ def validate_pairs(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
         seen = text_of.setdefault(row["prompt_id"], (row["prompt"], index))
         if seen[0] != row["prompt"]:
             problems.append(
-                PairProblem(
-                    source,
+                at.problem(
                     index,
                     "prompt",
-                    f"prompt id {row['prompt_id']!r} has another text in row {seen[1]}",
+                    f"prompt id {row['prompt_id']!r} has another text in {at.describe(seen[1], index)}",
                 )
             )
         label = success_rate(row["successes"], row["n"]) >= SUCCESS_THRESHOLD
@@ -222,7 +270,7 @@ def validate_pairs(dataset: datasets.Dataset, source: str) -> list[PairProblem]:
 def load_valid_pairs(path: str | Path) -> datasets.Dataset:
     """`load_pairs` + `validate_pairs`; raises `PairsError` listing the errors (warnings pass)."""
     dataset = load_pairs(path)
-    problems = validate_pairs(dataset, str(path))
+    problems = validate_pairs(dataset, str(path), RowLocator.for_path(path))
     raise_on_errors(problems, str(path))
     return dataset
 
@@ -244,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     status = 0
     for path in paths:
-        problems = validate_pairs(load_pairs(path), path)
+        problems = validate_pairs(load_pairs(path), path, RowLocator.for_path(path))
         for problem in problems:
             print(problem)
         if any(p.severity == "error" for p in problems):

@@ -12,6 +12,7 @@ from data_pipelines.pairs import (
     PAIR_COLUMNS,
     PAIR_FEATURES,
     PairsError,
+    RowLocator,
     load_pairs,
     load_valid_pairs,
     success_rate,
@@ -136,6 +137,26 @@ def test_load_valid_pairs_raises_listing_errors(tmp_path: Path) -> None:
     rows = [*GOOD, pair(prompt_id="d", successes=9, n=4, score=1.0)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(
-        PairsError, match=r"1 pair contract error\(s\):\n  error: .*bad.jsonl row 3 field 'successes'"
+        PairsError, match=r"1 pair contract error\(s\):\n  error: .*bad.jsonl line 4 field 'successes'"
     ):
         load_valid_pairs(path)
+
+
+def test_problems_name_the_shard_and_its_row_or_the_jsonl_line(tmp_path: Path) -> None:
+    folder = tmp_path / "pairs"
+    for name, rows in [
+        ("a", GOOD),
+        ("b", [pair(prompt_id="d", successes=1), pair(prompt_id="a", successes=1)]),
+    ]:
+        (folder / name).mkdir(parents=True)
+        as_dataset(rows).to_parquet(str(folder / name / "shard-0.parquet"))
+    problems = validate_pairs(load_pairs(folder), str(folder), RowLocator.for_path(folder))
+    duplicate = next(p for p in problems if "duplicate" in p.message)
+    assert str(duplicate).startswith(f"error: {folder / 'b' / 'shard-0.parquet'} row 1 field 'prompt_id'")
+    assert f"duplicate of {folder / 'a' / 'shard-0.parquet'} row 0" in duplicate.message
+
+    jsonl = tmp_path / "pairs.jsonl"  # blank lines count: the line is where an editor shows the record
+    jsonl.write_text(json.dumps(GOOD[0]) + "\n\n" + json.dumps(pair(prompt_id="z", successes=9)) + "\n")
+    problems = validate_pairs(load_pairs(jsonl), str(jsonl), RowLocator.for_path(jsonl))
+    error = next(p for p in problems if p.severity == "error")
+    assert str(error).startswith(f"error: {jsonl} line 3 field 'successes'")
