@@ -259,6 +259,12 @@ class PolicyTrainer(L.LightningModule):
         ]
 
     def setup(self, stage: str) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:  # fp16 with loss scaling
+            raise ValueError(
+                f"trainer.precision={self.trainer.precision} (fp16 with a loss scaler) is not supported: the "
+                "trainer clips and logs the gradient norm itself, before the scaler would unscale it. "
+                "Use bf16-mixed (or 32-true)."
+            )
         if isinstance(self.engine, HFEngine) and isinstance(self.trainer.strategy, FSDPStrategy):
             self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
         datamodule = self.trainer.datamodule

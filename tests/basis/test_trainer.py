@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from transformers import AutoModelForCausalLM
 
 from basis.data import PromptDataModule, step_prompt_indices
@@ -143,6 +144,10 @@ def test_batch_shape_and_prompt_length_checks(tiny_lm_path: str, task_dir: Path,
     module = make_module(tiny_lm_path, tmp_path, max_prompt_tokens=3)
     with pytest.raises(ValueError, match="max_prompt_tokens=3"):
         make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
+    module = make_module(tiny_lm_path, tmp_path)  # on CPU, Lightning turns precision="16-mixed" into bf16
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ValueError, match=r"precision=16-mixed .* is not supported"):
+        make_trainer(tmp_path, steps=1, plugins=[fp16]).fit(module, datamodule=data(task_dir))
 
 
 def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
