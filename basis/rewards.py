@@ -5,9 +5,10 @@
   whole, thousands commas and decimals included (`1,130` is 1130, `113.9` is 113.9, never 113), and
   compared exactly with the integer answer (`113.0` counts as 113).
 - `MathVerifier`: LaTeX / expression equivalence with `math-verify` (`parse` + `verify`), e.g.
-  `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`. math-verify's own timeouts use `signal.alarm`,
-  which fails outside the main thread, so they are disabled and every item runs in a pool of worker
-  processes (forkserver) with a wall-clock limit instead: a worker that overruns is killed and replaced.
+  `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`; a response's last `\\boxed{}` is its answer.
+  math-verify's own timeouts use `signal.alarm`, which fails outside the main thread, so they are
+  disabled and every item runs in a pool of worker processes (forkserver) with a wall-clock limit
+  instead: a worker that overruns is killed and replaced.
   Nothing is ever `eval`-ed.
 
 A response that cannot be parsed, times out, or crashes its worker scores 0 and is counted in
@@ -41,6 +42,20 @@ if TYPE_CHECKING:
 _NUMBER = r"-?(?<![\d.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![.,]?\d)"
 NUMBER = re.compile(_NUMBER)
 FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
+
+
+def last_boxed(text: str) -> str:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, with balanced braces."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    if not starts:
+        raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
+    start = starts[-1]
+    depth = 1
+    for pos in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[pos], 0)
+        if depth == 0:
+            return text[start:pos].strip()
+    raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
 
 
 class VerifyResult(NamedTuple):
@@ -94,10 +109,16 @@ _READY = "ready"
 def math_verify_item(response: str, answer: str) -> tuple[float, bool]:
     """(reward, failed) for one pair, with math-verify's own timeouts disabled (the pool enforces them).
 
-    The gold answer is parsed as `\\boxed{answer}`; an unparseable gold or response scores 0, failed.
+    The gold answer is parsed as `\\boxed{answer}`; an unparseable gold or response scores 0, failed. A
+    response with `\\boxed{}` answers is graded on its last one, its final answer (as DAPO and verl do):
+    math-verify would read them all as one set, so a corrected answer would match nothing.
     """
     gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)  # type: ignore[arg-type]
-    predicted = parse(response, parsing_timeout=None)  # type: ignore[arg-type]
+    try:
+        final = f"\\boxed{{{last_boxed(response)}}}"
+    except ValueError:  # no (balanced) \boxed{}: math-verify looks for the answer in the whole response
+        final = response
+    predicted = parse(final, parsing_timeout=None)  # type: ignore[arg-type]
     if not gold or not predicted:
         return 0.0, True
     return float(verify(gold, predicted, timeout_seconds=None)), False

@@ -39,6 +39,8 @@ from typing import Any
 
 import datasets
 
+from basis.rewards import last_boxed
+
 PROMPT_COLUMNS: tuple[str, ...] = ("prompt_id", "prompt", "answer", "data_source", "difficulty")
 REQUIRED_COLUMNS: tuple[str, ...] = ("prompt", "answer")
 ARITHMETIC_SOURCE = "arithmetic"
@@ -150,20 +152,6 @@ def gsm8k_final_answer(solution: str) -> str:
     if FINAL_ANSWER_MARKER not in solution:
         raise ValueError(f"no '{FINAL_ANSWER_MARKER}' final answer in GSM8K solution {solution[-60:]!r}")
     return solution.rsplit(FINAL_ANSWER_MARKER, 1)[1].strip().replace(",", "")
-
-
-def last_boxed(text: str) -> str:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, with balanced braces."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
-    start = starts[-1]
-    depth = 1
-    for pos in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[pos], 0)
-        if depth == 0:
-            return text[start:pos].strip()
-    raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
 
 
 def math_level(level: object) -> int | None:

@@ -138,3 +138,8 @@ def test_registry_and_pm1() -> None:
     assert torch.equal(to_pm1(torch.tensor([[1.0, 0.0]])), torch.tensor([[1.0, -1.0]]))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         to_pm1([2.0])
+
+
+def test_math_verifier_grades_the_last_boxed_answer(math_verifier) -> None:
+    corrected = "so \\boxed{5}. Wait, 3 + 4 is not 5: \\boxed{7}"
+    assert math_verifier([corrected, corrected], ["7", "5"]) == VerifyResult([1.0, 0.0], 0)
