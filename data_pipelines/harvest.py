@@ -239,15 +239,7 @@ def _expand(spec: CheckpointSpec) -> list[Path]:
 
 def _export_metadata(path: Path) -> dict[str, Any]:
     meta = path / "basis_export.json"
-    if not meta.is_file():
-        return {}
-    try:
-        data = json.loads(meta.read_text())
-    except json.JSONDecodeError as err:
-        raise HarvestError(f"{meta}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise HarvestError(f"{meta}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(meta) if meta.is_file() else {}
 
 
 def _tag(path: Path, spec: CheckpointSpec, several: bool) -> Checkpoint:
@@ -482,7 +474,7 @@ def harvest_data_files(out: str | Path) -> list[str]:
     manifest_path = Path(out) / MANIFEST
     if not manifest_path.is_file():
         raise HarvestError(f"{out}: no {MANIFEST}; the harvest is unfinished (rerun it to resume)")
-    shards = manifest_shards(read_manifest(manifest_path), manifest_path)
+    shards = manifest_shards(read_json_object(manifest_path), manifest_path)
     if not shards:
         raise HarvestError(f"{manifest_path}: lists no shards")
     return [str(Path(out) / shard.path) for shard in shards]
@@ -557,15 +549,15 @@ def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest at `path` as a dict; HarvestError naming `path` when it is not a JSON object."""
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` (a manifest, export metadata); HarvestError naming `path` otherwise."""
     try:
-        manifest = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise HarvestError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(manifest, dict):
-        raise HarvestError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    return manifest
+    if not isinstance(data, dict):
+        raise HarvestError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def manifest_shards(manifest: dict[str, Any], path: Path) -> list[ShardRecord]:
@@ -768,7 +760,7 @@ def _prompts_sha256(rows: Sequence[Any]) -> str:
 def _check_output_folder(out: Path, plans: Sequence[ShardPlan]) -> None:
     manifest = out / MANIFEST
     if manifest.is_file():
-        kind = read_manifest(manifest).get("kind")
+        kind = read_json_object(manifest).get("kind")
         if kind != "rollouts":
             raise HarvestError(
                 f"{out} holds a {kind!r} pairs dataset, not a rollout harvest; use a new folder"
@@ -1329,7 +1321,7 @@ def _manifest_problems(folder: Path) -> list[PairProblem]:
             ]
         return []
     try:
-        manifest = read_manifest(manifest_path)
+        manifest = read_json_object(manifest_path)
         if "shards" not in manifest:  # another writer's manifest (e.g. the V0 release importer)
             return []
         shards = manifest_shards(manifest, manifest_path)

@@ -157,30 +157,35 @@ def test_gsm8k_answer_without_marker_names_row(tmp_path: Path) -> None:
         load_prompts(str(path), preset="gsm8k")
 
 
-def test_null_struct_under_a_column_path_names_file_row_field(tmp_path: Path) -> None:
+def _null_reward_model() -> list[dict]:
     rows = dapo_rows()
     rows[1]["reward_model"] = None
-    path = write_jsonl(tmp_path / "dapo.jsonl", rows)
-    with pytest.raises(
-        ValueError,
-        match=r"dapo\.jsonl: row 1, field 'answer' \(column 'reward_model\.ground_truth'\): "
-        r"'reward_model' is null, not a struct",
-    ):
-        load_prompts(str(path), preset="dapo-math-17k")
+    return rows
 
 
-def test_non_string_math_level_names_file_row_field(tmp_path: Path) -> None:
-    rows = [
-        {"problem": "a", "solution": "\\boxed{1}", "level": "Level 1"},
-        {"problem": "b", "solution": "\\boxed{2}", "level": 3},
-    ]
-    path = write_jsonl(tmp_path / "math.jsonl", rows)
-    with pytest.raises(
-        ValueError,
-        match=r"math\.jsonl: row 1, field 'difficulty' \(column 'level'\): expected a string like 'Level 3', "
-        r"got int 3",
-    ):
-        load_prompts(str(path), preset="math")
+@pytest.mark.parametrize(
+    ("rows", "preset", "match"),
+    [
+        (  # a null struct under the column path of the answer
+            _null_reward_model,
+            "dapo-math-17k",
+            r"row 1, field 'answer' \(column 'reward_model\.ground_truth'\): 'reward_model' is null, not a struct",
+        ),
+        (  # an int where MATH has "Level 3"
+            lambda: [
+                {"problem": "a", "solution": "\\boxed{1}", "level": "Level 1"},
+                {"problem": "b", "solution": "\\boxed{2}", "level": 3},
+            ],
+            "math",
+            r"row 1, field 'difficulty' \(column 'level'\): expected a string like 'Level 3', got int 3",
+        ),
+    ],
+    ids=["null-struct", "int-level"],
+)
+def test_badly_typed_values_name_file_row_field(tmp_path: Path, rows, preset: str, match: str) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows())
+    with pytest.raises(ValueError, match=r"prompts\.jsonl: " + match):
+        load_prompts(str(path), preset=preset)
 
 
 def test_whitespace_prompt_id_names_file_row_field(tmp_path: Path) -> None:
