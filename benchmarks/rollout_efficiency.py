@@ -22,6 +22,7 @@ Writes `benchmarks/results/rollout_efficiency.json`; runs land in MLflow experim
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -49,9 +50,9 @@ def run(command: list[str], log: Path) -> None:
 
 
 def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None) -> Path:
+    """Train one arm; a run folder finished earlier by the same command is reused (delete the workdir
+    after changing the code: the command does not capture it)."""
     run_dir = args.workdir / f"{arm}-seed{seed}"
-    if (run_dir / "mlflow_run_id").exists() and (run_dir / "exports" / f"step_{args.steps:06d}").exists():
-        return run_dir  # finished earlier: reuse
     command = [
         sys.executable, "-m", "basis.cli", "fit", f"--config=configs/policy/{ARMS[arm]}",
         f"--model.model_path={args.policy}", f"--model.run_dir={run_dir}", f"--trainer.max_steps={args.steps}",
@@ -63,7 +64,15 @@ def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None
     ]  # fmt: skip
     if prior is not None:
         command.append(f"--model.prior={prior}")
+    record = run_dir / "benchmark_command.json"
+    finished = (run_dir / "mlflow_run_id").exists() and (
+        run_dir / "exports" / f"step_{args.steps:06d}"
+    ).exists()
+    if finished and record.exists() and json.loads(record.read_text()) == command[1:]:
+        print(f"reusing {run_dir} (finished earlier by the same command)", flush=True)
+        return run_dir
     run(command, args.workdir / "logs" / f"{arm}-seed{seed}.log")
+    record.write_text(json.dumps(command[1:]))  # without the interpreter path
     return run_dir
 
 
