@@ -261,19 +261,28 @@ def _load_raw(
     return datasets.load_dataset(path_or_hub_name, split=split), f"{path_or_hub_name}[{split}]"
 
 
+def _column_error(where: str, field: str, column: str, message: object) -> ValueError:
+    return ValueError(f"{where}, field {field!r} (column {column!r}): {message}")
+
+
 def _get_path(row: Mapping[str, Any], dotted: str, where: str, field: str) -> Any:
     """The value at the dotted column path; a null (or non-struct) parent on the way is a row error."""
     value: Any = row
     keys = dotted.split(".")
     for depth, key in enumerate(keys):
         if not isinstance(value, Mapping):
-            parent = ".".join(keys[:depth])
             found = "null" if value is None else _describe(value)
-            raise ValueError(
-                f"{where}, field {field!r} (column {dotted!r}): {parent!r} is {found}, not a struct"
-            )
+            raise _column_error(where, field, dotted, f"{'.'.join(keys[:depth])!r} is {found}, not a struct")
         value = value[key]
     return value
+
+
+def _converted(convert: Callable[[Any], Any], value: Any, where: str, field: str, column: str) -> Any:
+    """`convert(value)`, its ValueError turned into a row error naming file, row, field and column."""
+    try:
+        return convert(value)
+    except ValueError as error:
+        raise _column_error(where, field, column, error) from None
 
 
 def _has_path(features: Mapping[str, Any], dotted: str) -> bool:
@@ -298,18 +307,12 @@ def _convert_row(
     row = {name: _get_path(raw_row, column, where, name) for name, column in column_map.items()}
     check_prompt_row({"prompt": row["prompt"], "answer": row["answer"]}, index, source)
     if preset is not None and preset.answer_from is not None:
-        try:
-            row["answer"] = preset.answer_from(row["answer"])
-        except ValueError as error:
-            raise ValueError(f"{where}, field 'answer' (column {column_map['answer']!r}): {error}") from None
+        row["answer"] = _converted(preset.answer_from, row["answer"], where, "answer", column_map["answer"])
     difficulty = row.get("difficulty")
     if preset is not None and preset.difficulty_from is not None and difficulty is not None:
-        try:
-            difficulty = preset.difficulty_from(difficulty)
-        except ValueError as error:
-            raise ValueError(
-                f"{where}, field 'difficulty' (column {column_map['difficulty']!r}): {error}"
-            ) from None
+        difficulty = _converted(
+            preset.difficulty_from, difficulty, where, "difficulty", column_map["difficulty"]
+        )
     prompt = row["prompt"]
     if isinstance(prompt, list):  # keep only role/content of chat messages
         prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]

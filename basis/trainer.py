@@ -58,7 +58,7 @@ from basis.metrics import PassAtK
 from basis.policy_io import LoraSettings, export_policy, load_policy
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
-from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, load_prior
+from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ class PolicyTrainer(L.LightningModule):
             return None
         rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
         context_prompts, context_success = self.support.sample(rng)
-        if len({rate >= 0.5 for rate in context_success}) < 2:  # the buffer has both classes, this draw not
+        if not has_both_classes(context_success):  # the buffer has both classes, this draw not
             log.info("step %d: the sampled context has one class; using the empirical baseline", self.rl_step)
             return None
         queries = [prompt_text(r.prompt) for r in prompts]

@@ -71,6 +71,11 @@ class OslaSettings:
         return math.floor(1.0 / math.sqrt(self.c) + 1e-9)
 
 
+def has_both_classes(success: Sequence[float]) -> bool:
+    """True when `success` holds a success (rate >= 0.5) and a failure: a context the prior's head can read."""
+    return len({rate >= 0.5 for rate in success}) == 2
+
+
 class SupportBuffer:
     """FIFO of the current policy's recent (prompt, success rate) pairs: the prior's context.
 
@@ -97,10 +102,7 @@ class SupportBuffer:
 
     def ready(self) -> bool:
         """True when a context can be served: enough pairs and both labels (success >= 0.5 or not)."""
-        if len(self.pairs) < self.min_context:
-            return False
-        labels = {rate >= 0.5 for _, rate in self.pairs}
-        return len(labels) == 2
+        return len(self.pairs) >= self.min_context and has_both_classes([rate for _, rate in self.pairs])
 
     def sample(self, rng: np.random.Generator) -> tuple[list[str], list[float]]:
         """A context of `min(context_size, len)` pairs drawn without replacement."""

@@ -244,9 +244,11 @@ def evaluate_split(
 
 def load_split(prior: ValuePrior) -> PromptSplit:
     """The prompt-level split the prior was trained with (recorded in its artifact)."""
-    info = prior.info.get("data", {})
+    info, default = prior.info.get("data", {}), PromptSplit()
     return PromptSplit(
-        info.get("val_fraction", 0.1), info.get("test_fraction", 0.2), info.get("split_salt", "v0-holdout")
+        info.get("val_fraction", default.val_fraction),
+        info.get("test_fraction", default.test_fraction),
+        info.get("split_salt", default.salt),
     )
 
 

@@ -27,8 +27,9 @@ settings, checkpoint key and folder, shard seed, a hash of its prompt ids, texts
 column map, verifier and its options). A rerun whose fingerprint differs is refused. A rerun skips
 shards whose record and file agree, and redoes – after reporting it by path – a shard whose file is
 missing, unreadable or fails its checksum, that has no record (killed between the two renames), or
-whose record is of an older format (its fingerprint cannot vouch for the shard). The manifest is deleted when work remains and written only once every shard
-is verified, so a folder with a manifest is a complete harvest. Shard sampling seeds derive from
+whose record is of an older format (its fingerprint cannot vouch for the shard). The manifest is
+deleted when work remains and written only once every shard is verified, so a folder with a manifest
+is a complete harvest. Shard sampling seeds derive from
 `(seed, policy, step, shard index)`, so a resumed run and an uninterrupted one produce byte-identical pair
 rows (same machine, engine batch size and library versions).
 
@@ -68,10 +69,8 @@ from data_pipelines.pairs import (
     PAIR_FEATURES,
     PairProblem,
     PairsError,
-    RowLocator,
-    load_pairs,
+    load_and_validate,
     pool_key,
-    validate_pairs,
 )
 
 MANIFEST = "manifest.json"
@@ -1370,12 +1369,12 @@ def validate(path: str, max_problems: int = 50) -> ValidationReport:
     if source.is_dir():
         report.problems += _manifest_problems(source)
     try:
-        dataset = load_pairs(source)
+        dataset, problems = load_and_validate(source)
     except Exception as err:  # PairsError, or datasets/pyarrow failing on a damaged file
         report.problems.append(PairProblem(str(source), None, None, f"cannot be read as pairs: {err}"))
         return report
     report.rows = len(dataset)
-    report.problems += validate_pairs(dataset, str(source), RowLocator.for_path(source))
+    report.problems += problems
     if all(c in dataset.column_names for c in ("policy", "step", "n", "successes")):
         report.pools = _pool_stats(dataset)
     return report

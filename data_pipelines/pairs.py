@@ -267,10 +267,15 @@ def validate_pairs(
     return problems
 
 
-def load_valid_pairs(path: str | Path) -> datasets.Dataset:
-    """`load_pairs` + `validate_pairs`; raises `PairsError` listing the errors (warnings pass)."""
+def load_and_validate(path: str | Path) -> tuple[datasets.Dataset, list[PairProblem]]:
+    """`load_pairs(path)` and its contract problems, each row problem located in its shard or line."""
     dataset = load_pairs(path)
-    problems = validate_pairs(dataset, str(path), RowLocator.for_path(path))
+    return dataset, validate_pairs(dataset, str(path), RowLocator.for_path(path))
+
+
+def load_valid_pairs(path: str | Path) -> datasets.Dataset:
+    """`load_and_validate`; raises `PairsError` listing the errors (warnings pass)."""
+    dataset, problems = load_and_validate(path)
     raise_on_errors(problems, str(path))
     return dataset
 
@@ -292,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     status = 0
     for path in paths:
-        problems = validate_pairs(load_pairs(path), path, RowLocator.for_path(path))
+        problems = load_and_validate(path)[1]
         for problem in problems:
             print(problem)
         if any(p.severity == "error" for p in problems):
