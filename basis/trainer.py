@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -228,6 +229,7 @@ class PolicyTrainer(L.LightningModule):
         self.rl_step = 0
         self.rollouts_total = 0
         self._prior_failures = 0
+        self._prior_query_seconds: float | None = None  # the last served query's run time
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -338,13 +340,18 @@ class PolicyTrainer(L.LightningModule):
     def training_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
         self.rl_step += 1
         timings: dict[str, float] = {}
-        with _timer(timings, "prior"):
-            prior_p = self.query_prior(prompts)  # [P] raw V0 probabilities, or None: empirical fallback
+        # V0 needs only the prompts and the support buffer, so it runs on a worker thread while the
+        # first round is generated; "prior" times only the wait the rollouts did not hide.
+        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads,
+                                initargs=(torch.get_num_threads(),)) as worker:  # fmt: skip
+            query = worker.submit(self.query_prior, prompts) if self.prior is not None else None
+            rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
+            with _timer(timings, "prior"):
+                prior_p = None if query is None else query.result()  # [P] V0 probabilities, or None
         calibrated = (
             prior_p if self.calibrator is None or prior_p is None else self.calibrator(prior_p)
         )  # [P]
         prior = None if calibrated is None else 2.0 * calibrated - 1.0  # [P] on the ±1 scale
-        rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
         if self.osla is not None and prior is not None:
             rollouts = self.osla_rounds(rollouts, prior, timings)
         advantages = self.advantages(rollouts, prior)  # [N]
@@ -428,10 +435,12 @@ class PolicyTrainer(L.LightningModule):
             log.info("step %d: the sampled context has one class; using the empirical baseline", self.rl_step)
             return None
         queries = [prompt_text(r.prompt) for r in prompts]
+        start = time.perf_counter()
         try:
             p = torch.as_tensor(
                 self.prior.predict(context_prompts, context_success, queries), dtype=torch.float32
             )
+            self._prior_query_seconds = time.perf_counter() - start
             p = p.flatten()  # [P]
             if p.shape != (len(prompts),) or not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
                 raise ValueError(f"prior returned {tuple(p.shape)} values, non-finite or outside [0, 1]")
@@ -789,8 +798,12 @@ class PolicyTrainer(L.LightningModule):
             "v05/support_size": float(len(self.support)),
             "v05/rollouts_per_prompt": float(counts.float().mean()),
             "v05/rollouts_per_prompt_max": float(counts.max()),
+            # the step time spent waiting for V0 (its query overlaps the first rollout round) ...
             "v05/prior_time_frac": timings["prior"] / max(sum(timings.values()), 1e-9),
         }
+        if self._prior_query_seconds is not None:  # ... and the query's own run time
+            metrics["v05/prior_query_seconds"] = self._prior_query_seconds
+            self._prior_query_seconds = None
         if prior is None:
             return metrics
         baseline, weight = fused_baseline(means, counts, prior)  # [P], [P]

@@ -7,6 +7,7 @@ perfect prior and `ConstantPrior(1.0)` an adversarial one.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -153,6 +154,37 @@ def test_held_out_check_samples_the_policy_that_made_the_rollouts(
     module.engine.update_weights = lambda policy: events.append("update") or update_weights(policy)
     fit(module, task_dir, tmp_path, steps=2)
     assert events == ["heldout", "update"] * 2
+
+
+class OverlapProbePrior(ConstantPrior):
+    """Test double for V0 that answers only once the step's first rollouts have started: a step that
+    queried the prior before generating would wait here until the timeout and fall back."""
+
+    def __init__(self, p: float, generating: threading.Event) -> None:
+        super().__init__(p)
+        self.generating = generating
+
+    def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+        if not self.generating.wait(timeout=20):
+            raise TimeoutError("the prior was queried before the rollouts started")
+        self.generating.clear()
+        return super().predict(context_prompts, context_success, query_prompts)
+
+
+def test_the_prior_query_overlaps_the_first_rollout_round(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    generating = threading.Event()
+    prior = OverlapProbePrior(0.0, generating)
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=prior, osla=OslaSettings()))
+    generate = module.engine.generate
+    module.engine.generate = lambda *args: generating.set() or generate(*args)
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=2, logger=logger)
+    assert prior.calls == 2
+    assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
+    assert history("v05/prior_failures", logger.run_id) == [0.0, 0.0]
+    assert len(history("v05/prior_query_seconds", logger.run_id)) == 2
 
 
 def test_a_one_class_draw_from_a_two_class_buffer_falls_back(tiny_lm_path: str, tmp_path: Path) -> None:
