@@ -346,8 +346,10 @@ class PolicyTrainer(L.LightningModule):
                                 initargs=(torch.get_num_threads(),)) as worker:  # fmt: skip
             query = worker.submit(self.query_prior, prompts) if self.prior is not None else None
             rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
-            with _timer(timings, "prior"):
-                prior_p = None if query is None else query.result()  # [P] V0 probabilities, or None
+            prior_p = None  # [P] V0's success probabilities, or None: the empirical fallback
+            if query is not None:
+                with _timer(timings, "prior"):
+                    prior_p = query.result()
         calibrated = (
             prior_p if self.calibrator is None or prior_p is None else self.calibrator(prior_p)
         )  # [P]

@@ -97,10 +97,10 @@ def read_run(run_dir: Path) -> dict:
     rollouts = dict(series("train/rollouts_total"))
     grad = [v for _, v in series("train/grad_norm")]
     step_seconds = sum(v for _, v in series("time/step"))
-    prior_wait = series("time/prior")  # the step time spent waiting for V0 (absent without a prior)
+    prior_wait = series("time/prior")  # the step time spent waiting for V0
     prior_query = series("v05/prior_query_seconds")  # V0's own run time, overlapped with rollouts
     return {
-        "prior_time_frac": sum(v for _, v in prior_wait) / step_seconds if prior_wait else None,
+        "prior_time_frac": sum(v for _, v in prior_wait) / step_seconds if prior_query else None,
         "prior_query_frac": sum(v for _, v in prior_query) / step_seconds if prior_query else None,
         "val": series("val/mean_at_k"),
         "rollouts_at": rollouts,
