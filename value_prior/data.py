@@ -101,10 +101,26 @@ def pools_from_pairs(dataset: datasets.Dataset) -> dict[str, Pool]:
     }
 
 
-def split_pools(pools: dict[str, Pool], split: PromptSplit, parts: tuple[Split, ...]) -> dict[str, Pool]:
-    """The pairs of each pool whose prompt falls in one of `parts`."""
+def assign_splits(pools: dict[str, Pool], split: PromptSplit) -> dict[str, Split]:
+    """The split of every prompt id in `pools`. Ids that share a prompt text (DAPO-Math-17k repeats
+    each problem under many ids) all take the split of the smallest of them, so no text is on both
+    sides of a split; without shared texts this is `split.of(prompt_id)`."""
+    first: dict[str, str] = {}  # prompt text -> its smallest id
+    for pool in pools.values():
+        for pid, text in zip(pool.prompt_ids, pool.prompts):
+            first[text] = min(first.get(text, pid), pid)
     return {
-        name: pool.subset(np.array([split.of(pid) in parts for pid in pool.prompt_ids], dtype=bool))
+        pid: split.of(first[text])
+        for pool in pools.values()
+        for pid, text in zip(pool.prompt_ids, pool.prompts)
+    }
+
+
+def split_pools(pools: dict[str, Pool], split: PromptSplit, parts: tuple[Split, ...]) -> dict[str, Pool]:
+    """The pairs of each pool whose prompt falls in one of `parts` (`assign_splits`)."""
+    part = assign_splits(pools, split)
+    return {
+        name: pool.subset(np.array([part[pid] in parts for pid in pool.prompt_ids], dtype=bool))
         for name, pool in pools.items()
     }
 
@@ -302,9 +318,10 @@ class PairsDataModule(L.LightningDataModule):
         if self.pools is None:
             self.pools = pools_from_pairs(self.load_dataset())
             counts = {s: 0 for s in ("train", "val", "test")}
+            part = assign_splits(self.pools, self.split)
             for pool in self.pools.values():
                 for pid in pool.prompt_ids:
-                    counts[self.split.of(pid)] += 1
+                    counts[part[pid]] += 1
             log.info("%d pools from %s; pairs per split: %s", len(self.pools), self.pairs, counts)
 
     def parts(self, *names: Split) -> dict[str, Pool]:

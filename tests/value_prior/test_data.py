@@ -39,6 +39,25 @@ def test_prompt_split_is_deterministic_and_sized() -> None:
         PromptSplit(0.5, 0.5)
 
 
+def test_a_prompt_text_under_several_ids_stays_on_one_side_of_the_split() -> None:
+    # DAPO-Math-17k style: each problem repeated under many ids.
+    texts = [f"problem {i}" for i in range(200)]
+    ids = [f"id{copy}-{i}" for copy in range(3) for i in range(200)]
+    pool = Pool("pi@step1", ids, texts * 3, np.linspace(0, 1, 600))
+    split = PromptSplit(0.2, 0.2, "dup")
+    sides = {part: split_pools({"p": pool}, split, (part,))["p"] for part in ("train", "val", "test")}
+    seen = [set(sides[part].prompts) for part in sides]
+    assert sum(len(side.prompt_ids) for side in sides.values()) == 600
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    # without the grouping, ids of the same text land on different sides for most texts
+    assert sum(len({split.of(f"id{c}-{i}") for c in range(3)}) > 1 for i in range(200)) > 50
+    # a pool without shared texts is split exactly by id
+    single = Pool("pi@step1", ids[:200], texts, np.zeros(200))
+    assert split_pools({"p": single}, split, ("test",))["p"].prompt_ids == [
+        pid for pid in ids[:200] if split.of(pid) == "test"
+    ]
+
+
 def test_pools_group_by_policy_and_step(pools) -> None:
     assert sorted(pools) == ["alpha@step1", "alpha@step2", "beta@step1", "beta@step2"]
     pool = pools["alpha@step1"]
