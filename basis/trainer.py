@@ -460,8 +460,9 @@ class PolicyTrainer(L.LightningModule):
             lengths = [len(c.token_ids) for c in rollouts.completions]
             options["token_counts"] = torch.tensor(lengths, dtype=torch.long)  # [N]
         if ESTIMATORS[name].needs_prior:
-            per_prompt = prior if prior is not None else empirical_prior(rewards, rollouts.index)  # [P]
-            options["prior"] = per_prompt[rollouts.index]  # [N]
+            if prior is None:  # BASIS keeps its baseline leave-one-out: no group's own mean as prior
+                prior = empirical_prior(rewards, rollouts.index, pooled=name == "basis")  # [P]
+            options["prior"] = prior[rollouts.index]  # [N]
         return compute_advantages(name, rewards, rollouts.index, **options)  # [N]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
@@ -930,12 +931,13 @@ def success_rates(rollouts: Rollouts) -> torch.Tensor:
     return (group_counts_means(rollouts)[1] + 1.0) / 2.0  # [P]
 
 
-def empirical_prior(rewards: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def empirical_prior(rewards: torch.Tensor, index: torch.Tensor, pooled: bool = False) -> torch.Tensor:
     """The fallback "prior" per prompt `[P]` when V0 cannot be used: the group mean for groups of 2+,
-    else the batch mean. With it, V0.5's fused baseline is the group mean and BASIS's the batch mean."""
+    else (or when `pooled`) the batch mean. With it, V0.5's fused baseline is the group mean, and
+    BASIS's leave-one-group-out shift turns the pooled mean into the mean of the other groups."""
     num = int(index.max()) + 1
     counts = torch.bincount(index, minlength=num)  # [P]
-    if int(counts.max()) == 1:
+    if pooled or int(counts.max()) == 1:
         return torch.full((num,), float(rewards.mean()))  # [P]
     return torch.zeros(num).index_add_(0, index, rewards) / counts.clamp(min=1)  # [P]
 

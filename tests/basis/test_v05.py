@@ -236,6 +236,24 @@ def test_basis_single_rollout_estimator_runs_with_the_prior(
     assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
 
 
+def test_basis_fallback_keeps_each_groups_own_rewards_out_of_its_baseline(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    from basis.trainer import Rollouts
+
+    module = module_for(tiny_lm_path, tmp_path, advantage="basis", group_size=2, prior=ConstantPrior(0.5))
+    index = torch.tensor([0, 0, 1, 1, 2, 2])
+    baselines = []
+    for own in ([1.0, 1.0], [0.0, 0.0]):  # group 0's rewards change, the others' do not
+        correct = torch.tensor(own + [0.0, 1.0, 0.0, 0.0])
+        rewards = 2 * correct - 1
+        advantages = module.advantages(Rollouts(rows(3), [], [], index, correct, 0), prior=None)
+        baselines.append(rewards - advantages)  # scale "none": A = r - b
+    assert torch.allclose(baselines[0][:2], baselines[1][:2], atol=1e-3)  # up to the shift search
+    # ... and is the other groups' mean reward (success rate 1/4 -> -0.5 on the ±1 scale)
+    assert torch.allclose(baselines[0][:2], torch.tensor([-0.5, -0.5]), atol=1e-3)
+
+
 def test_prior_settings_are_checked_before_training(tiny_lm_path: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a value prior"):
         module_for(tiny_lm_path, tmp_path)
