@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -328,12 +329,38 @@ class PolicyTrainer(L.LightningModule):
                 "checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version"
             )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
+        self.set_aside_later_outputs()
         self.rollouts_total = int(state.get("rollouts_total", 0))
         self._prior_failures = int(state.get("prior_failures", 0))
         if self.prior is not None:
             self.support.load_state_dict(state.get("support_buffer", {"format": None}))
         if self.calibrator is not None and state.get("prior_calibration") is not None:
             self.calibrator.load_state_dict(state["prior_calibration"])
+
+    def set_aside_later_outputs(self) -> None:
+        """Move rollout records and exports of steps after the resumed one (left by the attempt this
+        resume abandons) into `superseded/<time>/` beside them, so that `harvest` never pools them with
+        the new attempt's; nothing is deleted."""
+
+        def later(folder: Path, pattern: str) -> list[Path]:
+            steps = ((path, re.match(r"step_(\d+)", path.name)) for path in folder.glob(pattern))
+            return [path for path, step in steps if step and int(step[1]) > self.rl_step]
+
+        moved = later(self.run_dir / "rollouts", f"step_*-rank{self.global_rank}.parquet")
+        if self.global_rank == 0:
+            moved += later(self.run_dir / "exports", "step_*")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in moved:
+            aside = path.parent / "superseded" / f"resumed-at-step{self.rl_step}-{stamp}"
+            aside.mkdir(parents=True, exist_ok=True)
+            os.replace(path, aside / path.name)
+        if moved:
+            log.warning(
+                "resumed at RL step %d: moved %d rollout records / exports of later steps (from the "
+                "abandoned attempt) into superseded/ folders",
+                self.rl_step,
+                len(moved),
+            )
 
     # ----------------------------------------------------------------- the RL step
 
