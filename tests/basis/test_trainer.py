@@ -183,7 +183,9 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:
     settings = dict(checkpoint_every_n_steps=1, export_every_n_steps=1)
-    make_trainer(tmp_path, steps=2).fit(make_module(tiny_lm_path, tmp_path, **settings), datamodule=data(task_dir))
+    make_trainer(tmp_path, steps=2).fit(
+        make_module(tiny_lm_path, tmp_path, **settings), datamodule=data(task_dir)
+    )
     early = tmp_path / "step2.ckpt"
     shutil.copy(tmp_path / "checkpoints" / "last.ckpt", early)
     make_trainer(tmp_path, steps=4).fit(  # the attempt that will be abandoned: steps 3 and 4
@@ -196,7 +198,9 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     )
     records = sorted(p.name for p in (tmp_path / "rollouts").glob("*.parquet"))
     assert records == [f"step_00000{i}-rank0.parquet" for i in (1, 2, 3)]
-    assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [f"step_00000{i}" for i in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
+        f"step_00000{i}" for i in (1, 2, 3)
+    ]
     (records_aside,) = (tmp_path / "rollouts" / "superseded").iterdir()
     assert sorted(p.name for p in records_aside.iterdir()) == [f"step_00000{i}-rank0.parquet" for i in (3, 4)]
     (exports_aside,) = (tmp_path / "exports" / "superseded").iterdir()

@@ -245,7 +245,7 @@ def test_basis_fallback_keeps_each_groups_own_rewards_out_of_its_baseline(
     index = torch.tensor([0, 0, 1, 1, 2, 2])
     baselines = []
     for own in ([1.0, 1.0], [0.0, 0.0]):  # group 0's rewards change, the others' do not
-        correct = torch.tensor(own + [0.0, 1.0, 0.0, 0.0])
+        correct = torch.tensor([*own, 0.0, 1.0, 0.0, 0.0])
         rewards = 2 * correct - 1
         advantages = module.advantages(Rollouts(rows(3), [], [], index, correct, 0), prior=None)
         baselines.append(rewards - advantages)  # scale "none": A = r - b
