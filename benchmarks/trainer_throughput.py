@@ -99,7 +99,6 @@ def main() -> None:
             "time/reward",
             "time/update",
             "time/weight_sync",
-            "time/prior",
             "time/step",
             "train/tokens_per_s",
             "train/response_length",
@@ -117,9 +116,7 @@ def main() -> None:
         raw = raw_generate_tokens_per_s(module, prompt_ids, 48)
 
     step_time = steps["time/step"]
-    phases = {
-        phase: steps[f"time/{phase}"] for phase in ["rollout", "reward", "update", "weight_sync", "prior"]
-    }
+    phases = {phase: steps[f"time/{phase}"] for phase in ["rollout", "reward", "update", "weight_sync"]}
     tokens_per_step = steps["train/response_length"] * steps["train/rollouts"]
     result = {
         "config": {
