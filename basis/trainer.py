@@ -288,6 +288,8 @@ class PolicyTrainer(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        if self.rl_step > 0:  # resumed: an engine with its own copy (SGLang) still holds model_path's
+            self.engine.update_weights(self.policy)
         if self.prior is not None and self.trainer.datamodule is not None:
             self.prepare_prior()
         if self.rl_step == 0 and self._has_val_prompts():

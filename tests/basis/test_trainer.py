@@ -207,6 +207,22 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     assert sorted(p.name for p in exports_aside.iterdir()) == ["step_000003", "step_000004"]
 
 
+def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    make_trainer(tmp_path, steps=1).fit(make_module(tiny_lm_path, tmp_path), datamodule=data(task_dir))
+    resumed = make_module(tiny_lm_path, tmp_path)
+    calls: list[str] = []
+    generate, update_weights = resumed.engine.generate, resumed.engine.update_weights
+    resumed.engine.generate = lambda *args: calls.append("generate") or generate(*args)
+    resumed.engine.update_weights = lambda policy: calls.append("update_weights") or update_weights(policy)
+    make_trainer(tmp_path, steps=2).fit(
+        resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
+    )
+    # an engine with its own weights (SGLang) would otherwise sample the resumed step from model_path
+    assert calls == ["update_weights", "generate", "update_weights"]
+
+
 def one_step_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
     """Eight sampled responses to four prompts, as the trainer's update sees them."""
     from basis.data import PromptRow
