@@ -14,11 +14,13 @@ The trainer calls, per step: `generate` -> `release_memory` -> (train) -> `resum
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 FinishReason = Literal["stop", "length"]
 
@@ -140,25 +142,30 @@ class HFEngine:
     def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = left_pad(prompts, self.pad_id, device)  # [B, P], [B, P]
+        stopping = (
+            StoppingCriteriaList([ResponseStopStrings(self.tokenizer, params.stop, input_ids.shape[1])])
+            if params.stop
+            else None
+        )
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                top_k=params.top_k or None,
-                max_new_tokens=params.max_new_tokens,
-                stop_strings=list(params.stop) or None,
-                tokenizer=self.tokenizer if params.stop else None,
-                pad_token_id=self.pad_id,
-                eos_token_id=self.eos_ids,
-                return_dict_in_generate=True,
-                output_scores=True,
-                synced_gpus=self.synced_gpus,
-            )
+            with plain_generation_config(self.model):
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    do_sample=True,
+                    temperature=params.temperature,
+                    top_p=params.top_p,
+                    top_k=params.top_k or None,
+                    max_new_tokens=params.max_new_tokens,
+                    stopping_criteria=stopping,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_ids,
+                    return_dict_in_generate=True,
+                    output_scores=True,
+                    synced_gpus=self.synced_gpus,
+                )
         finally:
             self.model.train(was_training)
         responses = out.sequences[:, input_ids.shape[1] :]  # [B, R]
@@ -169,15 +176,17 @@ class HFEngine:
         ]
 
     def _completion(self, ids: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
-        """Cut a padded response at its first EOS or stop string and record why it ended."""
-        end, reason = len(ids), "length"
+        """Cut a padded response at its first EOS or stop string and record why it ended: "length"
+        whenever it holds `max_new_tokens` tokens, even if the last one ends it (SGLang's rule)."""
+        end = len(ids)
         eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
         if eos_at is not None:
-            end, reason = eos_at + 1, "stop"
+            end = eos_at + 1
         if params.stop:
             stop_end = _stop_string_end(self.tokenizer, ids[:end], params.stop)
             if stop_end is not None:
-                end, reason = stop_end, "stop"
+                end = stop_end
+        reason: FinishReason = "length" if end >= params.max_new_tokens else "stop"
         ids = ids[:end]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(token_ids=ids, logprobs=logprobs[:end], text=text, finish_reason=reason)
@@ -206,6 +215,37 @@ def left_pad(
         ids[row, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
         mask[row, width - len(seq) :] = 1
     return ids.to(device), mask.to(device)
+
+
+class ResponseStopStrings(StoppingCriteria):
+    """Finish a row once its response contains a stop string. transformers' own `stop_strings` also
+    match a string that starts in the prompt (a chat prompt ending in "\n" and the stop "\n\n"),
+    which SGLang never does. Each step decodes only the response's last tokens: enough for the
+    longest stop string when every token decodes to at least one character."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, tuple(stop), prompt_width
+        self.window = max(len(s) for s in self.stop) + 1  # tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]  # [B, <= window]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)  # [B]
+
+
+@contextmanager
+def plain_generation_config(model: torch.nn.Module) -> Iterator[None]:
+    """Sample with exactly the engine's settings: `generate` fills every option left unset from the
+    model's own generation_config.json (repetition_penalty, min_p, no_repeat_ngram_size, ...), which
+    would change the sampling distribution and its log-probs, so an empty config stands in for it
+    during the call (and the model's own config is kept for exports)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrappers
+    saved = base.generation_config
+    base.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        base.generation_config = saved
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:

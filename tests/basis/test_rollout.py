@@ -1,0 +1,77 @@
+"""HFEngine: stop strings, the model's generation_config and finish reasons – real tiny Qwen3 model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from basis.rollout import HFEngine, SamplingParams
+
+
+def load(path: str | Path) -> tuple[torch.nn.Module, object]:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+        path
+    )
+
+
+def favour(model: torch.nn.Module, token: int, boost: float = 30.0) -> None:
+    """Make `token` the likely next token everywhere: add `boost` to its logit (a forward hook on the
+    output layer, so the model's own forward and `generate` both see it)."""
+
+    def hook(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., token] += boost
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_a_stop_string_must_lie_inside_the_response(tiny_lm_path: str) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
+    favour(model, newline, boost=6.0)
+    assert tokenizer.pad_token_id not in [tokenizer.eos_token_id, newline]
+    prompt = tokenizer.encode("Q: 2+2?\nA:\n", add_special_tokens=False)  # ends with half the stop string
+    completions = HFEngine(model, tokenizer).generate(
+        [prompt] * 6, SamplingParams(max_new_tokens=8, stop=("\n\n",), seed=0)
+    )
+    for completion in completions:
+        assert tokenizer.pad_token_id not in completion.token_ids  # no padding passed off as a response
+        if completion.finish_reason == "stop":
+            assert "\n\n" in completion.text or completion.token_ids[-1] == tokenizer.eos_token_id
+    assert any("\n\n" in c.text for c in completions)
+
+
+def test_the_models_generation_config_does_not_change_sampling(tiny_lm_path: str, tmp_path: Path) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "generation_config.json").read_text())
+    config.update(
+        temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3, min_p=0.97, no_repeat_ngram_size=1
+    )
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    model, tokenizer = load(tmp_path)
+    prompt = [5, 6, 7, 5, 6, 7]
+    (completion,) = HFEngine(model, tokenizer).generate([prompt], SamplingParams(max_new_tokens=12, seed=0))
+    ids = torch.tensor([prompt + completion.token_ids])  # [1, T]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]  # [R, V] at temperature 1, no filters
+    want = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)  # [R]
+    torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
+    assert model.generation_config.repetition_penalty == 1.3  # kept for exports
+
+
+@pytest.mark.parametrize(("max_new_tokens", "reason"), [(1, "length"), (4, "stop")])
+def test_eos_as_the_last_allowed_token_finishes_with_length(
+    tiny_lm_path: str, max_new_tokens: int, reason: str
+) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    favour(model, tokenizer.eos_token_id)
+    (completion,) = HFEngine(model, tokenizer).generate([[5, 6, 7]], SamplingParams(max_new_tokens, seed=0))
+    assert completion.token_ids == [tokenizer.eos_token_id]
+    assert completion.finish_reason == reason  # as SGLang: reaching max_new_tokens is "length"
