@@ -347,6 +347,11 @@ def sampling_params_payload(params: SamplingParams, seed: int | None = None) -> 
         "top_k": params.top_k if params.top_k > 0 else -1,
         "no_stop_trim": True,
         "skip_special_tokens": True,
+        # SGLang fills unset options from the model's generation_config.json: sample with exactly these
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
     }
     if params.stop:
         payload["stop"] = list(params.stop)
@@ -508,11 +513,11 @@ class _HTTPTransport:
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache", retry=False)
 
-    def release_memory(self) -> None:
-        self._request("POST", "/release_memory_occupation", {}, retry=False)
+    def release_memory(self, tags: list[str] | None) -> None:
+        self._request("POST", "/release_memory_occupation", {"tags": tags} if tags else {}, retry=False)
 
-    def resume_memory(self) -> None:
-        self._request("POST", "/resume_memory_occupation", {}, retry=False)
+    def resume_memory(self, tags: list[str] | None) -> None:
+        self._request("POST", "/resume_memory_occupation", {"tags": tags} if tags else {}, retry=False)
 
     def get_weights_by_name(self, name: str, truncate_size: int) -> Any:
         body = {"name": name, "truncate_size": truncate_size}
@@ -587,11 +592,11 @@ class _InProcessTransport:
     def flush_cache(self) -> None:
         self._check("flush_cache", self.engine.flush_cache())
 
-    def release_memory(self) -> None:
-        self.engine.release_memory_occupation()
+    def release_memory(self, tags: list[str] | None) -> None:
+        self.engine.release_memory_occupation(tags=tags)
 
-    def resume_memory(self) -> None:
-        self.engine.resume_memory_occupation()
+    def resume_memory(self, tags: list[str] | None) -> None:
+        self.engine.resume_memory_occupation(tags=tags)
 
     def get_weights_by_name(self, name: str, truncate_size: int) -> Any:
         return self.engine.get_weights_by_name(name, truncate_size)
@@ -755,12 +760,19 @@ class SGLangEngine:
             self._verify_readback(self._pushed)  # adapter mode: the server checked sha256 on load
 
     def release_memory(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache); needs `enable_memory_saver` on the engine."""
-        self._transport.release_memory()
+        """Free the engine's GPU memory; needs `enable_memory_saver` on the engine. Merge sync frees
+        weights and KV cache (every update re-sends all weights); adapter sync frees only the KV
+        cache, because SGLang throws released weights away (unless `enable_weights_cpu_backup`) and
+        an adapter update re-sends only the LoRA tensors."""
+        self._transport.release_memory(self._memory_tags)
 
     def resume_memory(self) -> None:
         """Re-allocate what `release_memory` freed, before `update_weights` / `generate`."""
-        self._transport.resume_memory()
+        self._transport.resume_memory(self._memory_tags)
+
+    @property
+    def _memory_tags(self) -> list[str] | None:
+        return ["kv_cache"] if self.lora_sync == "adapter" else None  # None: all of it
 
     def close(self) -> None:
         """Close the HTTP session, or shut the in-process engine and its subprocesses down."""

@@ -61,6 +61,7 @@ class FakeSGLangServer:
         self.calls: list[str] = []
         self.session_open = False
         self.released = False
+        self.released_tags: list[list[str]] = []
         self.adapters: dict[str, torch.nn.Module] = {}
         self.fail_routes: dict[str, int] = {}
         self.reject_routes: dict[str, int] = {}
@@ -173,6 +174,12 @@ class FakeSGLangServer:
 
     def _release(self, body: Any) -> tuple[int, Any]:
         self.released = True
+        tags = (body or {}).get("tags") or ["weights", "kv_cache"]  # SGLang: no tags = all memory
+        self.released_tags.append(sorted(tags))
+        if "weights" in tags:  # without --enable-weights-cpu-backup their contents are thrown away
+            with torch.no_grad():
+                for param in self.model.parameters():
+                    param.normal_(generator=self._rng)
         return 200, None
 
     def _resume(self, body: Any) -> tuple[int, Any]:
@@ -265,6 +272,8 @@ class FakeSGLangServer:
                 output.append(token)
                 logprobs.append(token_logprobs[token].item())
                 ids.append(token)
+                if len(output) >= sp.get("max_new_tokens", 128):
+                    break  # SGLang checks the length before EOS and stop strings: "length"
                 if token in self.eos_ids:
                     finish = {"type": "stop", "matched": token}
                     break

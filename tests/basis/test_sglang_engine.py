@@ -255,6 +255,10 @@ def test_generate_request_fields_and_seeds() -> None:
         "top_k": -1,
         "no_stop_trim": True,
         "skip_special_tokens": True,
+        "min_p": 0.0,  # sent explicitly: SGLang would take unset ones from generation_config.json
+        "repetition_penalty": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
         "stop": ["####"],
         "sampling_seed": 11,
     }
@@ -497,6 +501,22 @@ def test_adapter_sync_loads_versioned_adapters(server, tiny_lm_path: str, verify
         *verify_calls,
         "/generate",
     ]
+
+
+@pytest.mark.parametrize("lora_sync", ["merge", "adapter"])
+def test_released_memory_keeps_what_the_next_sync_does_not_resend(
+    server, tiny_lm_path: str, lora_sync: str
+) -> None:
+    # The fake throws released weights away, as SGLang does without --enable-weights-cpu-backup.
+    model = lora_policy(tiny_lm_path)
+    engine = engine_for(server, tiny_lm_path, lora_sync=lora_sync, verify="logprobs")
+    params = SamplingParams(max_new_tokens=4, seed=0)
+    engine.generate([[5, 6, 7]], params)
+    engine.release_memory()
+    engine.resume_memory()
+    engine.update_weights(model)  # the logprob probe raises WeightSyncError on a damaged base
+    engine.generate([[5, 6, 7]], params)
+    assert server.released_tags == [["kv_cache"] if lora_sync == "adapter" else ["kv_cache", "weights"]]
 
 
 def test_adapter_checksum_mismatch_stops_the_run(server, tiny_lm_path: str) -> None:
