@@ -87,13 +87,14 @@ def pair_accuracy(
     p, y = _as_tensor(prob), _as_tensor(success)
     _check(p, y)
     ids = torch.as_tensor(_groups_as_ids(groups))
-    same_group = ids[:, None] == ids[None, :]  # [N, N]
-    better = (y[:, None] > y[None, :]) & same_group  # [N, N] item i truly better than j
-    if not better.any():
-        return float("nan")
-    diff = p[:, None] - p[None, :]  # [N, N]
-    correct = (diff > 0).double() + 0.5 * (diff == 0).double()  # [N, N]
-    return float(correct[better].mean())
+    correct, pairs = 0.0, 0
+    for group in torch.unique(ids):  # one pool at a time: memory grows with the pool, not with N
+        gp, gy = p[ids == group], y[ids == group]  # [n], [n]
+        better = gy[:, None] > gy[None, :]  # [n, n] item i truly better than j
+        diff = (gp[:, None] - gp[None, :])[better]  # [pairs]
+        correct += float((diff > 0).double().sum() + 0.5 * (diff == 0).double().sum())
+        pairs += int(better.sum())
+    return correct / pairs if pairs else float("nan")
 
 
 def brier(prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor) -> float:
