@@ -14,11 +14,14 @@ a policy-specific skill direction and ability offset, sparse/irrelevant feature 
 non-linear skill, and 10 Bernoulli rollouts per prompt binarised at 0.5.
 
 Deviations from TabPFN's own training (ours, documented): the query loss is cross-entropy against the
-generator's true success probability `p(x)` (a Rao-Blackwellised target: the same optimum as the
-sampled label, lower gradient variance), so the head's output estimates the *success rate* that the
-V0.5 baseline consumes; the support size follows a curriculum (small contexts first); and the
-architecture's multiclass target densification is switched off (`use_multiclass_target_encoding =
-False`) so a single-class support is not silently relabelled.
+generator's true success probability `p(x)` (lower gradient variance than a sampled label), so the
+head's output estimates the *success rate* E[p | x] that the V0.5 baseline consumes, not the
+probability of the binarised label; the support size follows a curriculum (small contexts first);
+and the architecture's multiclass target densification is switched off
+(`use_multiclass_target_encoding = False`, design.md §3) so a single-class support is not silently
+relabelled. `TabPFNClassifier(model_path=...)` turns it on again from the config, which changes what
+query rows see; switch it off on the fitted classifier's model (`clf.models_[0]`) to get the head's
+exact predictions (tested).
 
 Optional input transform (ours, `input_transform="discriminant"`, saved in the checkpoint; off in
 the default head, which reads raw features as the paper's does): features are whitened with the
@@ -115,7 +118,8 @@ def whiten_by_support(support_x: Tensor, query_x: Tensor, ridge: float = 0.05) -
     """
     n = support_x.shape[1]
     mean = support_x.mean(1, keepdim=True)  # [B, 1, F]
-    std = support_x.std(1, keepdim=True, correction=min(1, n - 1)).clamp(min=1e-6)  # [B, 1, F]
+    std = support_x.std(1, keepdim=True, correction=min(1, n - 1))  # [B, 1, F]
+    std = torch.where(std < 1e-6, torch.ones_like(std), std)  # a constant column: centre only (TabPFN's rule)
     support = (support_x - mean) / std  # [B, N, F]
     query = (query_x - mean) / std  # [B, M, F]
     eye = torch.eye(support.shape[-1], dtype=support.dtype, device=support.device)
@@ -671,6 +675,12 @@ class PriorFitConfig:
     seed: int = 0
     threads: int = 1
     experiment_name: str = "value-prior-head"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "eval_every", "tasks_per_step", "num_query", "eval_features",
+                     "eval_support", "eval_tasks", "threads"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 def prior_fit(config: PriorFitConfig) -> dict[str, float]:

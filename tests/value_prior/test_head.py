@@ -68,11 +68,19 @@ def test_tabpfn_classifier_loads_our_checkpoint(shipped_head: str) -> None:
 
     t = tasks(batch=1, support=64, query=8)
     x_train, y_train = t.x[0, :64].numpy(), t.label[0, :64].numpy().astype(int)
-    classifier = TabPFNClassifier(model_path=shipped_head, device="cpu", n_estimators=1)
+    classifier = TabPFNClassifier(
+        model_path=shipped_head, device="cpu", n_estimators=1, inference_precision=torch.float32
+    )
     classifier.fit(x_train, y_train)
+    classifier.models_[0].use_multiclass_target_encoding = False  # as the head was trained (README)
     proba = classifier.predict_proba(t.x[0, 64:].numpy())
     assert proba.shape == (8, 2)
-    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    head = load_head(shipped_head)
+    with torch.no_grad():
+        logits = head(
+            torch.as_tensor(x_train)[None], torch.as_tensor(y_train, dtype=torch.float32)[None], t.x[:, 64:]
+        )
+    np.testing.assert_allclose(proba, logits[0].softmax(-1).numpy(), atol=1e-5)
 
 
 def test_single_class_support_is_not_relabelled(shipped_head: str) -> None:
@@ -113,6 +121,10 @@ def test_whitening_decorrelates_the_support_and_keeps_gradients() -> None:
     # A constant column or a single support row still gives finite features (the ridge keeps it invertible).
     constant = torch.cat([raw[:, :, :5], torch.ones(2, 300, 1)], dim=-1)
     assert all(torch.isfinite(t).all() for t in whiten_by_support(constant[:, :256], constant[:, 256:]))
+    # ... and a query that leaves a constant support column is centred, not divided by ~0
+    constant[:, 256:, 5] = 3.0
+    _, off_query = whiten_by_support(constant[:, :256], constant[:, 256:])
+    assert off_query.abs().max() < 100
     assert all(torch.isfinite(t).all() for t in whiten_by_support(raw[:, :1], raw[:, 256:]))
 
 
@@ -216,6 +228,18 @@ def test_task_stream_continues_across_epochs() -> None:
     assert stream.support_ceiling(0) == 32 and stream.support_ceiling(10) == 64
     with pytest.raises(ValueError, match="support_range"):
         SyntheticTaskStream(CapabilityPrior(), (4, 6), (1, 64), 10, 4, 2, 0)
+
+
+def test_prior_fit_refuses_settings_that_would_train_or_evaluate_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "head.ckpt"
+    done = subprocess.run(
+        [sys.executable, "-m", "value_prior.cli", "prior-fit", "--out", str(out), "--eval_every", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "--eval_every must be >= 1, got 0" in done.stderr
+    assert not out.exists()  # nothing written over
 
 
 def test_prior_fit_cli_writes_a_loadable_head(tmp_path: Path, mlflow_store: str) -> None:
