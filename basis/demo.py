@@ -10,7 +10,7 @@
 
 Every stage is the same console command a user runs, in a subprocess, with the configs under
 `configs/`. `--quick` shrinks every stage after the tiny policy (minutes in all) for tests; its outputs go to
-a separate work folder. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same
+a separate work folder (`runs/demo-quick`), so they never mix with the full demo's. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same
 config, same starting policy, same validation protocol) instead of training GRPO twice.
 
     python -m basis.demo              # ~12 minutes on 2 CPU cores (10 with the tiny policy built)
@@ -183,6 +183,12 @@ def log_summary(table: dict[str, dict], timings: dict[str, float]) -> None:
         mlflow.log_metrics({f"stage_seconds/{name.replace(' ', '_')}": t for name, t in timings.items()})
 
 
+def workdir_for(quick: bool, workdir: str | None = None) -> Path:
+    """The demo's work folder: the quick variant's default is its own, so its small runs and pairs
+    never end up in a full demo's harvest (which would refuse or pool them)."""
+    return Path(workdir or ("runs/demo-quick" if quick else "runs/demo"))
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import ArgumentParser
 
@@ -194,9 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="Minutes-scale variant for tests (every stage after the tiny policy shrunk).",
     )
-    parser.add_argument("--workdir", default="runs/demo", help="Folder for runs, pairs and the prior.")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="Folder for runs, pairs and the prior (default runs/demo, or runs/demo-quick with --quick).",
+    )
     args = parser.parse_args(argv)
-    workdir = Path(args.workdir)
+    workdir = workdir_for(args.quick, args.workdir)
     start = time.perf_counter()
     timings = {stage.name: run_stage(stage, workdir / "logs") for stage in stages(workdir, args.quick)}
     table = comparison(workdir / "runs")

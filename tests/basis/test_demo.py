@@ -26,3 +26,15 @@ def test_quick_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert table["basis_k1"]["rollouts"] < table["grpo"]["rollouts"]
     assert (tmp_path / "demo" / "prior" / "config.json").exists()
     assert "mlflow ui --backend-store-uri" in result.stdout
+
+
+def test_the_quick_demo_has_its_own_default_work_folder() -> None:
+    from basis.demo import stages, workdir_for
+
+    quick, full = workdir_for(quick=True), workdir_for(quick=False)
+    assert quick != full and workdir_for(True, "/tmp/x") == Path("/tmp/x")
+    outputs = [
+        {c for stage in stages(w, q) for c in stage.command if str(w) in c}
+        for w, q in ((quick, True), (full, False))
+    ]
+    assert outputs[0] and outputs[1] and not outputs[0] & outputs[1]
