@@ -75,9 +75,10 @@ from data_pipelines.pairs import (
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 """Format of the per-shard checksum records; 2 added prompt texts, answers, checkpoint path, column map and
-verifier / engine options to the fingerprint. A shard whose record has another format is harvested again."""
+verifier / engine options to the fingerprint, 3 a hash of the checkpoint's files. A shard whose record
+has another format is harvested again."""
 DATA_DIR = "data"
 PROGRESS_DIR = "progress"
 ROLLOUT_RECORD_COLUMNS: tuple[str, ...] = ("step", "prompt_id", "prompt", "reward")
@@ -430,7 +431,7 @@ def shard_status(out: Path, plan: ShardPlan) -> tuple[ShardRecord | None, str | 
     if found_format != RECORD_FORMAT:  # its fingerprint cannot vouch for the shard: harvest it afresh
         return None, (
             f"checksum record {record_file} has format {found_format}, not {RECORD_FORMAT} (whose fingerprint "
-            "also covers prompt texts, answers, checkpoint path and verifier options)"
+            "also covers prompt texts, answers, checkpoint path and contents, and verifier options)"
         )
     mismatch = _fingerprint_mismatch(fingerprint, plan.fingerprint)
     if mismatch is not None:
@@ -729,10 +730,11 @@ def _plan(
     settings: dict[str, Any],
 ) -> list[ShardPlan]:
     """One plan per (checkpoint, shard), each with the fingerprint of everything that decides its rows:
-    `settings`, the checkpoint (key and folder), the shard seed, and a hash of its prompts (ids, texts,
-    answers)."""
+    `settings`, the checkpoint (key, folder and a hash of its files), the shard seed, and a hash of its
+    prompts (ids, texts, answers)."""
     ranges = shard_ranges(len(prompt_rows), prompts_per_shard)
     prompt_hashes = [_prompts_sha256([prompt_rows[i] for i in prompt_range]) for prompt_range in ranges]
+    weights = {checkpoint.path: _folder_sha256(checkpoint.path) for checkpoint in checkpoints}
     plans = []
     for checkpoint in checkpoints:
         for index, prompt_range in enumerate(ranges):
@@ -742,12 +744,25 @@ def _plan(
                 "policy": checkpoint.policy,
                 "step": checkpoint.step,
                 "checkpoint": str(checkpoint.path.resolve()),
+                "checkpoint_sha256": weights[checkpoint.path],  # the same folder retrained differently
                 "shard": index,
                 "seed": sseed,
                 "prompts_sha256": prompt_hashes[index],
             }
             plans.append(ShardPlan(checkpoint, index, prompt_range, sseed, fingerprint))
     return plans
+
+
+def _folder_sha256(folder: Path) -> str:
+    """sha256 over the relative names and contents of every file under a checkpoint folder (one read
+    of the weights per harvest, seconds for a multi-gigabyte model: small next to harvesting it)."""
+    digest = hashlib.sha256()
+    for file in sorted(f for f in Path(folder).rglob("*") if f.is_file()):
+        digest.update(f"\x1f{file.relative_to(folder)}\x1f".encode())
+        with file.open("rb") as content:
+            while chunk := content.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _prompts_sha256(rows: Sequence[Any]) -> str:

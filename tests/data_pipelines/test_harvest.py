@@ -377,7 +377,8 @@ def test_shard_with_a_checksum_record_of_an_older_format_is_redone(
     shutil.copytree(reference, out)
     record_file = out / "progress/run/step_000005/shard-00001.json"
     record = json.loads(record_file.read_text())
-    new_keys = {"checkpoint", "prompts_sha256", "engine_kwargs", "prompt_column_map", "verifier_options"}
+    new_keys = {"checkpoint", "checkpoint_sha256", "prompts_sha256", "engine_kwargs", "prompt_column_map",
+                "verifier_options"}  # fmt: skip
     fingerprint = {key: value for key, value in record["fingerprint"].items() if key not in new_keys}
     ids = "\n".join(f"d{i}" for i in range(6, 12))  # the shard's prompts, hashed as format 1 did
     fingerprint["prompt_ids_sha256"] = hashlib.sha256(ids.encode()).hexdigest()
@@ -385,10 +386,26 @@ def test_shard_with_a_checksum_record_of_an_older_format_is_redone(
     record_file.write_text(json.dumps(old_record))
     capsys.readouterr()
     summary = harvest(workdir, out)
-    assert f"checksum record {record_file} has format 1, not 2" in capsys.readouterr().err
+    assert f"checksum record {record_file} has format 1, not 3" in capsys.readouterr().err
     assert summary.skipped_shards == 7 and len(summary.redone_shards) == 1
     assert shard_bytes(out) == shard_bytes(reference)
-    assert json.loads(record_file.read_text())["format"] == 2
+    assert json.loads(record_file.read_text())["format"] == 3
+
+
+def test_a_checkpoint_retrained_in_place_is_refused_and_a_rewritten_identical_one_kept(
+    workdir: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "w"
+    shutil.copytree(workdir / "run", copy / "run")
+    shutil.copy(workdir / "digits.parquet", copy / "digits.parquet")
+    harvest(copy, tmp_path / "out")
+    exports = copy / "run" / "exports"
+    weights = exports / "step_000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # saved again, same weights: the shards still hold
+    assert harvest(copy, tmp_path / "out").skipped_shards == 8
+    shutil.copy(exports / "step_000010" / "model.safetensors", weights)  # other weights, same folder
+    with pytest.raises(HarvestError, match=r"harvested with other settings \(checkpoint_sha256"):
+        harvest(copy, tmp_path / "out")
 
 
 def test_damaged_manifest_is_named_by_path(workdir: Path, reference: Path, tmp_path: Path) -> None:
