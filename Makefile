@@ -76,4 +76,4 @@ test-sglang:
 	SGLANG_CONTRACT=1 $(SGLANG_PY) -m pytest -q -p no:cacheprovider tests/sglang_contract
 
 clean:
-	rm -rf artifacts runs .cache mlflow/mlflow.db mlflow/artifacts
+	rm -rf artifacts runs .cache mlflow/mlflow.db mlflow/artifacts mlruns

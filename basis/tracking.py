@@ -17,6 +17,7 @@ versions); the tiny-policy build and every benchmark result record it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import sys
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 STORE_DIR = Path("mlflow")
 NUMERIC_PACKAGES = (
@@ -103,9 +106,18 @@ def ensure_experiment(name: str) -> str:
 
     mlflow.set_tracking_uri(default_tracking_uri())
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow.create_experiment(name, artifact_location=artifact_location())
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=artifact_location())
+    root = artifact_location()
+    if root is not None and not experiment.artifact_location.startswith(root):
+        log.warning(
+            "MLflow experiment %r keeps its artifacts in %s, not under this store's %s (it was created "
+            "elsewhere or by an older version): its runs' artifacts go there",
+            name,
+            experiment.artifact_location,
+            root,
+        )
+    return experiment.experiment_id
 
 
 def _lightning_mlflow_logger() -> type:

@@ -183,3 +183,24 @@ def test_runs_against_another_sqlite_store_keep_artifacts_beside_it(
     assert any(run.info.run_id in p for p in saved)
     assert not any(workdir.iterdir())  # no ./mlruns
     assert artifact_location("http://127.0.0.1:5000") is None  # a server decides
+
+
+def test_an_experiment_with_artifacts_elsewhere_is_named(
+    tmp_path: Path, mlflow_store: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    from basis.tracking import ensure_experiment
+
+    mlflow.set_tracking_uri(mlflow_store)
+    old = mlflow.create_experiment(
+        "from-before", artifact_location=(tmp_path / "checkout" / "mlruns").as_uri()
+    )
+    with caplog.at_level("WARNING", logger="basis.tracking"):
+        assert ensure_experiment("from-before") == old
+        ensure_experiment("fresh")
+    (warning,) = [r for r in caplog.records if r.name == "basis.tracking"]
+    assert (
+        "'from-before' keeps its artifacts in" in warning.getMessage()
+        and "checkout/mlruns" in warning.getMessage()
+    )
