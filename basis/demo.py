@@ -9,9 +9,10 @@
        the command that opens the MLflow UI (experiment `basis-demo`)
 
 Every stage is the same console command a user runs, in a subprocess, with the configs under
-`configs/`. `--quick` shrinks every stage after the tiny policy (minutes in all) for tests; its outputs go to
-a separate work folder (`runs/demo-quick`), so they never mix with the full demo's. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same
-config, same starting policy, same validation protocol) instead of training GRPO twice.
+`configs/`. `--quick` shrinks every stage after the tiny policy (minutes in all) for tests; its
+outputs go to their own work folder (`runs/demo-quick`), so they never mix with the full demo's.
+Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same config, same starting
+policy, same validation protocol) instead of training GRPO twice.
 
     python -m basis.demo              # ~12 minutes on 2 CPU cores (10 with the tiny policy built)
     python -m basis.demo --quick --workdir /tmp/demo
