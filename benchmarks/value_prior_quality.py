@@ -15,7 +15,9 @@ Methods, all on the prior's backbone (MiniLM, mean-pooled and L2-normalised for 
 `v0` (the exported prior), `knn` (mean success of the k nearest context prompts, k chosen per pool by
 leave-one-out over {8, 16, 32, 64}), `logreg` (per-context logistic regression on the success rates),
 `global_logreg` (one logistic regression on every pool's context pairs: shared prompt difficulty),
-`context_mean`, and one diagnostic, `head_given_global_logit`: the prior's head reading a single
+`context_mean`, the same kNN and logistic regressions fitted on the pass/fail labels V0 reads
+(`*_passfail`: success >= 0.5, where the others use the graded success rates, more information
+than V0 gets), and one diagnostic, `head_given_global_logit`: the prior's head reading a single
 feature column, the global logistic regression's logit, from the same context (in-sample on the
 context prompts, as V0's adapter features are). It measures what the in-context step alone costs: how
 much ranking the head loses re-learning a good score from one policy's few hundred binary labels.
@@ -75,7 +77,18 @@ HARVESTED_PRIOR = REPO / "artifacts" / "priors" / "rollout-efficiency"
 CACHE_DIR = REPO / ".cache" / "value_prior" / "hidden_states"
 SHIPPED_HEADS = REPO / "value_prior" / "heads"
 KNN_CHOICES = (8, 16, 32, 64)
-METHODS = ("v0", "knn", "logreg", "global_logreg", "context_mean", "head_given_global_logit")
+METHODS = (
+    "v0",
+    "knn",
+    "logreg",
+    "global_logreg",
+    "context_mean",
+    "head_given_global_logit",
+    # the baselines with V0's label information: pass/fail (success >= 0.5) instead of success rates
+    "knn_passfail",
+    "logreg_passfail",
+    "global_logreg_passfail",
+)
 
 
 def pooled_embeddings(prior: ValuePrior, prompts: list[str]) -> dict[str, np.ndarray]:
@@ -157,6 +170,12 @@ def evaluate_split(
     global_lr = fit_soft_logreg(
         np.concatenate([context_x[n] for n in names]), np.concatenate([context[n].success for n in names])
     )
+    # The same two regressions fitted on the pass/fail labels V0 reads (success >= 0.5), not the rates
+    passfail = {n: (context[n].success >= prior.label_threshold).astype(float) for n in names}
+    context_lr_passfail = {n: fit_soft_logreg(context_x[n], passfail[n]) for n in names}
+    global_lr_passfail = fit_soft_logreg(
+        np.concatenate([context_x[n] for n in names]), np.concatenate([passfail[n] for n in names])
+    )
     preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     ablation: dict[str, list[np.ndarray]] = {
         "true_context": [],
@@ -177,6 +196,9 @@ def evaluate_split(
         preds["logreg"].append(context_lr[name].predict_proba(qx)[:, 1])
         preds["global_logreg"].append(expit(query_logit))  # = predict_proba(qx)[:, 1], as sklearn computes it
         preds["context_mean"].append(np.full(len(qx), ctx.success.mean()))
+        preds["logreg_passfail"].append(context_lr_passfail[name].predict_proba(qx)[:, 1])
+        preds["global_logreg_passfail"].append(global_lr_passfail.predict_proba(qx)[:, 1])
+        preds["knn_passfail"].append(knn_predict(cx, passfail[name], qx))
         preds["head_given_global_logit"].append(
             head_given_feature(prior, global_lr.decision_function(cx), ctx.success, query_logit)
         )

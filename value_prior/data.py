@@ -102,15 +102,17 @@ def pools_from_pairs(dataset: datasets.Dataset) -> dict[str, Pool]:
 
 
 def assign_splits(pools: dict[str, Pool], split: PromptSplit) -> dict[str, Split]:
-    """The split of every prompt id in `pools`. Ids that share a prompt text (DAPO-Math-17k repeats
-    each problem under many ids) all take the split of the smallest of them, so no text is on both
-    sides of a split; without shared texts this is `split.of(prompt_id)`."""
-    first: dict[str, str] = {}  # prompt text -> its smallest id
+    """The split of every prompt id in `pools`. Ids that share a prompt text up to whitespace
+    (DAPO-Math-17k repeats each problem under many ids; the V0 release holds whitespace variants) all
+    take the split of the smallest of them, so no text is on both sides of a split; without shared
+    texts this is `split.of(prompt_id)`."""
+    first: dict[str, str] = {}  # whitespace-normalised prompt text -> its smallest id
     for pool in pools.values():
         for pid, text in zip(pool.prompt_ids, pool.prompts):
-            first[text] = min(first.get(text, pid), pid)
+            key = " ".join(text.split())
+            first[key] = min(first.get(key, pid), pid)
     return {
-        pid: split.of(first[text])
+        pid: split.of(first[" ".join(text.split())])
         for pool in pools.values()
         for pid, text in zip(pool.prompt_ids, pool.prompts)
     }
