@@ -529,7 +529,7 @@ class PolicyTrainer(L.LightningModule):
         """One optimizer update over the responses `mini`, accumulated over micro-batches."""
         hp = self.hparams
         optimizer.zero_grad()
-        num_tokens, num_sequences = float(batch.response_mask[mini].sum()), float(len(mini))
+        num_tokens, num_sequences, world = _global_counts(batch.response_mask[mini])
         finite = True
         policy_loss_sum, kl_loss_sum = 0.0, 0.0  # micro-batch losses share the mini-batch denominators
         for micro in mini.split(hp.micro_batch_size):
@@ -553,19 +553,20 @@ class PolicyTrainer(L.LightningModule):
                 num_tokens=num_tokens,
                 num_sequences=num_sequences,
             )
-            loss = out.loss
+            # this rank's share of the all-rank mean, times the world size that DDP / FSDP divide by
+            loss = out.loss * world
             if ref_logprobs is not None:
                 kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
                 kl_loss = aggregate_loss(
                     kl, mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences
                 )
-                loss = loss + hp.kl_coef * kl_loss
-                kl_loss_sum += float(kl_loss.detach())
+                loss = loss + hp.kl_coef * kl_loss * world
+                kl_loss_sum += float(kl_loss.detach()) * world
             if not torch.isfinite(loss):
                 finite = False
                 break
             self.manual_backward(loss)
-            policy_loss_sum += float(out.loss.detach())
+            policy_loss_sum += float(out.loss.detach()) * world
             _append(
                 stats,
                 clip_frac=float(out.clip_frac),
@@ -1065,6 +1066,20 @@ def _validate_settings(
         )
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
+
+
+def _global_counts(response_mask: torch.Tensor) -> tuple[float, float, int]:
+    """Response tokens and sequences of one update summed over all data-parallel ranks, and the
+    number of ranks. A rank's token-mean (or sequence-mean) loss uses the all-rank counts, so after
+    DDP / FSDP average the gradients they are those of the whole batch's mean, not a mean of per-rank
+    means (which weights the tokens of a rank with short responses up)."""
+    counts = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return float(counts[0]), float(counts[1]), 1
+    if torch.distributed.get_backend() == "nccl":
+        counts = counts.cuda()
+    torch.distributed.all_reduce(counts)
+    return float(counts[0]), float(counts[1]), torch.distributed.get_world_size()
 
 
 def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:

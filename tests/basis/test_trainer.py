@@ -249,6 +249,64 @@ def test_logged_policy_loss_does_not_depend_on_micro_batching(tiny_lm_path: str,
         assert stats[2][name] == pytest.approx(stats[8][name], rel=1e-4, abs=1e-6), name
 
 
+def _uneven_update_grads(module: PolicyTrainer, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of one update on `rows` of a batch whose first four responses are long and last four
+    short (1-3 tokens), with an SGD step of size 0 and no clipping."""
+    from basis.trainer import _select
+
+    optimizer = torch.optim.SGD([p for p in module.policy.parameters() if p.requires_grad], lr=0.0)
+    module.optimizers, module.lr_schedulers = (lambda o=optimizer: o), (lambda: None)  # no Trainer
+    module.manual_backward = lambda loss: loss.backward()
+    batch = one_step_batch(module)
+    keep = torch.tensor([12, 12, 12, 12, 1, 3, 2, 1])  # response tokens kept per row
+    mask = batch.response_mask.clone()
+    for row, length in enumerate(keep.tolist()):
+        mask[row, mask[row].nonzero().flatten()[length:]] = False
+    batch = batch._replace(response_mask=mask)
+    module.update_policy(_select(batch, rows), torch.linspace(-0.5, 1.5, 8)[rows])
+    return [p.grad.clone() for p in module.policy.parameters() if p.requires_grad]
+
+
+def _data_parallel_rank(
+    rank: int, world: int, port: int, model_path: str, run_dir: str, loss_agg: str
+) -> None:
+    """One rank of a real 2-process gloo group: 5 and 3 of the 8 responses (OSLA makes rank batches
+    uneven), gradients averaged as DDP does."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        module = make_module(model_path, Path(run_dir), grad_clip=1e9, loss_agg=loss_agg, kl_coef=0.1)
+        grads = _uneven_update_grads(module, torch.arange(8)[:5] if rank == 0 else torch.arange(8)[5:])
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= world
+        if rank == 0:
+            torch.save(grads, Path(run_dir) / "ddp_grads.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_data_parallel_update_has_the_whole_batch_gradient(
+    tiny_lm_path: str, tmp_path: Path, loss_agg: str
+) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    whole = _uneven_update_grads(
+        make_module(tiny_lm_path, tmp_path, grad_clip=1e9, loss_agg=loss_agg, kl_coef=0.1), torch.arange(8)
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_data_parallel_rank, args=(2, port, tiny_lm_path, str(tmp_path), loss_agg), nprocs=2)
+    averaged = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
+    for got, want in zip(averaged, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+
+
 def test_old_and_reference_logprobs_are_taken_without_dropout(tiny_lm_path: str, tmp_path: Path) -> None:
     lora = LoraSettings(r=4, alpha=8, dropout=0.5)
     module = make_module(tiny_lm_path, tmp_path, lora=lora)
