@@ -492,7 +492,7 @@ class PolicyTrainer(L.LightningModule):
             if prior is None:  # BASIS keeps its baseline leave-one-out: no group's own mean as prior
                 prior = empirical_prior(rewards, rollouts.index, pooled=name == "basis")  # [P]
             options["prior"] = prior[rollouts.index]  # [N]
-        return compute_advantages(name, rewards, rollouts.index, **options)  # [N]
+        return _over_all_ranks(name, rewards, rollouts.index, options)  # [N]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
         """PPO-clip updates on one step's responses; returns statistics averaged over micro-batches.
@@ -1066,6 +1066,33 @@ def _validate_settings(
         )
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
+
+
+def _over_all_ranks(
+    name: str, rewards: torch.Tensor, index: torch.Tensor, options: dict[str, Any]
+) -> torch.Tensor:
+    """Estimator `name`'s advantages `[N]` for this rank's responses, computed on the responses of
+    every data-parallel rank: REINFORCE++ whitens over the whole batch's tokens and BASIS fits its
+    logit shift on the whole batch, so neither may see one rank's shard alone (group-wise estimators
+    give the same numbers either way). Per-response options (`[N]` tensors) travel with the rewards."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute_advantages(name, rewards, index, **options)
+    per_response = {
+        k: v for k, v in options.items() if isinstance(v, torch.Tensor) and v.shape == rewards.shape
+    }
+    shards: list[Any] = [None] * torch.distributed.get_world_size()
+    local = {"rewards": rewards, "index": index, **per_response}
+    torch.distributed.all_gather_object(shards, {k: v.detach().cpu() for k, v in local.items()})
+    offsets = np.cumsum(
+        [0] + [int(shard["index"].max()) + 1 for shard in shards[:-1]]
+    )  # prompts before each rank
+    merged = {k: torch.cat([shard[k] for shard in shards]) for k in local}
+    merged["index"] = torch.cat([shard["index"] + int(offset) for shard, offset in zip(shards, offsets)])
+    out = compute_advantages(
+        name, merged.pop("rewards"), merged.pop("index"), **{**options, **merged}
+    )  # [sum of N over ranks]
+    start = sum(len(shard["rewards"]) for shard in shards[: torch.distributed.get_rank()])
+    return out[start : start + len(rewards)].to(rewards.device)  # [N]
 
 
 def _global_counts(response_mask: torch.Tensor) -> tuple[float, float, int]:

@@ -307,6 +307,69 @@ def test_data_parallel_update_has_the_whole_batch_gradient(
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 
 
+class UnusedPrior:
+    """Test double for V0 where a prior must be configured but the test hands the step its values."""
+
+    def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+        raise AssertionError("not queried in this test")
+
+    def prepare(self, prompts) -> None:
+        pass
+
+
+def _pooled_module(model_path: str, run_dir: Path, advantage: str) -> PolicyTrainer:
+    prior = UnusedPrior() if advantage == "basis" else None
+    return make_module(model_path, run_dir, advantage=advantage, group_size=2, prior=prior)
+
+
+def _pooled_advantages(module: PolicyTrainer, groups: list[int]) -> torch.Tensor:
+    """Advantages of the responses of prompt `groups` out of 4 prompts x 2 responses of uneven
+    lengths, with a per-prompt prior (used by estimators that take one)."""
+    from basis.data import PromptRow
+    from basis.rollout import Completion
+    from basis.trainer import Rollouts
+
+    lengths, correct = [12, 3, 7, 1, 12, 5, 9, 2], [1.0, 0, 1, 1, 0, 0, 1, 0]
+    rows = [i for g in groups for i in (2 * g, 2 * g + 1)]
+    prompts = [PromptRow(f"p{g}", f"{g}+{g}=", str(2 * g), "arith", None) for g in groups]
+    completions = [Completion([5] * lengths[i], [0.0] * lengths[i], "", "stop") for i in rows]
+    index = torch.tensor([k for k in range(len(groups)) for _ in range(2)])
+    rollouts = Rollouts(prompts, [], completions, index, torch.tensor([correct[i] for i in rows]), 0)
+    prior = torch.tensor([0.2, -0.4, 0.6, -0.8])[groups]
+    return module.advantages(rollouts, prior)
+
+
+def _pooled_rank(rank: int, world: int, port: int, model_path: str, run_dir: str, advantage: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        module = _pooled_module(model_path, Path(run_dir), advantage)
+        local = _pooled_advantages(module, [0, 1, 2] if rank == 0 else [3])
+        shards: list = [None] * world
+        dist.all_gather_object(shards, local)
+        if rank == 0:
+            torch.save(torch.cat(shards), Path(run_dir) / "pooled.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("advantage", ["reinforce_pp", "basis"])
+def test_batch_wide_advantages_pool_every_ranks_responses(
+    tiny_lm_path: str, tmp_path: Path, advantage: str
+) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    whole = _pooled_advantages(_pooled_module(tiny_lm_path, tmp_path, advantage), [0, 1, 2, 3])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_pooled_rank, args=(2, port, tiny_lm_path, str(tmp_path), advantage), nprocs=2)
+    torch.testing.assert_close(torch.load(tmp_path / "pooled.pt", weights_only=True), whole)
+
+
 def test_old_and_reference_logprobs_are_taken_without_dropout(tiny_lm_path: str, tmp_path: Path) -> None:
     lora = LoraSettings(r=4, alpha=8, dropout=0.5)
     module = make_module(tiny_lm_path, tmp_path, lora=lora)
