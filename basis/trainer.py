@@ -532,6 +532,8 @@ class PolicyTrainer(L.LightningModule):
         num_tokens, num_sequences, world = _global_counts(batch.response_mask[mini])
         finite = True
         policy_loss_sum, kl_loss_sum = 0.0, 0.0  # micro-batch losses share the mini-batch denominators
+        token_sums: dict[str, float] = {}
+        counted = 0.0
         for micro in mini.split(hp.micro_batch_size):
             sub = _select(batch, micro)
             mask = sub.response_mask  # [n, R]
@@ -567,16 +569,22 @@ class PolicyTrainer(L.LightningModule):
                 break
             self.manual_backward(loss)
             policy_loss_sum += float(out.loss.detach()) * world
-            _append(
-                stats,
-                clip_frac=float(out.clip_frac),
-                clip_frac_low=float(out.clip_frac_low),
-                clip_frac_high=float(out.clip_frac_high),
-                dual_clip_frac=float(out.dual_clip_frac),
-                approx_kl=float(out.approx_kl),
-                entropy=float((entropy * mask).sum() / mask.sum().clamp(min=1)),
-                logprob_mismatch=float(logprob_mismatch(old, sub.rollout_logprobs, mask)),
-            )
+            tokens = float(
+                mask.sum()
+            )  # the token means below are weighted by it: per token, not per micro-batch
+            for key, value in (
+                ("clip_frac", out.clip_frac),
+                ("clip_frac_low", out.clip_frac_low),
+                ("clip_frac_high", out.clip_frac_high),
+                ("dual_clip_frac", out.dual_clip_frac),
+                ("approx_kl", out.approx_kl),
+                ("entropy", (entropy * mask).sum() / mask.sum().clamp(min=1)),
+                ("logprob_mismatch", logprob_mismatch(old, sub.rollout_logprobs, mask)),
+            ):
+                token_sums[key] = token_sums.get(key, 0.0) + float(value) * tokens
+            counted += tokens
+        if counted:
+            _append(stats, **{key: total / counted for key, total in token_sums.items()})
         grad_norm = self._clip_gradients()
         lr = optimizer.param_groups[0]["lr"]  # the rate this update uses
         skipped = not finite or not torch.isfinite(grad_norm)

@@ -254,17 +254,41 @@ def _uneven_update_grads(module: PolicyTrainer, rows: torch.Tensor) -> list[torc
     short (1-3 tokens), with an SGD step of size 0 and no clipping."""
     from basis.trainer import _select
 
-    optimizer = torch.optim.SGD([p for p in module.policy.parameters() if p.requires_grad], lr=0.0)
-    module.optimizers, module.lr_schedulers = (lambda o=optimizer: o), (lambda: None)  # no Trainer
-    module.manual_backward = lambda loss: loss.backward()
-    batch = one_step_batch(module)
-    keep = torch.tensor([12, 12, 12, 12, 1, 3, 2, 1])  # response tokens kept per row
-    mask = batch.response_mask.clone()
-    for row, length in enumerate(keep.tolist()):
-        mask[row, mask[row].nonzero().flatten()[length:]] = False
-    batch = batch._replace(response_mask=mask)
-    module.update_policy(_select(batch, rows), torch.linspace(-0.5, 1.5, 8)[rows])
+    without_trainer(module)
+    module.update_policy(_select(uneven_batch(module), rows), torch.linspace(-0.5, 1.5, 8)[rows])
     return [p.grad.clone() for p in module.policy.parameters() if p.requires_grad]
+
+
+def without_trainer(module: PolicyTrainer) -> None:
+    """Let `update_policy` run outside a Trainer: SGD with step size 0, plain backward."""
+    optimizer = torch.optim.SGD([p for p in module.policy.parameters() if p.requires_grad], lr=0.0)
+    module.optimizers, module.lr_schedulers = (lambda o=optimizer: o), (lambda: None)
+    module.manual_backward = lambda loss: loss.backward()
+
+
+def uneven_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
+    """`one_step_batch` with its first four responses long (12 tokens) and the last four 1-3 tokens."""
+    batch = one_step_batch(module)
+    mask = batch.response_mask.clone()
+    for row, length in enumerate([12, 12, 12, 12, 1, 3, 2, 1]):
+        mask[row, mask[row].nonzero().flatten()[length:]] = False
+    return batch._replace(response_mask=mask)
+
+
+def test_logged_token_statistics_are_per_token_whatever_the_micro_batches(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    stats = {}
+    for micro in (8, 3):
+        module = make_module(tiny_lm_path, tmp_path, micro_batch_size=micro)
+        without_trainer(module)
+        batch = uneven_batch(module)
+        shift = torch.tensor([0.1] * 4 + [1.0] * 4)[:, None]  # engine log-probs off by a per-row amount
+        batch = batch._replace(rollout_logprobs=batch.rollout_logprobs - shift)
+        stats[micro] = module.update_policy(batch, torch.linspace(-0.5, 1.5, 8))
+    assert stats[8]["logprob_mismatch"] == pytest.approx((48 * 0.1 + 7 * 1.0) / 55, rel=1e-3)
+    for name in ("entropy", "approx_kl", "clip_frac", "logprob_mismatch", "policy_loss"):
+        assert stats[3][name] == pytest.approx(stats[8][name], rel=1e-4, abs=1e-6), name
 
 
 def _data_parallel_rank(
