@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -291,41 +292,50 @@ def test_logged_token_statistics_are_per_token_whatever_the_micro_batches(
         assert stats[3][name] == pytest.approx(stats[8][name], rel=1e-4, abs=1e-6), name
 
 
-def _data_parallel_rank(
-    rank: int, world: int, port: int, model_path: str, run_dir: str, loss_agg: str
-) -> None:
-    """One rank of a real 2-process gloo group: 5 and 3 of the 8 responses (OSLA makes rank batches
-    uneven), gradients averaged as DDP does."""
+def on_two_ranks(target: Any, *args: Any) -> None:
+    """Run `target(rank, *args)` on each rank of a real 2-process gloo group (torch.multiprocessing)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(port, target, *args), nprocs=2)
+
+
+def _gloo_rank(rank: int, port: int, target: Any, *args: Any) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        module = make_module(model_path, Path(run_dir), grad_clip=1e9, loss_agg=loss_agg, kl_coef=0.1)
-        grads = _uneven_update_grads(module, torch.arange(8)[:5] if rank == 0 else torch.arange(8)[5:])
-        for grad in grads:
-            dist.all_reduce(grad)
-            grad /= world
-        if rank == 0:
-            torch.save(grads, Path(run_dir) / "ddp_grads.pt")
+        target(rank, *args)
     finally:
         dist.destroy_process_group()
+
+
+def _data_parallel_rank(rank: int, model_path: str, run_dir: str, loss_agg: str) -> None:
+    """5 and 3 of the 8 responses per rank (OSLA makes rank batches uneven), gradients averaged as
+    DDP does."""
+    import torch.distributed as dist
+
+    module = make_module(model_path, Path(run_dir), grad_clip=1e9, loss_agg=loss_agg, kl_coef=0.1)
+    grads = _uneven_update_grads(module, torch.arange(8)[:5] if rank == 0 else torch.arange(8)[5:])
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= 2
+    if rank == 0:
+        torch.save(grads, Path(run_dir) / "ddp_grads.pt")
 
 
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
 def test_data_parallel_update_has_the_whole_batch_gradient(
     tiny_lm_path: str, tmp_path: Path, loss_agg: str
 ) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
     whole = _uneven_update_grads(
         make_module(tiny_lm_path, tmp_path, grad_clip=1e9, loss_agg=loss_agg, kl_coef=0.1), torch.arange(8)
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_data_parallel_rank, args=(2, port, tiny_lm_path, str(tmp_path), loss_agg), nprocs=2)
+    on_two_ranks(_data_parallel_rank, tiny_lm_path, str(tmp_path), loss_agg)
     averaged = torch.load(tmp_path / "ddp_grads.pt", weights_only=True)
     for got, want in zip(averaged, whole, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
@@ -363,34 +373,24 @@ def _pooled_advantages(module: PolicyTrainer, groups: list[int]) -> torch.Tensor
     return module.advantages(rollouts, prior)
 
 
-def _pooled_rank(rank: int, world: int, port: int, model_path: str, run_dir: str, advantage: str) -> None:
+def _pooled_rank(rank: int, model_path: str, run_dir: str, advantage: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        module = _pooled_module(model_path, Path(run_dir), advantage)
-        local = _pooled_advantages(module, [0, 1, 2] if rank == 0 else [3])
-        shards: list = [None] * world
-        dist.all_gather_object(shards, local)
-        if rank == 0:
-            torch.save(torch.cat(shards), Path(run_dir) / "pooled.pt")
-    finally:
-        dist.destroy_process_group()
+    local = _pooled_advantages(
+        _pooled_module(model_path, Path(run_dir), advantage), [0, 1, 2] if rank == 0 else [3]
+    )
+    shards: list = [None, None]
+    dist.all_gather_object(shards, local)
+    if rank == 0:
+        torch.save(torch.cat(shards), Path(run_dir) / "pooled.pt")
 
 
 @pytest.mark.parametrize("advantage", ["reinforce_pp", "basis"])
 def test_batch_wide_advantages_pool_every_ranks_responses(
     tiny_lm_path: str, tmp_path: Path, advantage: str
 ) -> None:
-    import socket
-
-    import torch.multiprocessing as mp
-
     whole = _pooled_advantages(_pooled_module(tiny_lm_path, tmp_path, advantage), [0, 1, 2, 3])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_pooled_rank, args=(2, port, tiny_lm_path, str(tmp_path), advantage), nprocs=2)
+    on_two_ranks(_pooled_rank, tiny_lm_path, str(tmp_path), advantage)
     torch.testing.assert_close(torch.load(tmp_path / "pooled.pt", weights_only=True), whole)
 
 
