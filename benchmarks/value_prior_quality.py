@@ -22,7 +22,8 @@ feature column, the global logistic regression's logit, from the same context (i
 context prompts, as V0's adapter features are). It measures what the in-context step alone costs: how
 much ranking the head loses re-learning a good score from one policy's few hundred binary labels.
 Metrics: gAUC, AUC, Brier, ECE, pair accuracy (value_prior.metrics), with 95 %
-bootstrap intervals for gAUC and paired intervals for V0 minus each baseline.
+bootstrap intervals for gAUC and paired intervals for V0 minus each baseline, resampling prompts
+(a prompt queried in several pools is one draw with all its items), not items.
 
 Context ablation (same queries): the true context, another policy's context (the other model at the
 same step), and the true context with its success rates shuffled (5 shuffles, averaged). The
@@ -183,7 +184,7 @@ def evaluate_split(
         "shuffled_context": [],
     }
     baselines_other: dict[str, list[np.ndarray]] = {"logreg": [], "knn": []}
-    success, groups = [], []
+    success, groups, prompts = [], [], []
     rng = np.random.default_rng(seed)
     for name in names:
         ctx, qry = context[name], queries[name]
@@ -216,7 +217,9 @@ def evaluate_split(
         baselines_other["knn"].append(knn_predict(context_x[other_name], other.success, qx))
         success.append(qry.success)
         groups += [name] * len(qry.success)
+        prompts += [" ".join(t.split()) for t in qry.prompts]
     y, g = np.concatenate(success), np.array(groups)
+    boot = {"n_resamples": 500, "seed": seed, "clusters": prompts}  # resample prompts, not items
 
     def gauc_fn(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
         return grouped_auc(p, s, list(gr))
@@ -231,11 +234,9 @@ def evaluate_split(
     for method, parts in preds.items():
         p = np.concatenate(parts)
         scores[method] = score_predictions(p, y, list(g))
-        scores[method]["gauc_ci95"] = bootstrap_ci(gauc_fn, p, y, g, n_resamples=500, seed=seed)
+        scores[method]["gauc_ci95"] = bootstrap_ci(gauc_fn, p, y, g, **boot)
         if method != "v0":
-            diff = paired_bootstrap_diff(
-                gauc_fn, np.concatenate(preds["v0"]), p, y, g, n_resamples=500, seed=seed
-            )
+            diff = paired_bootstrap_diff(gauc_fn, np.concatenate(preds["v0"]), p, y, g, **boot)
             scores[method]["v0_minus_this_gauc"] = {"diff": diff[0], "ci95": [diff[1], diff[2]]}
     scores["num_queries"] = len(y)
     ablation_scores = {}
@@ -246,7 +247,7 @@ def evaluate_split(
             continue
         true_p = np.concatenate(ablation["true_context"])
         for name, fn in (("gauc", gauc_fn), ("auc", auc_fn), ("brier", brier_fn)):
-            diff = paired_bootstrap_diff(fn, true_p, p, y, g, n_resamples=500, seed=seed)
+            diff = paired_bootstrap_diff(fn, true_p, p, y, g, **boot)
             ablation_scores[variant][f"true_minus_this_{name}"] = {
                 "diff": diff[0],
                 "ci95": [diff[1], diff[2]],
@@ -255,7 +256,7 @@ def evaluate_split(
     ablation_scores["baselines_other_policy_context"] = {}
     for method, parts in baselines_other.items():
         true_p, other_p = np.concatenate(preds[method]), np.concatenate(parts)
-        diff = paired_bootstrap_diff(gauc_fn, true_p, other_p, y, g, n_resamples=500, seed=seed)
+        diff = paired_bootstrap_diff(gauc_fn, true_p, other_p, y, g, **boot)
         ablation_scores["baselines_other_policy_context"][method] = {
             "gauc_true_context": scores[method]["gauc"],
             "gauc_other_policy_context": gauc_fn(other_p, y, g),

@@ -13,9 +13,9 @@ the policy on the prompt) against the observed success rate `y = successes / n`:
 - ECE: `sum_b |B_b|/N * |mean(p in b) - mean(y in b)|` over `n_bins` equal-width bins of `p`.
   torchmetrics' calibration error needs 0/1 targets; success rates are graded, so it is computed here.
 
-`bootstrap_ci` gives percentile intervals by resampling query items; `paired_bootstrap_diff` gives
-the interval of a difference between two predictors on the same items (much tighter than comparing
-two separate intervals).
+`bootstrap_ci` gives percentile intervals by resampling query items (or whole prompts, when one
+prompt is queried in several pools); `paired_bootstrap_diff` gives the interval of a difference
+between two predictors on the same items (much tighter than comparing two separate intervals).
 """
 
 from __future__ import annotations
@@ -133,6 +133,24 @@ def score_predictions(
 MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
+class _Resampler:
+    """Bootstrap index draws: items within each pool, or, given `clusters` (e.g. prompt ids), whole
+    clusters with all their items. The same prompt queried in several pools is not independent
+    evidence, so the cluster draw gives honest (wider) intervals when prompts repeat across pools."""
+
+    def __init__(self, groups: np.ndarray, clusters: Sequence[object] | None, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        labels = groups if clusters is None else np.asarray([str(c) for c in clusters])
+        self.members = [np.flatnonzero(labels == label) for label in np.unique(labels)]
+        self.by_cluster = clusters is not None
+
+    def draw(self) -> np.ndarray:
+        if self.by_cluster:
+            chosen = self.rng.integers(len(self.members), size=len(self.members))
+            return np.concatenate([self.members[i] for i in chosen])
+        return np.concatenate([self.rng.choice(m, size=len(m), replace=True) for m in self.members])
+
+
 def bootstrap_ci(
     metric: MetricFn,
     prob: np.ndarray,
@@ -141,14 +159,15 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Sequence[object] | None = None,
 ) -> tuple[float, float]:
-    """Percentile interval of `metric(prob, success, groups)` over item resamples (within each pool)."""
-    rng = np.random.default_rng(seed)
+    """Percentile interval of `metric(prob, success, groups)` over item resamples (within each pool),
+    or over resamples of whole `clusters` when given."""
     prob, success, groups = np.asarray(prob), np.asarray(success), np.asarray([str(g) for g in groups])
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    resampler = _Resampler(groups, clusters, seed)
     values = []
     for _ in range(n_resamples):
-        index = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        index = resampler.draw()
         values.append(metric(prob[index], success[index], groups[index]))
     tail = (1 - level) / 2 * 100
     lo, hi = np.nanpercentile(values, [tail, 100 - tail])
@@ -164,15 +183,16 @@ def paired_bootstrap_diff(
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    clusters: Sequence[object] | None = None,
 ) -> tuple[float, float, float]:
-    """`(diff, lo, hi)`: metric(a) - metric(b) on the same items, with a paired percentile interval."""
-    rng = np.random.default_rng(seed)
+    """`(diff, lo, hi)`: metric(a) - metric(b) on the same items, with a paired percentile interval
+    (resampling items within pools, or whole `clusters` when given)."""
     prob_a, prob_b, success = np.asarray(prob_a), np.asarray(prob_b), np.asarray(success)
     groups = np.asarray([str(g) for g in groups])
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    resampler = _Resampler(groups, clusters, seed)
     diffs = []
     for _ in range(n_resamples):
-        index = np.concatenate([rng.choice(m, size=len(m), replace=True) for m in members])
+        index = resampler.draw()
         diffs.append(
             metric(prob_a[index], success[index], groups[index])
             - metric(prob_b[index], success[index], groups[index])

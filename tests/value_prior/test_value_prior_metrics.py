@@ -84,3 +84,24 @@ def test_score_predictions_and_bootstrap() -> None:
     diff, dlo, dhi = paired_bootstrap_diff(fn, prob, np.full(200, 0.5), success, groups, n_resamples=100)
     assert diff == pytest.approx(scores["gauc"] - 0.5)
     assert dlo <= diff <= dhi and dlo > 0
+
+
+def test_cluster_bootstrap_treats_a_repeated_prompt_as_one_draw() -> None:
+    # 50 prompts, each queried in both pools with the same outcome and score: 100 items, 50 draws
+    rng = np.random.default_rng(3)
+    success = np.tile(rng.random(50), 2)
+    prob = np.tile(np.clip(success[:50] + rng.normal(0, 0.3, 50), 0, 1), 2)
+    groups = np.repeat(["a", "b"], 50)
+    prompts = [f"q{i}" for i in range(50)] * 2
+
+    def fn(p: np.ndarray, s: np.ndarray, g: np.ndarray) -> float:
+        return grouped_auc(p, s, list(g))
+
+    item_lo, item_hi = bootstrap_ci(fn, prob, success, groups, n_resamples=300)
+    lo, hi = bootstrap_ci(fn, prob, success, groups, n_resamples=300, clusters=prompts)
+    assert lo <= fn(prob, success, groups) <= hi
+    assert hi - lo > item_hi - item_lo  # repeated prompts are not independent evidence
+    diff, dlo, dhi = paired_bootstrap_diff(
+        fn, prob, np.full(100, 0.5), success, groups, n_resamples=300, clusters=prompts
+    )
+    assert dlo <= diff <= dhi
