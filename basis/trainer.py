@@ -569,9 +569,7 @@ class PolicyTrainer(L.LightningModule):
                 break
             self.manual_backward(loss)
             policy_loss_sum += float(out.loss.detach()) * world
-            tokens = float(
-                mask.sum()
-            )  # the token means below are weighted by it: per token, not per micro-batch
+            tokens = float(mask.sum())  # weights the token means below: per token, not per micro-batch
             for key, value in (
                 ("clip_frac", out.clip_frac),
                 ("clip_frac_low", out.clip_frac_low),
@@ -740,9 +738,7 @@ class PolicyTrainer(L.LightningModule):
         self._val_accuracy = []
         # ranks hold different numbers of prompts: reduce sums rather than gather the per-prompt values
         totals = torch.stack([accuracy.sum(), (accuracy**2).sum(), torch.tensor(float(accuracy.numel()))])
-        if self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
-        total, total_sq, n = totals.tolist()
+        total, total_sq, n = _sum_over_ranks(totals).tolist()
         mean = total / max(n, 1.0)
         variance = (total_sq - n * mean**2) / (n - 1) if n > 1 else 0.0  # unbiased, as torch.std
         metrics = {f"val/pass_at_k/{k}": v for k, v in pass_at.items()}
@@ -1076,6 +1072,20 @@ def _validate_settings(
         raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` (CPU) summed over all data-parallel ranks (itself when not distributed), on the CPU."""
+    if not _distributed():
+        return values
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    summed = values.to(device)
+    torch.distributed.all_reduce(summed)
+    return summed.cpu()
+
+
 def _over_all_ranks(
     name: str, rewards: torch.Tensor, index: torch.Tensor, options: dict[str, Any]
 ) -> torch.Tensor:
@@ -1083,22 +1093,18 @@ def _over_all_ranks(
     every data-parallel rank: REINFORCE++ whitens over the whole batch's tokens and BASIS fits its
     logit shift on the whole batch, so neither may see one rank's shard alone (group-wise estimators
     give the same numbers either way). Per-response options (`[N]` tensors) travel with the rewards."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not _distributed():
         return compute_advantages(name, rewards, index, **options)
     per_response = {
         k: v for k, v in options.items() if isinstance(v, torch.Tensor) and v.shape == rewards.shape
     }
-    shards: list[Any] = [None] * torch.distributed.get_world_size()
     local = {"rewards": rewards, "index": index, **per_response}
+    shards: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(shards, {k: v.detach().cpu() for k, v in local.items()})
-    offsets = np.cumsum(
-        [0] + [int(shard["index"].max()) + 1 for shard in shards[:-1]]
-    )  # prompts before each rank
     merged = {k: torch.cat([shard[k] for shard in shards]) for k in local}
-    merged["index"] = torch.cat([shard["index"] + int(offset) for shard, offset in zip(shards, offsets)])
-    out = compute_advantages(
-        name, merged.pop("rewards"), merged.pop("index"), **{**options, **merged}
-    )  # [sum of N over ranks]
+    prompts_before = np.cumsum([0] + [int(shard["index"].max()) + 1 for shard in shards[:-1]])  # per rank
+    merged["index"] = torch.cat([shard["index"] + int(n) for shard, n in zip(shards, prompts_before)])
+    out = compute_advantages(name, merged.pop("rewards"), merged.pop("index"), **{**options, **merged})
     start = sum(len(shard["rewards"]) for shard in shards[: torch.distributed.get_rank()])
     return out[start : start + len(rewards)].to(rewards.device)  # [N]
 
@@ -1108,13 +1114,9 @@ def _global_counts(response_mask: torch.Tensor) -> tuple[float, float, int]:
     number of ranks. A rank's token-mean (or sequence-mean) loss uses the all-rank counts, so after
     DDP / FSDP average the gradients they are those of the whole batch's mean, not a mean of per-rank
     means (which weights the tokens of a rank with short responses up)."""
-    counts = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return float(counts[0]), float(counts[1]), 1
-    if torch.distributed.get_backend() == "nccl":
-        counts = counts.cuda()
-    torch.distributed.all_reduce(counts)
-    return float(counts[0]), float(counts[1]), torch.distributed.get_world_size()
+    local = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64)
+    tokens, sequences = _sum_over_ranks(local).tolist()
+    return tokens, sequences, torch.distributed.get_world_size() if _distributed() else 1
 
 
 def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:

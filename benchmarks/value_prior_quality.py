@@ -58,9 +58,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.results_io import write_results  # noqa: E402
-from data_pipelines.v0_release import read_v0_release  # noqa: E402
+from data_pipelines.v0_release import read_prompts, read_v0_release  # noqa: E402
 from value_prior import ValuePrior  # noqa: E402
-from value_prior.data import Pool, PromptSplit, pools_from_pairs, split_pools  # noqa: E402
+from value_prior.data import Pool, PromptSplit, pools_from_pairs, same_text_key, split_pools  # noqa: E402
 from value_prior.head import InContextHead, load_head  # noqa: E402
 from value_prior.metrics import (  # noqa: E402
     auc,
@@ -217,7 +217,7 @@ def evaluate_split(
         baselines_other["knn"].append(knn_predict(context_x[other_name], other.success, qx))
         success.append(qry.success)
         groups += [name] * len(qry.success)
-        prompts += [" ".join(t.split()) for t in qry.prompts]
+        prompts += [same_text_key(t) for t in qry.prompts]
     y, g = np.concatenate(success), np.array(groups)
     boot = {"n_resamples": 500, "seed": seed, "clusters": prompts}  # resample prompts, not items
 
@@ -380,8 +380,9 @@ def main() -> None:
     prior = ValuePrior.load(prior_path, cache_dir=str(CACHE_DIR))
     split = load_split(prior)
 
-    pools = pools_from_pairs(read_v0_release(args.release, "context"))
-    train_queries = pools_from_pairs(read_v0_release(args.release, "train"))
+    texts = read_prompts(args.release)  # one read for both files
+    pools = pools_from_pairs(read_v0_release(args.release, "context", texts))
+    train_queries = pools_from_pairs(read_v0_release(args.release, "train", texts))
     all_prompts = sorted({p for pool in [*pools.values(), *train_queries.values()] for p in pool.prompts})
     embed = pooled_embeddings(prior, all_prompts)
 

@@ -71,6 +71,7 @@ from data_pipelines.pairs import (
     PairsError,
     load_and_validate,
     pool_key,
+    read_json_object,
 )
 
 MANIFEST = "manifest.json"
@@ -239,7 +240,7 @@ def _expand(spec: CheckpointSpec) -> list[Path]:
 
 def _export_metadata(path: Path) -> dict[str, Any]:
     meta = path / "basis_export.json"
-    return read_json_object(meta) if meta.is_file() else {}
+    return read_json_object(meta, HarvestError) if meta.is_file() else {}
 
 
 def _tag(path: Path, spec: CheckpointSpec, several: bool) -> Checkpoint:
@@ -474,7 +475,7 @@ def harvest_data_files(out: str | Path) -> list[str]:
     manifest_path = Path(out) / MANIFEST
     if not manifest_path.is_file():
         raise HarvestError(f"{out}: no {MANIFEST}; the harvest is unfinished (rerun it to resume)")
-    shards = manifest_shards(read_json_object(manifest_path), manifest_path)
+    shards = manifest_shards(read_json_object(manifest_path, HarvestError), manifest_path)
     if not shards:
         raise HarvestError(f"{manifest_path}: lists no shards")
     return [str(Path(out) / shard.path) for shard in shards]
@@ -547,17 +548,6 @@ def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     path = out / MANIFEST
     _write_atomic_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in `path` (a manifest, export metadata); HarvestError naming `path` otherwise."""
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise HarvestError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(data, dict):
-        raise HarvestError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def manifest_shards(manifest: dict[str, Any], path: Path) -> list[ShardRecord]:
@@ -774,7 +764,7 @@ def _prompts_sha256(rows: Sequence[Any]) -> str:
 def _check_output_folder(out: Path, plans: Sequence[ShardPlan]) -> None:
     manifest = out / MANIFEST
     if manifest.is_file():
-        kind = read_json_object(manifest).get("kind")
+        kind = read_json_object(manifest, HarvestError).get("kind")
         if kind != "rollouts":
             raise HarvestError(
                 f"{out} holds a {kind!r} pairs dataset, not a rollout harvest; use a new folder"
@@ -1335,7 +1325,7 @@ def _manifest_problems(folder: Path) -> list[PairProblem]:
             ]
         return []
     try:
-        manifest = read_json_object(manifest_path)
+        manifest = read_json_object(manifest_path, HarvestError)
         if "shards" not in manifest:  # another writer's manifest (e.g. the V0 release importer)
             return []
         shards = manifest_shards(manifest, manifest_path)

@@ -17,13 +17,14 @@ Run: `python -m data_pipelines.pairs PATH` prints the problems of a pairs file o
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 
@@ -118,6 +119,18 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
         except (ValueError, TypeError) as err:  # e.g. a string in an int column
             raise PairsError(f"{path}: columns do not cast to the pair contract: {err}") from err
     return dataset
+
+
+def read_json_object(path: Path, error: type[ValueError] = PairsError) -> dict[str, Any]:
+    """The JSON object in `path` (a manifest, export metadata, a prompt dictionary); `error` naming
+    `path` when the file is not valid JSON or holds something else."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class RowLocator:

@@ -28,7 +28,7 @@ from typing import Literal
 
 import datasets
 
-from data_pipelines.pairs import PAIR_FEATURES, PairsError, raise_on_errors, validate_pairs
+from data_pipelines.pairs import PAIR_FEATURES, PairsError, raise_on_errors, read_json_object, validate_pairs
 
 RELEASE_ROLLOUTS = 10
 """Rollouts behind every release score (scores are multiples of 0.2)."""
@@ -71,23 +71,23 @@ def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
     }
 
 
-def _read_prompts(prompt_file: Path) -> dict[str, str]:
-    try:
-        prompts = json.loads(prompt_file.read_text())
-    except json.JSONDecodeError as err:
-        raise PairsError(f"{prompt_file}: not valid JSON ({err})") from err
-    if not isinstance(prompts, dict):
-        raise PairsError(
-            f"{prompt_file}: expected a JSON object of prompt id -> text, got {type(prompts).__name__}"
-        )
+def read_prompts(folder: str | Path) -> dict[str, str]:
+    """The release's `prompt_dict.json`: prompt id -> non-empty text (`PairsError` naming the file)."""
+    prompt_file = Path(folder) / "prompt_dict.json"
+    if not prompt_file.exists():
+        raise PairsError(f"{prompt_file}: missing; {folder} is not a V0 release folder")
+    prompts = read_json_object(prompt_file)
     for prompt_id, text in prompts.items():
         if not isinstance(text, str) or not text.strip():
             raise PairsError(f"{prompt_file}: prompt {prompt_id!r} must be a non-empty string, got {text!r}")
     return prompts
 
 
-def read_v0_release(folder: str | Path, split: Literal["context", "train"] = "context") -> datasets.Dataset:
-    """The release's `split` file as a validated pairs `Dataset`.
+def read_v0_release(
+    folder: str | Path, split: Literal["context", "train"] = "context", prompts: dict[str, str] | None = None
+) -> datasets.Dataset:
+    """The release's `split` file as a validated pairs `Dataset`; `prompts` is the folder's
+    `read_prompts`, read here when not given (pass it to read both splits with one read).
 
     Raises:
         PairsError: naming the file, the line (1-based) and the field of the first bad row, or listing
@@ -96,11 +96,10 @@ def read_v0_release(folder: str | Path, split: Literal["context", "train"] = "co
     folder = Path(folder)
     if split not in RELEASE_FILES:
         raise ValueError(f"split must be one of {sorted(RELEASE_FILES)}, got {split!r}")
-    prompt_file, rows_file = folder / "prompt_dict.json", folder / RELEASE_FILES[split]
-    for required in (prompt_file, rows_file):
-        if not required.exists():
-            raise PairsError(f"{required}: missing; {folder} is not a V0 release folder")
-    prompts = _read_prompts(prompt_file)
+    prompts = read_prompts(folder) if prompts is None else prompts
+    rows_file = folder / RELEASE_FILES[split]
+    if not rows_file.exists():
+        raise PairsError(f"{rows_file}: missing; {folder} is not a V0 release folder")
     pairs = []
     with rows_file.open() as lines:
         for number, line in enumerate(lines, start=1):
@@ -127,7 +126,8 @@ def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
     first, the new one moved last). A bad release therefore leaves a previous import in `out` untouched.
     """
     out = Path(out)
-    splits = {split: read_v0_release(folder, split) for split in RELEASE_FILES}  # type: ignore[arg-type]
+    prompts = read_prompts(folder)
+    splits = {split: read_v0_release(folder, split, prompts) for split in RELEASE_FILES}  # type: ignore[arg-type]
     manifest = {"source": str(Path(folder).resolve()), "rows": {s: len(d) for s, d in splits.items()}}
     files = [f"{split}/{RELEASE_SHARD}" for split in splits] + [MANIFEST]
     out.parent.mkdir(parents=True, exist_ok=True)

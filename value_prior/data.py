@@ -106,16 +106,20 @@ def assign_splits(pools: dict[str, Pool], split: PromptSplit) -> dict[str, Split
     (DAPO-Math-17k repeats each problem under many ids; the V0 release holds whitespace variants) all
     take the split of the smallest of them, so no text is on both sides of a split; without shared
     texts this is `split.of(prompt_id)`."""
-    first: dict[str, str] = {}  # whitespace-normalised prompt text -> its smallest id
-    for pool in pools.values():
-        for pid, text in zip(pool.prompt_ids, pool.prompts):
-            key = " ".join(text.split())
-            first[key] = min(first.get(key, pid), pid)
-    return {
-        pid: split.of(first[" ".join(text.split())])
+    key_of = {
+        pid: same_text_key(text)
         for pool in pools.values()
         for pid, text in zip(pool.prompt_ids, pool.prompts)
     }
+    first: dict[str, str] = {}  # text key -> its smallest id
+    for pid, key in key_of.items():
+        first[key] = min(first.get(key, pid), pid)
+    return {pid: split.of(first[key]) for pid, key in key_of.items()}
+
+
+def same_text_key(text: str) -> str:
+    """A prompt's text up to whitespace: prompts with the same key are the same problem."""
+    return " ".join(text.split())
 
 
 def split_pools(pools: dict[str, Pool], split: PromptSplit, parts: tuple[Split, ...]) -> dict[str, Pool]:
