@@ -140,6 +140,10 @@ class PolicyTrainer(L.LightningModule):
             the paper; it helps when V0 ranks prompts well but is miscalibrated for this policy.
         heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
             held-out success estimate to score the baseline's squared error (0 disables it).
+        max_rollouts: Rollout budget: stop after the RL step at which the rollouts consumed (all
+            ranks, heldout diagnostics excluded) reach it; `trainer.max_steps` still caps the run.
+            Arms that spend different rollouts per step (GRPO, V0.5 + OSLA, BASIS) then compare at
+            equal cost. None: no budget.
         val_samples: Samples per validation prompt; pass@k is logged for k = 1..val_samples.
         val_every_n_steps: Validate every N RL steps (0: only the starting and the final policy).
         export_every_n_steps: Export the policy in HF format every N RL steps (0 = only at the end).
@@ -186,6 +190,7 @@ class PolicyTrainer(L.LightningModule):
         min_context: int = 32,
         prior_calibration: bool = False,
         heldout_rollouts: int = 0,
+        max_rollouts: int | None = None,
         val_samples: int = 8,
         val_every_n_steps: int = 0,
         export_every_n_steps: int = 0,
@@ -207,6 +212,8 @@ class PolicyTrainer(L.LightningModule):
             kl_estimator,
             val_samples,
         )
+        if max_rollouts is not None and max_rollouts < 1:
+            raise ValueError(f"model.max_rollouts={max_rollouts} must be a positive rollout budget (or null)")
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.automatic_optimization = False
@@ -300,6 +307,12 @@ class PolicyTrainer(L.LightningModule):
         per-step cost is then the in-context head alone); the one-time cost is logged."""
         max_steps = self.trainer.max_steps
         last = max_steps // self.updates_per_step if max_steps and max_steps > 0 else 10**9
+        if self.hparams.max_rollouts is not None:  # every prompt gets at least group_size rollouts
+            per_step = (
+                self.trainer.datamodule.prompts_per_step * self.trainer.world_size * self.hparams.group_size
+            )
+            remaining = self.hparams.max_rollouts - self.rollouts_total
+            last = min(last, self.rl_step + math.ceil(remaining / per_step))
         rows = self.trainer.datamodule.rows_for_steps(  # RL step s reads the prompts of data step s - 1
             self.rl_step, last - 1, self.global_rank, self.trainer.world_size
         )
@@ -397,7 +410,8 @@ class PolicyTrainer(L.LightningModule):
         with _timer(timings, "weight_sync"):
             self.engine.resume_memory()
             self.engine.update_weights(self.policy)
-        self.rollouts_total += len(rollouts.completions)
+        local = torch.tensor([len(rollouts.completions)], dtype=torch.float64)
+        self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
         self.record_step(rollouts, advantages, update_stats, timings, prior, heldout)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
@@ -407,6 +421,10 @@ class PolicyTrainer(L.LightningModule):
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
+        budget = self.hparams.max_rollouts
+        if budget is not None and self.rollouts_total >= budget:
+            log.info("rollout budget spent: %d rollouts >= max_rollouts=%d", self.rollouts_total, budget)
+            self.trainer.should_stop = True  # rollouts_total is global, so every rank stops here
 
     def collect_rollouts(
         self,

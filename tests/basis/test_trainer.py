@@ -166,6 +166,21 @@ def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
     assert list((tmp_path / "checkpoints").glob("non-finite-step3.ckpt"))
 
 
+def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    # 4 prompts x 4 rollouts = 16 per step: a budget of 40 is spent by step 3, long before max_steps
+    module = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1)
+    make_trainer(tmp_path, steps=50).fit(module, datamodule=data(task_dir))
+    assert (module.rl_step, module.rollouts_total) == (3, 48)
+    assert module.trainer.global_step == 3
+    assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
+        f"step_00000{i}" for i in (1, 2, 3)
+    ]
+    with pytest.raises(ValueError, match="max_rollouts=0 must be a positive rollout budget"):
+        make_module(tiny_lm_path, tmp_path, max_rollouts=0)
+
+
 def test_full_finetune_with_kl_resumes_and_keeps_the_reference_out_of_checkpoints(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:

@@ -144,6 +144,16 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
         assert error <= 1 / 16  # |b - mu| <= 1/sqrt(k) with k = 16 (held-out mu of the same policy)
 
 
+def test_a_rollout_budget_bounds_the_prompts_the_prior_prepares(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    prior = ConstantPrior(0.0)  # every response fails, so no prompt leaves k_init = 4: 16 per step
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=prior, osla=OslaSettings(), max_rollouts=20))
+    fit(module, task_dir, tmp_path, steps=50)
+    assert (module.rl_step, module.rollouts_total) == (2, 32)
+    assert len(prior.prepared) == 8  # steps 1-2 can spend the budget; not the 50 steps max_steps allows
+
+
 def test_held_out_check_samples_the_policy_that_made_the_rollouts(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:
