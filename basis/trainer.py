@@ -729,7 +729,15 @@ class PolicyTrainer(L.LightningModule):
 
     # ----------------------------------------------------------------- validation
 
+    def _validated_already(self) -> bool:
+        """The trainer validates itself while fitting (every `val_every_n_steps` and at the end);
+        Lightning also runs its validation loop when a run stops early (the rollout budget), which
+        must not validate a policy a second time."""
+        return self.trainer.state.fn == "fit" and self.rl_step in self._pass_curves
+
     def validation_step(self, batch: ValBatch, batch_idx: int) -> None:
+        if self._validated_already():
+            return
         prompts, k = batch.rows, self.hparams.val_samples
         prompt_ids = [self.prompt_token_ids(row) for row in prompts for _ in range(k)]
         params = SamplingParams(
@@ -748,7 +756,7 @@ class PolicyTrainer(L.LightningModule):
         self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
+        if self.trainer.sanity_checking or self._validated_already():
             return
         pass_at = {int(k): float(v) for k, v in self.val_pass_at_k.compute().items()}
         self.val_pass_at_k.reset()

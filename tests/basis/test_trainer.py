@@ -34,9 +34,8 @@ def make_trainer(run_dir: Path, steps: int, **trainer_kwargs) -> L.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        limit_val_batches=0,
         default_root_dir=run_dir,
-        **trainer_kwargs,
+        **{"limit_val_batches": 0, **trainer_kwargs},
     )
 
 
@@ -46,9 +45,7 @@ def make_module(model_path: str, run_dir: Path, **kwargs) -> PolicyTrainer:
 
 
 def data(task_dir: Path, **kwargs) -> PromptDataModule:
-    return PromptDataModule(
-        str(task_dir), val_path=None, prompts_per_step=kwargs.pop("prompts_per_step", 4), **kwargs
-    )
+    return PromptDataModule(str(task_dir), **{"val_path": None, "prompts_per_step": 4, **kwargs})
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,9 +167,17 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:
     # 4 prompts x 4 rollouts = 16 per step: a budget of 40 is spent by step 3, long before max_steps
-    module = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1)
-    make_trainer(tmp_path, steps=50).fit(module, datamodule=data(task_dir))
+    module = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1, val_every_n_steps=3)
+    validations: list[int] = []  # the RL step of every validation that logged its figures
+    log_metrics = module.log_metrics
+    module.log_metrics = lambda metrics, series: (
+        (series == "val" and validations.append(module.rl_step)) or log_metrics(metrics, series)
+    )
+    trainer = make_trainer(tmp_path, steps=50, limit_val_batches=1.0)  # Lightning's own loop may run
+    trainer.fit(module, datamodule=data(task_dir, val_path=str(task_dir)))
     assert (module.rl_step, module.rollouts_total) == (3, 48)
+    # the start and step 3 once each: the loop Lightning runs on an early stop skips a validated step
+    assert validations == [0, 3]
     assert module.trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
         f"step_00000{i}" for i in (1, 2, 3)
