@@ -1,15 +1,20 @@
-"""Rollout efficiency: GRPO (fixed group of 8) vs V0.5 + OSLA vs BASIS (k = 1), 3 seeds.
+"""Rollout efficiency: GRPO (fixed group of 8) vs V0.5 + OSLA vs BASIS (k = 1), 3 seeds, equal rollout budgets.
 
 For every seed the three arms train the tiny policy from the same start with the demo's configs
-(`configs/policy/{grpo,v05,basis}_tiny.yaml`), validating held-out mean@k (sampled at the training
-temperature) every `--val-every` steps. The V0 prior comes from the demo chain: GRPO checkpoints of
-seed 0 -> `harvest run` -> `value-prior fit` (reused from `--prior` when that folder exists).
+(`configs/policy/{grpo,v05,basis}_tiny.yaml`). GRPO runs `--steps` RL steps; V0.5 + OSLA and BASIS run
+until they have consumed as many rollouts as that GRPO run (`model.max_rollouts`), however many steps
+that takes, so every arm is compared at equal cost and "rollouts to match" is found wherever it lies
+within GRPO's budget. Held-out mean@k (sampled at the training temperature) is validated every
+`--val-every` steps (every 2 x `--val-every` for BASIS, whose steps take half GRPO's rollouts, so all
+arms validate about every 3,200 rollouts) and at the end. The V0 prior comes from the demo chain: GRPO
+checkpoints of seed 0 -> `harvest run` -> `value-prior fit` (reused from `--prior` when that folder
+exists).
 
 Per arm and seed it records the final held-out mean@k ("final_mean_at_4": the expected accuracy of one
 sample, estimated from 8 per prompt – the same expectation as mean@4), the rollouts consumed, and
 "rollouts_to_match_grpo": the rollouts consumed at the first validation where the arm's mean@k
-reached the final mean@k of GRPO with the same seed (null if it never did; GRPO's own row shows how
-early GRPO "matches itself" by validation noise alone). Because one validation carries a standard
+reached the final mean@k of GRPO with the same seed (null if it never did within GRPO's budget; GRPO's
+own row shows how early GRPO "matches itself" by validation noise alone). Because one validation carries a standard
 error of ~0.018, it also records "final_mean_at_4_last3", the mean of the last three validations, and
 the per-step gradient-norm spread (std and coefficient of variation over steps).
 
@@ -35,6 +40,7 @@ from basis.demo import prior_stages
 from benchmarks.results_io import write_results
 
 ARMS = {"grpo": "grpo_tiny.yaml", "v05_osla": "v05_tiny.yaml", "basis_k1": "basis_tiny.yaml"}
+VAL_EVERY_FACTOR = {"grpo": 1, "v05_osla": 1, "basis_k1": 2}  # validate about every 3,200 rollouts
 EXPERIMENT = "rollout-efficiency"
 
 
@@ -49,14 +55,18 @@ def run(command: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({code}): see {log}\n" + log.read_text()[-2000:])
 
 
-def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None) -> Path:
-    """Train one arm; a run folder finished earlier by the same command is reused (delete the workdir
-    after changing the code: the command does not capture it)."""
+def policy_run(
+    arm: str, seed: int, args: argparse.Namespace, prior: Path | None, budget: int | None = None
+) -> Path:
+    """Train one arm for `args.steps` RL steps, or until it has consumed `budget` rollouts (at most
+    4 x `args.steps` steps); a run folder finished earlier by the same command is reused (delete the
+    workdir after changing the code: the command does not capture it)."""
     run_dir = args.workdir / f"{arm}-seed{seed}"
+    max_steps = args.steps if budget is None else 4 * args.steps
     command = [
         sys.executable, "-m", "basis.cli", "fit", f"--config=configs/policy/{ARMS[arm]}",
-        f"--model.model_path={args.policy}", f"--model.run_dir={run_dir}", f"--trainer.max_steps={args.steps}",
-        f"--model.val_every_n_steps={args.val_every}", f"--data.val_prompts={args.val_prompts}",
+        f"--model.model_path={args.policy}", f"--model.run_dir={run_dir}", f"--trainer.max_steps={max_steps}",
+        f"--model.val_every_n_steps={args.val_every * VAL_EVERY_FACTOR[arm]}", f"--data.val_prompts={args.val_prompts}",
         f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
         f"--data.train_path={args.policy / 'data'}", f"--data.val_path={args.policy / 'data'}",
         f"--trainer.logger.init_args.experiment_name={EXPERIMENT}", f"--trainer.logger.init_args.run_name={arm}-seed{seed}",
@@ -64,13 +74,16 @@ def policy_run(arm: str, seed: int, args: argparse.Namespace, prior: Path | None
     ]  # fmt: skip
     if prior is not None:
         command.append(f"--model.prior={prior}")
+    if budget is not None:
+        command.append(f"--model.max_rollouts={budget}")
     record = run_dir / "benchmark_command.json"
     finished = (run_dir / "mlflow_run_id").exists() and (
-        run_dir / "exports" / f"step_{args.steps:06d}"
-    ).exists()
+        budget is not None or (run_dir / "exports" / f"step_{args.steps:06d}").exists()
+    )
     if finished and record.exists() and json.loads(record.read_text()) == command[1:]:
         print(f"reusing {run_dir} (finished earlier by the same command)", flush=True)
         return run_dir
+    record.unlink(missing_ok=True)  # a run killed midway must not look finished
     run(command, args.workdir / "logs" / f"{arm}-seed{seed}.log")
     record.write_text(json.dumps(command[1:]))  # without the interpreter path
     return run_dir
@@ -102,7 +115,7 @@ def read_run(run_dir: Path) -> dict:
     return {
         "prior_time_frac": sum(v for _, v in prior_wait) / step_seconds if prior_query else None,
         "prior_query_frac": sum(v for _, v in prior_query) / step_seconds if prior_query else None,
-        "val": series("val/mean_at_k"),
+        "val": sorted(dict(series("val/mean_at_k")).items()),  # one point per step
         "rollouts_at": rollouts,
         "rollouts": max(rollouts.values()),
         "grad_norm_std": statistics.pstdev(grad),
@@ -135,8 +148,9 @@ def main() -> None:
         runs["grpo"][seed] = read_run(policy_run("grpo", seed, args, None))
         if not (args.prior / "config.json").exists():
             build_prior(args.workdir / f"grpo-seed{seed}", args)
+        budget = int(runs["grpo"][seed]["rollouts"])
         for arm in ("v05_osla", "basis_k1"):
-            runs[arm][seed] = read_run(policy_run(arm, seed, args, args.prior))
+            runs[arm][seed] = read_run(policy_run(arm, seed, args, args.prior, budget))
 
     result: dict[str, dict] = {}
     for arm, by_seed in runs.items():
@@ -148,6 +162,7 @@ def main() -> None:
                 statistics.mean(v for _, v in by_seed[s]["val"][-3:]) for s in args.seeds
             ],
             "rollouts": [by_seed[s]["rollouts"] for s in args.seeds],
+            "steps": [max(by_seed[s]["rollouts_at"]) for s in args.seeds],
             "rollouts_to_match_grpo": [
                 rollouts_to_reach(by_seed[s], runs["grpo"][s]["val"][-1][1]) for s in args.seeds
             ],
@@ -175,7 +190,8 @@ def main() -> None:
                  f"{statistics.mean(row['prior_query_frac']):.2%}, overlapped with rollouts)"
                  if row["prior_time_frac"][0] is not None else ""))  # fmt: skip
     result["config"] = {"seeds": args.seeds, "steps": args.steps, "val_every": args.val_every, "val_prompts": args.val_prompts,
-                        "val_samples": 8, "prior": str(args.prior)}  # fmt: skip
+                        "val_samples": 8, "prior": str(args.prior),
+                        "budget": "v05_osla and basis_k1 train until they have consumed the GRPO run's rollouts"}  # fmt: skip
     print(f"wrote {write_results('rollout_efficiency', result)}")
 
 
