@@ -82,6 +82,20 @@ class StepPrompts(IterableDataset):
             step += 1
 
 
+class RankBatches(IterableDataset):
+    """A rank's validation batches, already sharded: an iterable, so that Lightning's distributed
+    sampler (which it puts on map-style datasets under DDP) does not shard them a second time."""
+
+    def __init__(self, batches: list[ValBatch]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[ValBatch]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _keep_rows(batch: list[PromptRow]) -> list[PromptRow]:
     return batch
 
@@ -180,7 +194,7 @@ class PromptDataModule(L.LightningDataModule):
             ValBatch(padded[i : i + size], max(0, min(size, len(shard) - i)))
             for i in range(0, per_rank, size)
         ]
-        return DataLoader(batches, batch_size=None, collate_fn=_keep_rows)
+        return DataLoader(RankBatches(batches), batch_size=None, collate_fn=_keep_rows)
 
 
 def seed_for(*parts: int) -> int:

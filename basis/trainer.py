@@ -770,6 +770,7 @@ class PolicyTrainer(L.LightningModule):
         metrics = {f"val/pass_at_k/{k}": v for k, v in pass_at.items()}
         metrics["val/mean_at_k"] = mean
         metrics["val/mean_at_k_stderr"] = math.sqrt(max(variance, 0.0) / max(n, 1.0))
+        metrics["val/prompts"] = n  # over all ranks
         self._pass_curves[self.rl_step] = pass_at
         self.log_metrics(metrics, series="val")
 

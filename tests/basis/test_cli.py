@@ -138,8 +138,20 @@ def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     assert len(set(rank0)) == len(set(rank1)) == 4 and not set(rank0) & set(rank1)
     assert (run_dir / "exports" / "step_000002" / "model.safetensors").exists()
     client = MlflowClient(env(workdir)["MLFLOW_TRACKING_URI"])
-    validated = client.get_metric_history((run_dir / "mlflow_run_id").read_text(), "val/mean_at_k")
-    assert sorted(m.step for m in validated) == [0, 2]
+    validated = client.get_metric_history((run_dir / "mlflow_run_id").read_text(), "val/prompts")
+    assert sorted((m.step, m.value) for m in validated) == [(0, 7.0), (2, 7.0)]
+
+    # `basis validate` runs Lightning's validation loop, whose loader must not be sharded a second
+    # time (Lightning's distributed sampler would keep every other of a rank's batches)
+    validate = basis_cmd(workdir, run_dir, *ddp[:2], "--data.val_prompts=7", "--data.val_batch_size=2")
+    validate[validate.index("fit")] = "validate"
+    validate.append("--trainer.logger.init_args.run_name=ddp-validate")
+    subprocess.run(validate, env=env(workdir), check=True, capture_output=True)
+    (run,) = client.search_runs(
+        [client.get_run((run_dir / "mlflow_run_id").read_text()).info.experiment_id],
+        "attributes.run_name = 'ddp-validate'",
+    )
+    assert run.data.metrics["val/prompts"] == 7.0
 
 
 POLICY_CONFIGS = sorted(
