@@ -328,6 +328,15 @@ class V0Module(L.LightningModule):
     def num_features(self) -> int:
         return self.adapter.num_features
 
+    def setup(self, stage: str) -> None:
+        world = self.trainer.world_size
+        if world > 1:  # a clear error rather than per-rank metrics and repeated episodes
+            raise ValueError(
+                f"value-prior runs on one device (trainer.devices=1, one node); got {world} processes: "
+                "its episode stream is not split across ranks and its gAUC / Brier / ECE are computed "
+                "on each rank's own queries, so checkpoint selection and logged figures would be wrong"
+            )
+
     def train(self, mode: bool = True) -> V0Module:
         super().train(mode)
         if self.freeze_head:

@@ -142,6 +142,19 @@ def test_fit_lowers_loss_and_leaves_backbone_and_head_unchanged(
         torch.testing.assert_close(value, encoder_state[name], rtol=0, atol=0)
 
 
+def test_more_than_one_process_is_refused_before_training(
+    tiny_backbone: HFBackbone, shipped_head: str
+) -> None:
+    from types import SimpleNamespace
+
+    module = V0Module(backbone=tiny_backbone, head=shipped_head)
+    module._trainer = SimpleNamespace(world_size=2)  # test double: the check reads only world_size
+    with pytest.raises(ValueError, match="runs on one device .* got 2 processes"):
+        module.setup("fit")
+    module._trainer = SimpleNamespace(world_size=1)
+    module.setup("fit")
+
+
 def test_bad_loss_weights(tiny_backbone: HFBackbone, shipped_head: str) -> None:
     with pytest.raises(ValueError, match="loss weights"):
         make_module(tiny_backbone, shipped_head, pair_weight=0.0, ce_weight=0.0)
