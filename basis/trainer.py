@@ -297,6 +297,9 @@ class PolicyTrainer(L.LightningModule):
     def on_train_start(self) -> None:
         if self.rl_step > 0:  # resumed: an engine with its own copy (SGLang) still holds model_path's
             self.engine.update_weights(self.policy)
+        if self._budget_spent():  # resumed after the last step, e.g. killed in the final validation
+            self.trainer.should_stop = True  # no further step; on_train_end validates and exports
+            return
         if self.prior is not None and self.trainer.datamodule is not None:
             self.prepare_prior()
         if self.rl_step == 0 and self._has_val_prompts():
@@ -421,10 +424,15 @@ class PolicyTrainer(L.LightningModule):
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
-        budget = self.hparams.max_rollouts
-        if budget is not None and self.rollouts_total >= budget:
-            log.info("rollout budget spent: %d rollouts >= max_rollouts=%d", self.rollouts_total, budget)
+        if self._budget_spent():
             self.trainer.should_stop = True  # rollouts_total is global, so every rank stops here
+
+    def _budget_spent(self) -> bool:
+        budget = self.hparams.max_rollouts
+        spent = budget is not None and self.rollouts_total >= budget
+        if spent:
+            log.info("rollout budget spent: %d rollouts >= max_rollouts=%d", self.rollouts_total, budget)
+        return spent
 
     def collect_rollouts(
         self,

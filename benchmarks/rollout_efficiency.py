@@ -13,8 +13,9 @@ exists).
 Per arm and seed it records the final held-out mean@k ("final_mean_at_4": the expected accuracy of one
 sample, estimated from 8 per prompt – the same expectation as mean@4), the rollouts consumed, and
 "rollouts_to_match_grpo": the rollouts consumed at the first validation where the arm's mean@k
-reached the final mean@k of GRPO with the same seed (null if it never did within GRPO's budget; GRPO's
-own row shows how early GRPO "matches itself" by validation noise alone). Because one validation carries a standard
+reached the final mean@k of GRPO with the same seed (null if it never did; a budgeted run stops after
+the step that crosses GRPO's budget, so it may overshoot by less than one step; GRPO's own row shows
+how early GRPO "matches itself" by validation noise alone). Because one validation carries a standard
 error of ~0.018, it also records "final_mean_at_4_last3", the mean of the last three validations, and
 the per-step gradient-norm spread (std and coefficient of variation over steps).
 

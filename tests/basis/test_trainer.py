@@ -178,6 +178,12 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
     assert (module.rl_step, module.rollouts_total) == (3, 48)
     # the start and step 3 once each: the loop Lightning runs on an early stop skips a validated step
     assert validations == [0, 3]
+    # resuming the finished run (e.g. killed during its final validation) trains no further step
+    resumed = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1)
+    make_trainer(tmp_path, steps=50).fit(
+        resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
+    )
+    assert (resumed.rl_step, resumed.rollouts_total) == (3, 48)
     assert module.trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
         f"step_00000{i}" for i in (1, 2, 3)

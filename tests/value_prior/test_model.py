@@ -149,7 +149,7 @@ def test_more_than_one_process_is_refused_before_training(
 
     module = V0Module(backbone=tiny_backbone, head=shipped_head)
     module._trainer = SimpleNamespace(world_size=2)  # test double: the check reads only world_size
-    with pytest.raises(ValueError, match="runs on one device .* got 2 processes"):
+    with pytest.raises(ValueError, match=r"runs on one device .* got 2 processes"):
         module.setup("fit")
     module._trainer = SimpleNamespace(world_size=1)
     module.setup("fit")
