@@ -64,6 +64,10 @@ from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer
 
 log = logging.getLogger(__name__)
 
+# Checkpoints keep PolicyTrainer's hyperparameters, these settings objects among them; allow-listed
+# so that `torch.load(weights_only=True)`, how the CLI resumes and validates, can rebuild them.
+torch.serialization.add_safe_globals([LoraSettings, OslaSettings])
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 

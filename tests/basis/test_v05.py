@@ -17,6 +17,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from basis.data import PromptDataModule, PromptRow
+from basis.policy_io import LoraSettings
 from basis.tasks import write_arithmetic_task
 from basis.tracking import MLflowLogger
 from basis.trainer import PolicyTrainer
@@ -152,6 +153,24 @@ def test_a_rollout_budget_bounds_the_prompts_the_prior_prepares(
     fit(module, task_dir, tmp_path, steps=50)
     assert (module.rl_step, module.rollouts_total) == (2, 32)
     assert len(prior.prepared) == 8  # steps 1-2 can spend the budget; not the 50 steps max_steps allows
+
+
+def test_a_lora_v05_osla_run_resumes_from_a_weights_only_checkpoint(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    # the CLI resumes with weights_only=True; the settings objects in the hyperparameters must load
+    settings = dict(prior=ConstantPrior(0.0), osla=OslaSettings(), lora=LoraSettings(r=2, alpha=4))
+    fit(primed(module_for(tiny_lm_path, tmp_path, **settings)), task_dir, tmp_path, steps=1)
+    resumed = module_for(tiny_lm_path, tmp_path, **settings)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(
+        resumed,
+        datamodule=PromptDataModule(str(task_dir), prompts_per_step=4),
+        ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"),
+        weights_only=True,
+    )
+    assert resumed.rl_step == 2 and len(resumed.support) == 16  # step 1's pairs came back with it
 
 
 def test_held_out_check_samples_the_policy_that_made_the_rollouts(
