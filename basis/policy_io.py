@@ -126,17 +126,27 @@ def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export_policy(
     policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`."""
+    """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`.
+
+    The folder is written beside `out_dir` and moved into place, and an existing `out_dir` is first
+    renamed out of the way (hidden, so no `step_*` pattern picks it up) and deleted only afterwards: a
+    crash at any point leaves either the old folder, the new one or none, never a half-deleted one."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash mid-export: start clean
+    tmp.mkdir(parents=True)
     base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
     base.save_pretrained(tmp, state_dict=merged_state_dict(policy))
     tokenizer.save_pretrained(tmp)
     if isinstance(policy, PeftModel):
         policy.save_pretrained(tmp / "adapter")
     (tmp / "basis_export.json").write_text(json.dumps(metadata or {}, indent=2))
+    replaced = out_dir.with_name(f".{out_dir.name}.replaced")
+    if replaced.exists():
+        shutil.rmtree(replaced)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, replaced)
     os.replace(tmp, out_dir)
+    shutil.rmtree(replaced, ignore_errors=True)
     return out_dir

@@ -173,11 +173,15 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
     module.log_metrics = lambda metrics, series: (
         (series == "val" and validations.append(module.rl_step)) or log_metrics(metrics, series)
     )
+    exported: list[str] = []
+    export = module.export
+    module.export = lambda out_dir: exported.append(out_dir.name) or export(out_dir)
     trainer = make_trainer(tmp_path, steps=50, limit_val_batches=1.0)  # Lightning's own loop may run
     trainer.fit(module, datamodule=data(task_dir, val_path=str(task_dir)))
     assert (module.rl_step, module.rollouts_total) == (3, 48)
     # the start and step 3 once each: the loop Lightning runs on an early stop skips a validated step
     assert validations == [0, 3]
+    assert exported == ["step_000001", "step_000002", "step_000003"]  # the end does not export step 3 again
     # resuming the finished run (e.g. killed during its final validation) trains no further step
     resumed = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1)
     make_trainer(tmp_path, steps=50).fit(
@@ -190,6 +194,35 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
     ]
     with pytest.raises(ValueError, match="max_rollouts=0 must be a positive rollout budget"):
         make_module(tiny_lm_path, tmp_path, max_rollouts=0)
+
+
+def test_replacing_an_export_never_leaves_a_half_deleted_folder(
+    tiny_lm_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import basis.policy_io as policy_io
+
+    policy, tokenizer = policy_io.load_policy(tiny_lm_path, None)
+    out = tmp_path / "exports" / "step_000001"
+    policy_io.export_policy(policy, tokenizer, out, {"attempt": 1})
+    complete = sorted(p.name for p in out.iterdir())
+
+    def killed_while_deleting(path: Path, *args: Any, **kwargs: Any) -> None:
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()  # one file gone, then dead
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(policy_io.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        policy_io.export_policy(policy, tokenizer, out, {"attempt": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == complete  # whole: the new export
+    assert json.loads((out / "basis_export.json").read_text()) == {"attempt": 2}
+    assert [p.name for p in out.parent.iterdir() if not p.name.startswith(".")] == ["step_000001"]
+
+    stale = tmp_path / "exports" / "step_000002.tmp"  # left by a crash mid-write
+    stale.mkdir()
+    (stale / "leftover.bin").write_text("x")
+    policy_io.export_policy(policy, tokenizer, stale.with_suffix(""))
+    assert not (tmp_path / "exports" / "step_000002" / "leftover.bin").exists()
 
 
 def test_full_finetune_with_kl_resumes_and_keeps_the_reference_out_of_checkpoints(
