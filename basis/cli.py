@@ -13,6 +13,7 @@ continued, so a resumed run stays one MLflow run.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import PromptDataModule
 from basis.trainer import PolicyTrainer
+
+log = logging.getLogger(__name__)
 
 
 class MLflowConfigCallback(SaveConfigCallback):
@@ -36,6 +39,22 @@ class MLflowConfigCallback(SaveConfigCallback):
 
 
 class PolicyCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path last` means `<run_dir>/checkpoints/last.ckpt`, and the config decides the settings.
+
+        Lightning's own step looks "last" up among the checkpoint callbacks it knows before the module
+        exists; PolicyTrainer adds its own, so it found none, warned and started again from step 0. It
+        also overwrote the parsed model settings with the checkpoint's hyperparameters, so flags given
+        on resume were ignored. Here the checkpoint restores weights and trainer state only."""
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        if config is None or config.get("ckpt_path") != "last":
+            return
+        last = Path(config.model.run_dir) / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            log.warning("--ckpt_path last: %s does not exist, so the run starts from step 0", last)
+        config.ckpt_path = str(last) if last.is_file() else None
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is None or not config.get("ckpt_path"):

@@ -269,7 +269,11 @@ class PolicyTrainer(L.LightningModule):
         every = self.hparams.checkpoint_every_n_steps * self.updates_per_step
         return [
             ModelCheckpoint(
-                dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every
+                dirpath=self.run_dir / "checkpoints",
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=every,
+                enable_version_counter=False,  # last.ckpt is always this run's newest (what resume loads)
             )
         ]
 

@@ -108,10 +108,15 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(workdir: Path) -> 
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "exports").exists()  # it really died mid-run
+    done = [killed / "rollouts" / f"step_00000{i}-rank0.parquet" for i in (1, 2)]  # both checkpointed
+    before = [p.stat().st_mtime_ns for p in done]
 
     subprocess.run(
         basis_cmd(workdir, killed, "--ckpt_path=last"), env=env(workdir), check=True, capture_output=True
     )
+    # it resumed from the checkpoint: the steps it had done were not run again (a restart from step 0
+    # would rewrite them, byte-identical on this machine, and pass every check below)
+    assert [p.stat().st_mtime_ns for p in done] == before
 
     assert rollout_table(killed) == rollout_table(full)
     assert len({row[0] for row in rollout_table(full)}) == 5
