@@ -25,7 +25,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import datasets
 import lightning as L
@@ -310,6 +310,7 @@ class PairsDataModule(L.LightningDataModule):
         self.seed = seed
         self.pools: dict[str, Pool] | None = None
         self._train_stream: EpisodeStream | None = None
+        self._restored_rng: dict[str, Any] | None = None  # from a checkpoint, for the stream to come
 
     def load_dataset(self) -> datasets.Dataset:
         if self.format == "v0-release":
@@ -345,7 +346,21 @@ class PairsDataModule(L.LightningDataModule):
                 self.label_threshold,
                 self.seed,
             )
+            if self._restored_rng is not None:
+                self._train_stream.rng.bit_generator.state = self._restored_rng
         return torch.utils.data.DataLoader(self._train_stream, batch_size=None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The episode generator's state (plain ints), so that a resumed fit draws the episodes an
+        uninterrupted one would have, instead of replaying the first epoch's."""
+        return (
+            {} if self._train_stream is None else {"episode_rng": self._train_stream.rng.bit_generator.state}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_rng = state_dict.get("episode_rng")
+        if self._restored_rng is not None and self._train_stream is not None:
+            self._train_stream.rng.bit_generator.state = self._restored_rng
 
     def _eval_loader(self, context: tuple[Split, ...], queries: Split) -> torch.utils.data.DataLoader:
         batches = eval_batches(

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from data_pipelines.pairs import PAIR_FEATURES
 from value_prior.data import (
@@ -150,6 +151,26 @@ def test_eval_batches_keep_context_and_queries_apart(pools) -> None:
         assert batch.query_index.shape[1] == len(queries[name].success)
         support = {batch.prompts[i] for i in batch.support_index[0].tolist()}
         assert not support & {batch.prompts[i] for i in batch.query_index[0].tolist()}
+
+
+def test_a_resumed_datamodule_draws_the_next_epochs_episodes(tiny_pairs_path: str, tmp_path: Path) -> None:
+    def datamodule() -> PairsDataModule:
+        dm = PairsDataModule(
+            tiny_pairs_path, support_size=16, query_pairs=2, episodes_per_batch=2, batches_per_epoch=3
+        )
+        dm.setup("fit")
+        return dm
+
+    def episodes(dm: PairsDataModule) -> list[list[list[str]]]:
+        return [batch.query_ids for batch in dm.train_dataloader()]
+
+    uninterrupted = datamodule()
+    first = episodes(uninterrupted)
+    torch.save(uninterrupted.state_dict(), tmp_path / "state.pt")  # as Lightning stores it in a checkpoint
+    second = episodes(uninterrupted)
+    resumed = datamodule()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert episodes(resumed) == second != first
 
 
 def test_datamodule_loaders(tiny_pairs_path: str) -> None:
