@@ -347,6 +347,9 @@ class PolicyTrainer(L.LightningModule):
             "prior_failures": self._prior_failures,
             "support_buffer": self.support.state_dict(),
             "prior_calibration": None if self.calibrator is None else self.calibrator.state_dict(),
+            # what the end-of-run plots draw from (the pass@k curves and the V0.5 histograms)
+            "pass_curves": self._pass_curves,
+            "v05_history": self._v05_history,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -359,6 +362,8 @@ class PolicyTrainer(L.LightningModule):
         self.set_aside_later_outputs()
         self.rollouts_total = int(state.get("rollouts_total", 0))
         self._prior_failures = int(state.get("prior_failures", 0))
+        self._pass_curves = {int(step): dict(curve) for step, curve in state.get("pass_curves", {}).items()}
+        self._v05_history.update({k: list(v) for k, v in state.get("v05_history", {}).items()})
         if self.prior is not None:
             self.support.load_state_dict(state.get("support_buffer", {"format": None}))
         if self.calibrator is not None and state.get("prior_calibration") is not None:

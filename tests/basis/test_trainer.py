@@ -188,6 +188,7 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
         resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
     )
     assert (resumed.rl_step, resumed.rollouts_total) == (3, 48)
+    assert list(resumed._pass_curves) == [0, 3]  # the end-of-run pass@k plot keeps the earlier curves
     assert module.trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
         f"step_00000{i}" for i in (1, 2, 3)
