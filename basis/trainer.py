@@ -249,7 +249,6 @@ class PolicyTrainer(L.LightningModule):
         self._pass_curves: dict[int, dict[int, float]] = {}
         self._prompt_ids_cache: dict[str, list[int]] = {}
         self._bad_steps = 0
-        self._exported_step: int | None = None  # the RL step of this process's last export
         self._last_logged = {series: -1 for series in _SERIES_SENTINEL}  # highest step already in MLflow
         self.updates_per_step = ppo_epochs * mini_batches
 
@@ -812,7 +811,7 @@ class PolicyTrainer(L.LightningModule):
     def on_train_end(self) -> None:
         if self._has_val_prompts() and self.rl_step not in self._pass_curves:
             self.run_validation()  # the final policy's held-out numbers
-        if self._exported_step != self.rl_step:  # not already exported by export_every_n_steps
+        if not self._periodic_export(self.rl_step):  # record_step has exported it already
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             client, run_id = self.logger.experiment, self.logger.run_id
@@ -863,8 +862,7 @@ class PolicyTrainer(L.LightningModule):
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
-        every = self.hparams.export_every_n_steps
-        if every and self.rl_step % every == 0:
+        if self._periodic_export(self.rl_step):
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
 
     def prior_diagnostics(
@@ -948,9 +946,12 @@ class PolicyTrainer(L.LightningModule):
         pq.write_table(table, tmp)
         os.replace(tmp, path)
 
+    def _periodic_export(self, step: int) -> bool:
+        every = self.hparams.export_every_n_steps
+        return bool(every) and step % every == 0
+
     def export(self, out_dir: Path) -> None:
         """Save the policy in HF format (LoRA: merged weights, plus the adapter in `adapter/`)."""
-        self._exported_step = self.rl_step
         if self.global_rank != 0:
             return
         export_policy(

@@ -78,10 +78,8 @@ def policy_run(
     if budget is not None:
         command.append(f"--model.max_rollouts={budget}")
     record = run_dir / "benchmark_command.json"
-    finished = (run_dir / "mlflow_run_id").exists() and (
-        budget is not None or (run_dir / "exports" / f"step_{args.steps:06d}").exists()
-    )
-    if finished and record.exists() and json.loads(record.read_text()) == command[1:]:
+    # the record is written only once its run has finished (and removed before a rerun starts)
+    if record.exists() and json.loads(record.read_text()) == command[1:]:
         print(f"reusing {run_dir} (finished earlier by the same command)", flush=True)
         return run_dir
     record.unlink(missing_ok=True)  # a run killed midway must not look finished
