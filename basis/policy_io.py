@@ -4,12 +4,15 @@
   missing path or a model that is not a causal LM, and wraps it with a peft LoRA adapter on request.
 - `merged_lora_weight` / `merged_state_dict` give the full HF-named weights of a (LoRA) policy without
   touching the training model; the SGLang engine pushes them, `export_policy` saves them.
+- `gathered_state_dict` gathers the full weights of a sharded (FSDP) policy on rank 0, a collective.
 - `export_policy` writes an HF folder that `AutoModelForCausalLM.from_pretrained` loads (for LoRA also
-  the adapter in `adapter/`), atomically: these exports are the checkpoints `harvest run` reads.
+  the adapter in `adapter/`), atomically, in the dtype of the starting checkpoint and with tied weights
+  stored once: these exports are the checkpoints `harvest run` reads.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -123,10 +126,41 @@ def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def saved_dtype(model_path: str) -> torch.dtype:
+    """The dtype a checkpoint's weights were saved in (its config's `dtype`; float32 if it names none).
+    The trainer holds float32 weights whatever it started from and exports in this dtype."""
+    from transformers import AutoConfig
+
+    dtype = AutoConfig.from_pretrained(model_path).dtype
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def gathered_state_dict(root: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """The unsharded weights of the submodule `root.<prefix>`, gathered with `torch.distributed.checkpoint`'s
+    `get_model_state_dict` (FSDP1, FSDP2 and DDP alike, wrapper segments removed from the names).
+
+    A collective: every rank must call it. Rank 0 gets the tensors on CPU, the other ranks an empty dict.
+    Not for LoRA policies: the merge needs the adapter's modules, not only its tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix(f"{prefix}."): v for k, v in full.items() if k.startswith(f"{prefix}.")}
+
+
 def export_policy(
-    policy: torch.nn.Module, tokenizer: Any, out_dir: Path, metadata: dict[str, Any] | None = None
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: Path,
+    metadata: dict[str, Any] | None = None,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write an HF-format folder (`AutoModelForCausalLM.from_pretrained` loads it); LoRA adds `adapter/`.
+
+    `state_dict` defaults to `merged_state_dict(policy)` (pass `gathered_state_dict`'s under FSDP);
+    floating-point weights are saved in `dtype` (default: as held) and the config says so. Tied weights
+    (`lm_head` = `embed_tokens`) are stored once, as `save_pretrained` itself does.
 
     The folder is written beside `out_dir` and moved into place, and an existing `out_dir` is first
     renamed out of the way (hidden, so no `step_*` pattern picks it up) and deleted only afterwards: a
@@ -137,7 +171,18 @@ def export_policy(
         shutil.rmtree(tmp)  # left by a crash mid-export: start clean
     tmp.mkdir(parents=True)
     base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
-    base.save_pretrained(tmp, state_dict=merged_state_dict(policy))
+    tied = getattr(base, "all_tied_weights_keys", None) or {}  # {copy: source}, empty unless the config ties
+    state = merged_state_dict(policy) if state_dict is None else state_dict
+    state = {
+        key: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        for key, tensor in state.items()
+        if key not in tied
+    }
+    base.save_pretrained(tmp, state_dict=state)
+    if dtype is not None:  # save_pretrained writes the dtype the live model holds
+        config = copy.deepcopy(base.config)
+        config.dtype = dtype
+        config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if isinstance(policy, PeftModel):
         policy.save_pretrained(tmp / "adapter")

@@ -57,7 +57,7 @@ from basis.losses import (
     truncated_is_weights,
 )
 from basis.metrics import PassAtK
-from basis.policy_io import LoraSettings, export_policy, load_policy
+from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, load_policy, saved_dtype
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
 from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
@@ -283,8 +283,15 @@ class PolicyTrainer(L.LightningModule):
                 "trainer clips and logs the gradient norm itself, before the scaler would unscale it. "
                 "Use bf16-mixed (or 32-true)."
             )
-        if isinstance(self.engine, HFEngine) and isinstance(self.trainer.strategy, FSDPStrategy):
-            self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            if self.hparams.lora is not None:
+                raise ValueError(
+                    "model.lora with an FSDP strategy is not supported: exports merge the adapter into the "
+                    "base weights, which needs the unsharded adapter modules. LoRA's trainable parameters are "
+                    "small; use trainer.strategy: ddp."
+                )
+            if isinstance(self.engine, HFEngine):
+                self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
         datamodule = self.trainer.datamodule
         if datamodule is not None and stage == "fit":
             datamodule.setup(stage)
@@ -951,7 +958,12 @@ class PolicyTrainer(L.LightningModule):
         return bool(every) and step % every == 0
 
     def export(self, out_dir: Path) -> None:
-        """Save the policy in HF format (LoRA: merged weights, plus the adapter in `adapter/`)."""
+        """Save the policy in HF format (LoRA: merged weights, plus the adapter in `adapter/`), in the
+        starting checkpoint's dtype. Every rank calls it: under FSDP they gather the weights together."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        gathered = (
+            gathered_state_dict(strategy.model, "policy") if isinstance(strategy, FSDPStrategy) else None
+        )
         if self.global_rank != 0:
             return
         export_policy(
@@ -959,6 +971,8 @@ class PolicyTrainer(L.LightningModule):
             self.tokenizer,
             out_dir,
             metadata={"rl_step": self.rl_step, "model_path": self.hparams.model_path},
+            state_dict=gathered,
+            dtype=saved_dtype(self.hparams.model_path),
         )
 
     # ----------------------------------------------------------------- setup checks

@@ -1,0 +1,81 @@
+"""Policy exports: the starting checkpoint's dtype, tied weights stored once, and sharded (FSDP) weights
+gathered from every rank. Real tiny Qwen3 through the Auto* loaders, real 2-process gloo groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from basis.policy_io import export_policy, load_policy, saved_dtype
+
+
+def saved_tensors(folder: Path) -> dict[str, str]:
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        return {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_export_keeps_the_starting_dtype_and_stores_tied_weights_once(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    start = tmp_path / "bf16-start"  # a starting checkpoint saved in bf16, as Qwen3's are
+    AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.bfloat16).save_pretrained(start)
+    load_policy(tiny_lm_path, None)[1].save_pretrained(start)
+    policy, tokenizer = load_policy(str(start), None)  # held in float32, as the trainer holds it
+    assert policy.dtype == torch.float32
+    assert saved_dtype(str(start)) == torch.bfloat16 and saved_dtype(tiny_lm_path) == torch.float32
+
+    out = export_policy(policy, tokenizer, tmp_path / "step_000001", dtype=saved_dtype(str(start)))
+    dtypes = saved_tensors(out)
+    assert "lm_head.weight" not in dtypes and "model.embed_tokens.weight" in dtypes  # tied: stored once
+    assert set(dtypes.values()) == {"BF16"}
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.bfloat16
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.to(torch.bfloat16)), name
+
+    as_held = saved_tensors(export_policy(policy, tokenizer, tmp_path / "step_000002"))
+    assert "lm_head.weight" not in as_held and set(as_held.values()) == {"F32"}
+
+
+def _sharded_export(rank: int, world: int, model_path: str, run_dir: str, rendezvous: str) -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import fully_shard
+
+    from basis.trainer import PolicyTrainer
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        module = PolicyTrainer(model_path, group_size=2, run_dir=run_dir)
+        for layer in module.policy.model.layers:
+            fully_shard(layer)
+        strategy = FSDPStrategy()
+        strategy.model = fully_shard(module)  # the root, as Lightning's strategy wraps the LightningModule
+        layer_params = [p for p in module.policy.model.layers[0].parameters() if p.numel() > 1]
+        assert all(p.to_local().numel() < p.numel() for p in layer_params)  # really sharded
+        module._trainer = SimpleNamespace(strategy=strategy, global_rank=rank)
+        module.export(Path(run_dir) / "exports" / "step_000001")  # every rank gathers, rank 0 writes
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_policy_exports_its_full_weights_from_rank_zero(tiny_lm_path: str, tmp_path: Path) -> None:
+    """Real FSDP2 sharding (`fully_shard`) over 2 gloo processes. Lightning's FSDP strategy refuses CPU, so
+    its place is taken by a stand-in holding the sharded root (the trainer reads `strategy.model`)."""
+    args = (2, tiny_lm_path, str(tmp_path / "run"), str(tmp_path / "rdzv"))
+    mp.spawn(_sharded_export, args=args, nprocs=2, join=True)
+    out = tmp_path / "run" / "exports" / "step_000001"
+    reference = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(exported[name], tensor), name
+    assert "lm_head.weight" not in saved_tensors(out)
