@@ -33,7 +33,7 @@ class LoraSettings:
     Args:
         r: Adapter rank.
         alpha: Scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
-        dropout: Dropout on the adapter input.
+        dropout: Dropout on the adapter input (the policy trainer refuses > 0: its passes run without dropout).
         target_modules: Module names to adapt, or "all-linear".
     """
 

@@ -216,6 +216,11 @@ class PolicyTrainer(L.LightningModule):
             kl_estimator,
             val_samples,
         )
+        if lora is not None and lora.dropout > 0:
+            raise ValueError(
+                f"model.lora.dropout={lora.dropout}: every policy forward pass runs with dropout off (the PPO "
+                "ratio compares one deterministic policy), so it would have no effect; set it to 0"
+            )
         if max_rollouts is not None and max_rollouts < 1:
             raise ValueError(f"model.max_rollouts={max_rollouts} must be a positive rollout budget (or null)")
         if torch_threads:
@@ -548,6 +553,7 @@ class PolicyTrainer(L.LightningModule):
         forward pass over the batch: same numbers, about a quarter less update time.
         """
         hp = self.hparams
+        advantages = advantages.to(batch.response_mask.device)  # [N] built from rewards on the CPU
         on_policy = hp.ppo_epochs == 1 and hp.mini_batches == 1
         old_logprobs = None if on_policy else self.sequence_logprobs(batch)[0]  # [N, R]
         ref_logprobs = self.reference_logprobs(batch) if hp.kl_coef > 0 else None  # [N, R]
@@ -715,13 +721,12 @@ class PolicyTrainer(L.LightningModule):
         model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling
-        temperature. Without grad (old and reference log-probs) dropout is off, as in the engine that
-        sampled the responses; the loss pass keeps the module's training mode."""
+        temperature. Dropout is off in every pass, the loss pass included, as in the engine that sampled
+        the responses: with dropout in only some passes the PPO ratio is not 1 on policy and clips noise."""
         model = model or self.policy
         logprobs, entropies = [], []
         was_training = model.training
-        if not with_grad:
-            model.eval()
+        model.eval()
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
             for micro in torch.arange(batch.input_ids.shape[0]).split(self.hparams.micro_batch_size):

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from basis.data import PromptDataModule, step_prompt_indices
 from basis.policy_io import LoraSettings
@@ -224,6 +224,27 @@ def test_replacing_an_export_never_leaves_a_half_deleted_folder(
     (stale / "leftover.bin").write_text("x")
     policy_io.export_policy(policy, tokenizer, stale.with_suffix(""))
     assert not (tmp_path / "exports" / "step_000002" / "leftover.bin").exists()
+
+
+@pytest.mark.gpu
+def test_training_steps_run_on_a_gpu(tiny_lm_path: str, task_dir: Path, tmp_path: Path) -> None:
+    """Rewards and advantages are computed on the CPU; the update must move them to the policy's device
+    (it did not, and every GPU run failed on its first update). Skipped without CUDA."""
+    module = make_module(tiny_lm_path, tmp_path, kl_coef=0.1, mini_batches=2)
+    before = snapshot(module.policy)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=data(task_dir))
+    assert module.rl_step == 2 and module.policy.device.type == "cuda"
+    assert any(not torch.equal(p.cpu(), before[n]) for n, p in module.policy.named_parameters())
 
 
 def test_full_finetune_with_kl_resumes_and_keeps_the_reference_out_of_checkpoints(
@@ -454,20 +475,30 @@ def test_batch_wide_advantages_pool_every_ranks_responses(
     torch.testing.assert_close(torch.load(tmp_path / "pooled.pt", weights_only=True), whole)
 
 
-def test_old_and_reference_logprobs_are_taken_without_dropout(tiny_lm_path: str, tmp_path: Path) -> None:
-    lora = LoraSettings(r=4, alpha=8, dropout=0.5)
-    module = make_module(tiny_lm_path, tmp_path, lora=lora)
-    with torch.no_grad():  # LoRA starts with B = 0, where dropout on its input changes nothing
-        for name, param in module.policy.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.5, generator=torch.Generator().manual_seed(0))
+def test_every_policy_pass_runs_without_dropout(tiny_lm_path: str, tmp_path: Path) -> None:
+    """With dropout in the loss pass only, the first on-policy update's ratio was not 1 and clipped noise."""
+    noisy_start = tmp_path / "attention-dropout"
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(noisy_start)
+    AutoTokenizer.from_pretrained(tiny_lm_path).save_pretrained(noisy_start)
+    module = make_module(str(noisy_start), tmp_path, ppo_epochs=1, mini_batches=2)
     batch = one_step_batch(module)
     module.policy.train()
-    first, second = module.sequence_logprobs(batch)[0], module.sequence_logprobs(batch)[0]
-    assert torch.equal(first, second)
+    old = module.sequence_logprobs(batch)[0]
+    loss_pass = module.sequence_logprobs(batch, with_grad=True)[0]
+    assert torch.equal(loss_pass.detach(), old)  # ratio exactly 1 on policy
     assert module.policy.training  # the training mode is restored
-    noisy = module.sequence_logprobs(batch, with_grad=True)[0].detach()
-    assert not torch.equal(noisy, first)  # the loss pass itself keeps LoRA's dropout
+    torch.manual_seed(0)
+    mask = batch.attention_mask
+    train_mode = module.policy(input_ids=batch.input_ids, attention_mask=mask).logits
+    eval_mode = module.policy.eval()(input_ids=batch.input_ids, attention_mask=mask).logits
+    assert not torch.equal(train_mode, eval_mode)  # the dropout is real
+
+    with pytest.raises(
+        ValueError, match=r"model\.lora\.dropout=0\.1: every policy forward pass runs with dropout off"
+    ):
+        make_module(tiny_lm_path, tmp_path, lora=LoraSettings(dropout=0.1))
 
 
 def test_validation_shards_are_equal_on_every_rank_and_cover_each_prompt_once(task_dir: Path) -> None:
@@ -512,3 +543,8 @@ def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_global_norm(
     assert float(module._clip_gradients()) == 2.5 and root.max_norms == [0.7]
     module._trainer = None
     assert float(module._clip_gradients()) == 0.0  # no gradients yet: torch's own clipping
+
+    lora = make_module(tiny_lm_path, tmp_path, lora=LoraSettings(r=4))
+    lora._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, datamodule=None)
+    with pytest.raises(ValueError, match="model.lora with an FSDP strategy is not supported"):
+        lora.setup("fit")  # the merged export needs the unsharded adapter modules
