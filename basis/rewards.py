@@ -5,7 +5,10 @@
   whole, thousands commas and decimals included (`1,130` is 1130, `113.9` is 113.9, never 113), and
   compared exactly with the integer answer (`113.0` counts as 113).
 - `MathVerifier`: LaTeX / expression equivalence with `math-verify` (`parse` + `verify`), e.g.
-  `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`; a response's last `\\boxed{}` is its answer.
+  `\\frac{1}{2}` == `0.5` == `\\boxed{\\frac{1}{2}}`. A response's answer is what its last marker holds:
+  a `\\boxed{...}` (or `\\boxed 5`) or the rest of an `Answer:` line (DAPO's prompt format), whichever
+  comes last; without a marker only an anchored phrase ("the final answer is $4$") or a response that is
+  nothing but a number counts, never the last number of a (truncated) derivation. See `final_answer`.
   math-verify's own timeouts use `signal.alarm`, which fails outside the main thread, so they are
   disabled and every item runs in a pool of worker processes (forkserver) with a wall-clock limit
   instead: a worker that overruns is killed and replaced.
@@ -32,7 +35,7 @@ from decimal import Decimal
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from math_verify import parse, verify
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
 if TYPE_CHECKING:
     import torch
@@ -44,18 +47,64 @@ NUMBER = re.compile(_NUMBER)
 FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
 
 
+# A boxed answer: `\\boxed{` (content up to the balancing brace) or `\\boxed 5` (content up to the next space).
+BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{]\S*))")
+# DAPO's final line, `Answer: ...`, read as verl's math_dapo reads it (the answer may start on the next
+# line); case-insensitive so that "Final answer: 13" counts too.
+ANSWER_LINE = re.compile(r"answer\s*:\s*(?P<rest>[^\n]*)", re.IGNORECASE)
+# A LaTeX space (`\\,` `\\;` `\\!` `\\ `) between a digit and exactly three digits separates thousands (`1\\,000`).
+LATEX_THOUSANDS_SPACE = re.compile(r"(?<=\d)\\[,;! ](?=\d{3}(?!\d))")
+# Only anchored answers ("the final answer is", "answer:", \\boxed{}): math-verify's fallback reads the last
+# number anywhere, which would pay a truncated derivation ("2+2 = 4 and then") for a number on the way.
+ANCHORED_ONLY = [
+    LatexExtractionConfig(try_extract_without_anchor=False),
+    ExprExtractionConfig(try_extract_without_anchor=False),
+]
+
+
 def last_boxed(text: str) -> str:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, with balanced braces."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
+    """Content of the last boxed answer in `text`: `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or
+    `\\boxed 5` up to the next space. The last one to start wins, so a bare `\\boxed 5` written after a braced
+    answer (a correction) is the answer."""
+    found = list(BOXED.finditer(text))
+    if not found:
         raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
-    start = starts[-1]
+    last = found[-1]
+    if last["bare"]:
+        return last["bare"]
+    start = last.end()
     depth = 1
     for pos in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[pos], 0)
         if depth == 0:
             return text[start:pos].strip()
     raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
+
+
+def final_answer(response: str) -> str | None:
+    """The LaTeX of the response's final answer, or None if the response marks none.
+
+    The answer is what the last marker holds, `\\boxed{}` or `Answer:` line alike, since a model corrects
+    itself by writing a new one. An `Answer:` line is taken whole because math-verify's own "answer:"
+    pattern reads only a leading number: `Answer: 2\\sqrt{3}` would be graded as 2. Surrounding markdown
+    bold and a closing full stop are dropped (math-verify cannot parse `4.` or `**4**` in a box). A response
+    that is nothing but a number has no marker but is unambiguously its answer.
+
+    Raises:
+        ValueError: The last marker is a `\\boxed{` that is never closed (a truncated response); an earlier
+            complete answer must not be graded in its place.
+    """
+    boxed = list(BOXED.finditer(response))
+    lines = list(ANSWER_LINE.finditer(response))
+    if lines and (not boxed or lines[-1].start() > boxed[-1].start()):
+        answer = lines[-1]["rest"]
+    elif boxed:
+        answer = last_boxed(response)
+    elif NUMBER.fullmatch(response.strip()):
+        answer = response
+    else:
+        return None
+    return re.sub(r"^[\s*]+|[\s*.]+$", "", answer)
 
 
 class VerifyResult(NamedTuple):
@@ -109,16 +158,23 @@ _READY = "ready"
 def math_verify_item(response: str, answer: str) -> tuple[float, bool]:
     """(reward, failed) for one pair, with math-verify's own timeouts disabled (the pool enforces them).
 
-    The gold answer is parsed as `\\boxed{answer}`; an unparseable gold or response scores 0, failed. A
-    response with `\\boxed{}` answers is graded on its last one, its final answer (as DAPO and verl do):
-    math-verify would read them all as one set, so a corrected answer would match nothing.
+    The gold answer is parsed as `\\boxed{answer}`, and so is the response's `final_answer` (its last
+    marked answer, as DAPO and verl grade: math-verify would read several `\\boxed{}` as one set, so a
+    corrected answer would match nothing). A response without a marker is searched only for anchored
+    phrases ("the final answer is $4$"). Both sides first get a Unicode minus (U+2212) turned into `-`
+    (math-verify reads `Answer: \u2212 5` as 5) and LaTeX thousands spaces dropped (it reads `1\\,000`
+    as 1*0). An unparseable gold or response scores 0, failed.
     """
+    answer, response = (
+        LATEX_THOUSANDS_SPACE.sub("", text.replace("\u2212", "-")) for text in (answer, response)
+    )
     gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)  # type: ignore[arg-type]
     try:
-        final = f"\\boxed{{{last_boxed(response)}}}"
-    except ValueError:  # no (balanced) \boxed{}: math-verify looks for the answer in the whole response
-        final = response
-    predicted = parse(final, parsing_timeout=None)  # type: ignore[arg-type]
+        final = final_answer(response)
+    except ValueError:  # the last \boxed{ is never closed
+        return 0.0, True
+    marked = response if final is None else f"\\boxed{{{final}}}"
+    predicted = parse(marked, extraction_config=ANCHORED_ONLY, parsing_timeout=None)  # type: ignore[arg-type]
     if not gold or not predicted:
         return 0.0, True
     return float(verify(gold, predicted, timeout_seconds=None)), False

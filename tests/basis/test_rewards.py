@@ -17,6 +17,7 @@ from basis.rewards import (
     VerifyResult,
     extract_number,
     get_verifier,
+    math_verify_item,
     to_pm1,
 )
 
@@ -143,3 +144,57 @@ def test_registry_and_pm1() -> None:
 def test_math_verifier_grades_the_last_boxed_answer(math_verifier) -> None:
     corrected = "so \\boxed{5}. Wait, 3 + 4 is not 5: \\boxed{7}"
     assert math_verifier([corrected, corrected], ["7", "5"]) == VerifyResult([1.0, 0.0], 0)
+
+
+DAPO_FORMAT_CORRECTED = "so \\boxed{5} in part one...\nAnswer: 7"
+BARE_BOX_CORRECTED = "\\boxed{3}. Wait, mistake. The answer is \\boxed 5"
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "reward"),
+    [
+        # An `Answer:` line is read whole, not just its leading number.
+        pytest.param("Answer: 2\\sqrt{3}", "2", 0.0, id="answer-line-sqrt-not-its-coefficient"),
+        pytest.param("Answer: 3\\pi", "3", 0.0, id="answer-line-pi-not-its-coefficient"),
+        pytest.param("Answer: 2^{10}", "2", 0.0, id="answer-line-power-not-its-base"),
+        pytest.param("Answer: 5\\sqrt{2}/2", "5", 0.0, id="answer-line-fraction-not-its-coefficient"),
+        pytest.param("Answer: 2\\sqrt{3}", "2\\sqrt3", 1.0, id="answer-line-sqrt"),
+        pytest.param("Answer: 2^{10}", "1024", 1.0, id="answer-line-power"),
+        pytest.param("Answer: \\dfrac{7}{2}", "\\frac72", 1.0, id="answer-line-dfrac"),
+        pytest.param("Answer: \\pi/2", "\\frac{\\pi}{2}", 1.0, id="answer-line-pi-over-2"),
+        # Without a marker, the last number of a truncated derivation is no answer.
+        pytest.param("We compute 2+2 = 4 and then", "4", 0.0, id="no-marker-last-number"),
+        # A Unicode minus is a minus.
+        pytest.param("Answer: \u2212 5", "5", 0.0, id="unicode-minus-spaced"),
+        pytest.param("Answer: \u22125", "-5", 1.0, id="unicode-minus"),
+        # A bare `\boxed 5` after a braced box is the corrected answer.
+        pytest.param(BARE_BOX_CORRECTED, "5", 1.0, id="bare-box-after-braced-box"),
+        pytest.param(BARE_BOX_CORRECTED, "3", 0.0, id="braced-box-before-bare-box"),
+        # A LaTeX space between digit groups separates thousands.
+        pytest.param("\\boxed{1\\,000}", "1000", 1.0, id="thin-space-thousands"),
+        pytest.param("\\boxed{1\\,000}", "0", 0.0, id="thin-space-is-no-product"),
+        pytest.param("\\boxed{1\\,000\\,000}", "1000000", 1.0, id="thin-space-millions"),
+        # The last marker wins, whether `\boxed{}` or `Answer:`.
+        pytest.param(DAPO_FORMAT_CORRECTED, "7", 1.0, id="answer-line-after-box"),
+        pytest.param(DAPO_FORMAT_CORRECTED, "5", 0.0, id="box-before-answer-line"),
+    ],
+)
+def test_math_verify_grades_the_final_marked_answer(response: str, gold: str, reward: float) -> None:
+    """Regression cases from review: each scored the other way before the fix."""
+    assert math_verify_item(response, gold)[0] == reward
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "reward"),
+    [
+        ("Answer: 4", "4", 1.0),
+        ("\\boxed{4}", "4", 1.0),
+        ("The final answer is $4$.", "4", 1.0),  # an anchored phrase without `Answer:` or a box
+        ("**Answer:** 4.", "4", 1.0),  # markdown and a full stop around the answer
+        ("Answer:\n$$\\frac{1}{2}$$", "0.5", 1.0),  # the answer on the line after the marker
+        ("0.5", "\\frac{1}{2}", 1.0),  # a response that is nothing but a number
+        ("First \\boxed{5}. Recompute: \\boxed{\\frac{7}{", "5", 0.0),  # truncated in the final box
+    ],
+)
+def test_math_verify_still_reads_anchored_answers(response: str, gold: str, reward: float) -> None:
+    assert math_verify_item(response, gold)[0] == reward
