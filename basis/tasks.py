@@ -7,7 +7,8 @@ task adds `solution`, its worked solution for the supervised warm start).
 
 Loaders (`load_prompts`):
 - Hub presets, by name or hub id: DAPO-Math-17k (`BytedTsinghua-SIA/DAPO-Math-17k`, chat prompt,
-  answer `reward_model.ground_truth`), GSM8K (`openai/gsm8k`, config `main`, answer after `####`),
+  answer `reward_model.ground_truth`, one row per distinct prompt: the hub copy repeats each ~100
+  times), GSM8K (`openai/gsm8k`, config `main`, answer after `####`),
   MATH (`DigitalLearningGmbH/MATH-lighteval`, answer = last `\\boxed{}` of the solution, difficulty from
   `level`). The hub name of each preset is a field of `PromptPreset`; pass your own preset to change it.
 - Any local parquet/jsonl file (or a folder of `{split}.parquet|jsonl` files) with a `column_map` from
@@ -30,6 +31,7 @@ Run: `python -m basis.tasks OUT_DIR SEED [--n_train 8000 ...]` writes the arithm
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -178,6 +180,9 @@ class PromptPreset:
             are required; a missing `prompt_id` becomes `{data_source}/{split}/{row}`.
         answer_from: Turns the mapped answer column into the ground truth (e.g. GSM8K's `####`).
         difficulty_from: Turns the mapped difficulty column into an int or None.
+        distinct_prompts: Keep only the first row of each distinct prompt text. DAPO-Math-17k's hub copy
+            holds its ~17k prompts each ~100 times (1.79M rows, duplicated by accident per its
+            maintainers), each copy with its own id: loaded as is, one prompt would be 100 prompts.
     """
 
     hub_name: str
@@ -186,6 +191,7 @@ class PromptPreset:
     hub_config: str | None = None
     answer_from: Callable[[str], str] | None = None
     difficulty_from: Callable[[Any], int | None] | None = None
+    distinct_prompts: bool = False
 
 
 PRESETS: dict[str, PromptPreset] = {
@@ -197,6 +203,7 @@ PRESETS: dict[str, PromptPreset] = {
             "answer": "reward_model.ground_truth",
             "prompt_id": "extra_info.index",
         },
+        distinct_prompts=True,
     ),
     "gsm8k": PromptPreset(
         hub_name="openai/gsm8k",
@@ -328,6 +335,18 @@ def _convert_row(
     return converted
 
 
+def _first_of_each_prompt(raw: datasets.Dataset, column: str) -> datasets.Dataset:
+    """`raw` with only the first row of each distinct prompt text (`column` is a top-level column)."""
+    seen: set[str] = set()
+    keep = []
+    for index, prompt in enumerate(raw[column]):
+        key = json.dumps(prompt, sort_keys=True, default=str)  # any value: bad rows are reported later
+        if key not in seen:
+            seen.add(key)
+            keep.append(index)
+    return raw if len(keep) == len(raw) else raw.select(keep)
+
+
 def load_prompts(
     path_or_hub_name: str,
     *,
@@ -350,7 +369,7 @@ def load_prompts(
             a hub dataset; inferred from `path_or_hub_name` when it names one).
         data_source: `data_source` value when the source has none; default the preset's, else the
             file stem.
-        limit: Keep only the first `limit` rows.
+        limit: Keep only the first `limit` rows (of distinct prompts, for a preset that keeps those).
 
     Returns:
         A `datasets.Dataset` with columns `PROMPT_COLUMNS`, validated.
@@ -364,8 +383,6 @@ def load_prompts(
     if resolved is None and not Path(path_or_hub_name).exists():
         resolved = _find_preset(path_or_hub_name)
     raw, source = _load_raw(path_or_hub_name, split, resolved, column_map)
-    if limit is not None:
-        raw = raw.select(range(min(limit, len(raw))))
     if column_map is None:
         # Identity on the contract: required fields always (so a missing one is reported), optional
         # ones when present.
@@ -383,6 +400,10 @@ def load_prompts(
             raise ValueError(
                 f"{source}: missing column {column!r} for field {name!r} (columns: {raw.column_names})"
             )
+    if resolved is not None and resolved.distinct_prompts and column_map["prompt"] in raw.column_names:
+        raw = _first_of_each_prompt(raw, column_map["prompt"])
+    if limit is not None:
+        raw = raw.select(range(min(limit, len(raw))))
     if data_source is None:
         data_source = resolved.data_source if resolved else Path(source).stem
     rows = [

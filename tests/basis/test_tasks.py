@@ -67,6 +67,19 @@ def test_dapo_schema_through_preset(tmp_path: Path) -> None:
     assert prompt_text(ds[0]["prompt"]).endswith("What is 1+1?")
 
 
+def test_dapo_preset_keeps_one_row_per_distinct_prompt(tmp_path: Path) -> None:
+    """The hub copy repeats each prompt ~100 times, each copy with its own uuid (verl #3065)."""
+    copies = [
+        dict(row, extra_info={"index": f"uuid-{i}-{copy}"})
+        for copy in range(3)
+        for i, row in enumerate(dapo_rows())
+    ]
+    path = write_parquet(tmp_path / "dapo-math-17k.parquet", copies)
+    ds = load_prompts(str(path), preset="dapo-math-17k")
+    assert ds["prompt_id"] == ["uuid-0-0", "uuid-1-0", "uuid-2-0"]
+    assert load_prompts(str(path), preset="dapo-math-17k", limit=2)["prompt_id"] == ["uuid-0-0", "uuid-1-0"]
+
+
 def test_gsm8k_schema_through_preset(tmp_path: Path) -> None:
     rows = [
         {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
