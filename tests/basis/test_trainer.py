@@ -546,5 +546,5 @@ def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_global_norm(
 
     lora = make_module(tiny_lm_path, tmp_path, lora=LoraSettings(r=4))
     lora._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, datamodule=None)
-    with pytest.raises(ValueError, match="model.lora with an FSDP strategy is not supported"):
+    with pytest.raises(ValueError, match=r"model\.lora with an FSDP strategy is not supported"):
         lora.setup("fit")  # the merged export needs the unsharded adapter modules
