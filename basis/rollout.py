@@ -30,7 +30,8 @@ class SamplingParams:
     """Sampling parameters shared by every engine.
 
     Args:
-        max_new_tokens: Longest response in tokens; a response that reaches it finishes with "length".
+        max_new_tokens: Longest response in tokens; a response that reaches it without an EOS or a stop
+            string finishes with "length".
         temperature: Softmax temperature (> 0). Log-probs are returned under this temperature.
         top_p: Nucleus mass in (0, 1]; 1 disables it.
         top_k: Keep the k most likely tokens; 0 disables it.
@@ -64,7 +65,8 @@ class Completion:
     logprobs: the engine's log-probability of each token in `token_ids` (same length), under the
         sampling temperature.
     text: decoded response (special tokens skipped).
-    finish_reason: "stop" (EOS or a stop string) or "length" (hit `max_new_tokens`).
+    finish_reason: "stop" (EOS or a stop string, even as the last allowed token) or "length" (hit
+        `max_new_tokens` without either).
     """
 
     token_ids: list[int]
@@ -176,17 +178,18 @@ class HFEngine:
         ]
 
     def _completion(self, ids: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
-        """Cut a padded response at its first EOS or stop string and record why it ended: "length"
-        whenever it holds `max_new_tokens` tokens, even if the last one ends it (SGLang's rule)."""
+        """Cut a padded response at its first EOS or stop string and record why it ended. SGLang's
+        order (`Req.update_finish_state`): stop string, then EOS, then length, so an EOS or a stop
+        string on the last allowed token is "stop"; "length" only when neither ended the response."""
         end = len(ids)
+        reason: FinishReason = "length"
         eos_at = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
         if eos_at is not None:
-            end = eos_at + 1
+            end, reason = eos_at + 1, "stop"
         if params.stop:
             stop_end = _stop_string_end(self.tokenizer, ids[:end], params.stop)
             if stop_end is not None:
-                end = stop_end
-        reason: FinishReason = "length" if end >= params.max_new_tokens else "stop"
+                end, reason = stop_end, "stop"
         ids = ids[:end]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         return Completion(token_ids=ids, logprobs=logprobs[:end], text=text, finish_reason=reason)

@@ -17,7 +17,9 @@ Per training step the trainer calls `generate` -> `release_memory` -> (optimizer
   duplicated, missing or mis-shaped tensor is an error raised *before* anything is sent), then pushed in
   buckets of `weight_bucket_bytes` inside `begin_weight_update` / `update_weights_from_tensor` x n /
   `end_weight_update`, then `flush_cache`. LoRA layers are merged on the fly, W + scale * B @ A via
-  peft's `get_delta_weight`, without touching the training model.
+  peft's `get_delta_weight`, without touching the training model. A push that fails half-way still
+  ends its session (best effort): SGLang answers every later `begin_weight_update` with HTTP 400 while
+  a session is open, so one failed push would otherwise block every later sync of a long-lived server.
 - `lora_sync="adapter"`: the LoRA tensors are loaded with `load_lora_adapter_from_tensors` under a
   versioned name (`{adapter_name}-v{n}`), the previous version is unloaded, and `generate` samples with
   the newest one. The server must run with `--enable-lora --max-lora-rank R --lora-target-modules ...`.
@@ -25,9 +27,10 @@ Per training step the trainer calls `generate` -> `release_memory` -> (optimizer
   prompt + response of the last `generate`) in the engine and compares its prompt log-probs with the
   policy's teacher-forced ones (mean |diff| <= `logprob_tolerance`); `"weights"` reads `verify_tensors`
   pushed tensors back with `get_weights_by_name` (adapter mode: the server checks sha256 checksums of the
-  adapter tensors). SGLang 0.5.23 implements `get_weights_by_name` for Llama-family models but NOT for
-  Qwen2/Qwen3, hence the logprob probe as default. Any mismatch or `success=False` raises
-  `WeightSyncError`, which stops the run.
+  adapter tensors). SGLang 0.5.23 implements `get_weights_by_name` only in some model classes
+  (`LlamaForCausalLM` and its subclasses among them, NOT Qwen2/Qwen3; the others answer HTTP 400 "Get
+  parameter by name failed"), hence the logprob probe as default. Any mismatch, unreadable weight or
+  `success=False` raises `WeightSyncError`, which stops the run.
 
 Deviations and facts checked in SGLang 0.5.23's source:
 
@@ -44,12 +47,20 @@ Deviations and facts checked in SGLang 0.5.23's source:
 - Names: transformers-5 models whose in-memory layout differs from their checkpoint (fused MoE
   experts) or quantized checkpoints do not map and are refused; dense HF models (Qwen3, Llama) map 1:1.
 - Tensors: `update_weights_from_tensor` over HTTP carries `ForkingPickler` pickles (the bytes of
-  SGLang's `MultiprocessingSerializer`), base64-encoded, one copy per tensor-parallel rank (`tp_size`);
-  CUDA tensors become IPC handles, so the server must share the host and the GPUs. FSDP2 `DTensor`
-  parameters are gathered with `full_tensor()` (a collective). One trainer process drives the engine.
-- Retries: `/generate`, `/health` and `/get_weights_by_name` are retried `max_retries` times on a timeout
-  or a refused connection, then fail loudly; weight-update routes are never retried (a timed-out push
-  may have been applied).
+  SGLang's `MultiprocessingSerializer`), base64-encoded, serialized once per tensor-parallel rank
+  (`tp_size`), as SGLang's own `Engine._serialize_tensors_per_rank` does: each rank opens only its own
+  copy, and the producer-side reference counts of CUDA IPC handles expect one consumer per pickle.
+  CUDA tensors become IPC handles, so the server must share the host and the GPUs. CPU tensors are
+  refused over HTTP (`require_cuda_tensors`): a CPU tensor pickles as a file-descriptor handle that the
+  receiver must fetch back from the trainer process, authenticated with the trainer's multiprocessing
+  auth key, which a separately launched server does not have (it fails with `AuthenticationError`);
+  SGLang's own HTTP client likewise says the weights must be on GPU. FSDP2 `DTensor` parameters are
+  gathered with `full_tensor()` (a collective). One trainer process drives the engine.
+- Start-up: the constructor polls `/health` for up to `startup_timeout_s` while the server answers 503
+  (SGLang does while it loads the model) or refuses connections (not listening yet).
+- Retries: `/generate` and `/get_weights_by_name` are retried `max_retries` times on a timeout or a
+  refused connection, then fail loudly; weight-update routes are never retried (a timed-out push may
+  have been applied).
 
 Run: `SGLangEngine(model_path, server_url=...)` from the trainer/harvest configs (`engine: sglang`);
 tests: `pytest tests/basis/test_sglang_engine.py` (fake server, CPU) and `make test-sglang` (checks every
@@ -65,7 +76,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
 from multiprocessing.reduction import ForkingPickler
@@ -97,6 +108,8 @@ _FALLBACK_PROBE_LEN = 32
 _MAX_PROBE_LEN = 256
 # Rows (2-D) or values (1-D) read back per tensor by `get_weights_by_name`.
 _READBACK_ROWS = 4
+# What SGLang's `/get_weights_by_name` answers (HTTP 400) where the model cannot read a weight back.
+_READBACK_FAILED = "Get parameter by name failed"
 
 
 class SGLangError(RuntimeError):
@@ -320,11 +333,32 @@ def _json_default(value: Any) -> Any:
 def serialize_tensors(obj: Any) -> str:
     """`MultiprocessingSerializer.serialize(obj, output_str=True)`: a ForkingPickler pickle, base64.
 
-    CPU tensors move to shared memory, CUDA tensors become IPC handles: the receiver must be on this host.
+    The pickle holds handles, not data: a CUDA tensor becomes a CUDA IPC handle (the receiver must
+    share this host and GPU), a CPU tensor a file-descriptor handle that only a process holding this
+    process's multiprocessing auth key can fetch (see `require_cuda_tensors`). Each call hands the
+    tensors over once more, so every receiving process needs a pickle of its own.
     """
     buffer = io.BytesIO()
     ForkingPickler(buffer).dump(obj)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def require_cuda_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise unless every tensor is on a CUDA device, before it is pickled for an HTTP server.
+
+    A separately launched server can open CUDA IPC handles of this host's GPUs, but not a CPU tensor's
+    handle: unpickling it connects back to this process and must authenticate with this process's
+    multiprocessing auth key, which the server does not have, so the push would fail on the server
+    with `AuthenticationError` (SGLang's own HTTP client also says the weights must be on GPU).
+    """
+    for name, tensor in named:
+        if tensor.device.type != "cuda":
+            raise ValueError(
+                f"cannot push {name!r} to the SGLang server over HTTP: it is on {tensor.device}, and only "
+                "CUDA tensors reach a separately launched server (as CUDA IPC handles; opening a CPU "
+                "tensor's handle needs this process's multiprocessing auth key, which the server lacks). "
+                "Move the policy to a GPU of the server's host"
+            )
 
 
 def tensor_checksum(tensor: torch.Tensor) -> str:
@@ -451,16 +485,27 @@ class _HTTPTransport:
     """Calls the routes of `python -m sglang.launch_server` with `requests`."""
 
     def __init__(
-        self, server_url: str, timeout_s: float, max_retries: int, retry_backoff_s: float, tp_size: int
+        self,
+        server_url: str,
+        timeout_s: float,
+        max_retries: int,
+        retry_backoff_s: float,
+        tp_size: int,
+        startup_timeout_s: float,
     ) -> None:
         self.server_url = server_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.tp_size = tp_size
+        self.startup_timeout_s = startup_timeout_s
         self.session = requests.Session()
 
-    def _request(self, method: str, route: str, body: Any = None, *, retry: bool) -> requests.Response:
+    def _request(
+        self, method: str, route: str, body: Any = None, *, retry: bool, accept: tuple[int, ...] = (200,)
+    ) -> requests.Response:
+        """Send one request (retried on a timeout or a refused connection when `retry`); an answer whose
+        status is not in `accept` raises `SGLangError`."""
         url = f"{self.server_url}{route}"
         attempts = self.max_retries + 1 if retry else 1
         for attempt in range(1, attempts + 1):
@@ -476,13 +521,15 @@ class _HTTPTransport:
                 logger.warning("%s %s %s (attempt %d/%d); retrying", method, route, kind, attempt, attempts)
                 time.sleep(self.retry_backoff_s)
                 continue
-            if response.status_code != 200:
-                raise SGLangError(
-                    f"{method} {route} on {self.server_url} answered HTTP {response.status_code}: "
-                    f"{response.text[:500]}"
-                )
+            if response.status_code not in accept:
+                raise self._status_error(method, route, response)
             return response
         raise AssertionError("unreachable")
+
+    def _status_error(self, method: str, route: str, response: requests.Response) -> SGLangError:
+        return SGLangError(
+            f"{method} {route} on {self.server_url} answered HTTP {response.status_code}: {response.text[:500]}"
+        )
 
     def _expect_success(self, route: str, body: Any) -> None:
         try:
@@ -493,8 +540,35 @@ class _HTTPTransport:
             message = answer.get("message") or answer.get("error_message")
             raise WeightSyncError(f"POST {route} returned success=False: {message}")
 
-    def health(self) -> None:
-        self._request("GET", "/health", retry=True)
+    def wait_until_healthy(self) -> None:
+        """Poll `/health` until it answers 200. SGLang answers 503 while it loads the model and refuses
+        connections before it listens, so an engine created right after launching the server waits
+        (up to `startup_timeout_s`) instead of failing on its first request."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        waiting_logged = False
+        while True:
+            try:
+                response = self.session.get(f"{self.server_url}/health", timeout=self.timeout_s)
+            except (requests.Timeout, requests.ConnectionError) as err:
+                state = f"could not connect ({err})"
+            else:
+                if response.status_code == 200:
+                    return
+                if response.status_code != 503:
+                    raise self._status_error("GET", "/health", response)
+                state = "answered HTTP 503 (the server is still starting)"
+            if time.monotonic() >= deadline:
+                raise SGLangError(
+                    f"SGLang server at {self.server_url} was not ready within startup_timeout_s="
+                    f"{self.startup_timeout_s}s: GET /health {state}. Is `python -m sglang.launch_server` "
+                    "running on that URL, and did it finish loading the model?"
+                )
+            if not waiting_logged:
+                logger.info(
+                    "SGLang server at %s not ready yet: GET /health %s; waiting", self.server_url, state
+                )
+                waiting_logged = True
+            time.sleep(self.retry_backoff_s)
 
     def generate(self, body: dict[str, Any]) -> Any:
         return self._request("POST", "/generate", body, retry=True).json()
@@ -506,9 +580,15 @@ class _HTTPTransport:
         self._expect_success("/end_weight_update", {})
 
     def update_weights_from_tensor(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        payload = serialize_tensors(named)
-        body = {"serialized_named_tensors": [payload] * self.tp_size, "flush_cache": False}
+        require_cuda_tensors(named)
+        body = {"serialized_named_tensors": self._per_rank_payloads(named), "flush_cache": False}
         self._expect_success("/update_weights_from_tensor", body)
+
+    def _per_rank_payloads(self, obj: Any) -> list[str]:
+        """One serialization per tensor-parallel rank (SGLang's `Engine._serialize_tensors_per_rank`):
+        rank r opens only payload r, and each CUDA IPC hand-over is reference-counted on this side for
+        exactly one consumer, so one pickle sent to every rank would be opened `tp_size` times."""
+        return [serialize_tensors(obj) for _ in range(self.tp_size)]
 
     def flush_cache(self) -> None:
         self._request("POST", "/flush_cache", retry=False)
@@ -520,8 +600,16 @@ class _HTTPTransport:
         self._request("POST", "/resume_memory_occupation", {"tags": tags} if tags else {}, retry=False)
 
     def get_weights_by_name(self, name: str, truncate_size: int) -> Any:
+        """The first rows of `name`, or None where the server cannot read it back, as
+        `sglang.Engine.get_weights_by_name` returns; the HTTP route turns that None into HTTP 400
+        "Get parameter by name failed"."""
         body = {"name": name, "truncate_size": truncate_size}
-        return self._request("POST", "/get_weights_by_name", body, retry=True).json()
+        response = self._request("POST", "/get_weights_by_name", body, retry=True, accept=(200, 400))
+        if response.status_code == 400:
+            if _READBACK_FAILED in response.text:
+                return None
+            raise self._status_error("POST", "/get_weights_by_name", response)
+        return response.json()
 
     def load_lora_adapter(
         self,
@@ -530,10 +618,11 @@ class _HTTPTransport:
         config: dict[str, Any],
         checksums: dict[str, str] | None,
     ) -> None:
+        require_cuda_tensors(tensors.items())
         body: dict[str, Any] = {
             "lora_name": name,
             "config_dict": config,
-            "serialized_named_tensors": [serialize_tensors(tensors)] * self.tp_size,
+            "serialized_named_tensors": self._per_rank_payloads(tensors),
         }
         if checksums is not None:
             body["expected_checksums"] = checksums
@@ -572,7 +661,7 @@ class _InProcessTransport:
         if not success:
             raise WeightSyncError(f"sglang.Engine.{route} returned success=False: {message}")
 
-    def health(self) -> None:
+    def wait_until_healthy(self) -> None:
         """The engine is up once its constructor returned."""
 
     def generate(self, body: dict[str, Any]) -> Any:
@@ -649,10 +738,12 @@ class SGLangEngine:
         weight_rtol: Relative tolerance of the read-back (bf16 rounding is ~4e-3).
         logprob_tolerance: Largest mean |engine - policy| log-prob over the probe tokens.
         request_timeout_s: HTTP timeout of one request (a whole `/generate` batch), seconds.
-        max_retries: Extra attempts of `/generate`, `/health` and `/get_weights_by_name` after a timeout
-            or a refused connection; then the call raises `SGLangError`.
-        retry_backoff_s: Pause between those attempts, seconds.
-        tp_size: HTTP only: the server's tensor-parallel size (one tensor payload is sent per rank).
+        max_retries: Extra attempts of `/generate` and `/get_weights_by_name` after a timeout or a refused
+            connection; then the call raises `SGLangError`.
+        retry_backoff_s: Pause between those attempts, and between `/health` polls at start-up, seconds.
+        startup_timeout_s: HTTP only: how long the constructor waits for `/health` to answer 200 while
+            the server answers 503 (SGLang does while it loads the model) or refuses connections, seconds.
+        tp_size: HTTP only: the server's tensor-parallel size (the tensors are serialized once per rank).
         module_prefixes: Leading attribute names the caller may wrap the HF model in (stripped from
             parameter names, see `hf_parameter_name`).
         engine_kwargs: In-process only: `sglang.Engine` server arguments, e.g. `{"mem_fraction_static":
@@ -675,6 +766,7 @@ class SGLangEngine:
         request_timeout_s: float = 600.0,
         max_retries: int = 3,
         retry_backoff_s: float = 2.0,
+        startup_timeout_s: float = 300.0,
         tp_size: int = 1,
         module_prefixes: Sequence[str] = ("policy", "model", "module"),
         engine_kwargs: dict[str, Any] | None = None,
@@ -693,6 +785,8 @@ class SGLangEngine:
             )
         if not request_timeout_s > 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
+        if not startup_timeout_s > 0:
+            raise ValueError(f"startup_timeout_s must be > 0, got {startup_timeout_s}")
         if max_retries < 0 or retry_backoff_s < 0:
             raise ValueError(
                 f"max_retries and retry_backoff_s must be >= 0, got {max_retries}, {retry_backoff_s}"
@@ -730,11 +824,11 @@ class SGLangEngine:
         self._transport: _HTTPTransport | _InProcessTransport
         if server_url is not None:
             self._transport = _HTTPTransport(
-                server_url, request_timeout_s, max_retries, retry_backoff_s, tp_size
+                server_url, request_timeout_s, max_retries, retry_backoff_s, tp_size, startup_timeout_s
             )
         else:
             self._transport = _InProcessTransport(model_path, tokenizer_path, dict(engine_kwargs or {}))
-        self._transport.health()
+        self._transport.wait_until_healthy()
 
     # -- RolloutEngine ---------------------------------------------------------------------------
 
@@ -790,10 +884,23 @@ class SGLangEngine:
         plan = plan_full_push(policy, self.layout, self.module_prefixes)  # validates before sending
         self._pushed = plan
         self._transport.begin_weight_update()
-        for bucket in bucket_plan(plan, self.weight_bucket_bytes):
-            self._transport.update_weights_from_tensor([(item.hf_name, item.load()) for item in bucket])
+        try:
+            for bucket in bucket_plan(plan, self.weight_bucket_bytes):
+                self._transport.update_weights_from_tensor([(item.hf_name, item.load()) for item in bucket])
+        except BaseException:
+            # SGLang refuses every later begin_weight_update while this session is open, so end it
+            # even though the push failed; the push's own error is the one raised.
+            self._end_session_after_failure()
+            raise
         self._transport.end_weight_update()
         self._transport.flush_cache()
+
+    def _end_session_after_failure(self) -> None:
+        """Best effort: a failure to end the session is logged, not raised over the push's error."""
+        try:
+            self._transport.end_weight_update()
+        except Exception as err:
+            logger.warning("could not end the weight-update session after a failed push: %s", err)
 
     def _push_adapter(self, policy: torch.nn.Module) -> None:
         tensors, config = lora_adapter_payload(policy)  # raises unless policy is a PeftModel
@@ -817,7 +924,12 @@ class SGLangEngine:
             item = plan[index]
             answer = self._transport.get_weights_by_name(item.hf_name, _READBACK_ROWS)
             if answer is None:
-                raise WeightSyncError(f"get_weights_by_name({item.hf_name!r}) returned nothing")
+                raise WeightSyncError(
+                    f"verify='weights' is not supported for this model: the engine could not read "
+                    f"{item.hf_name!r} back (HTTP 400 {_READBACK_FAILED!r}; in-process: None). SGLang "
+                    "reads weights back only for model classes that implement get_weights_by_name (in "
+                    "0.5.23 e.g. LlamaForCausalLM, not Qwen2/Qwen3); use verify='logprobs'"
+                )
             want = item.load()[:_READBACK_ROWS].detach().float().cpu()  # [rows, ...]
             got = torch.tensor(answer, dtype=torch.float32)  # [rows, ...]
             if got.shape != want.shape or not torch.allclose(got, want, rtol=self.weight_rtol, atol=1e-5):

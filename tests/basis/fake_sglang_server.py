@@ -7,14 +7,26 @@ own classes). Behind the routes sits a real tiny Hugging Face model, so pushed w
 what it samples, and it reproduces the SGLang behaviours the engine must cope with:
 
 - `/update_weights_from_tensor` outside `begin_weight_update`/`end_weight_update` answers
-  `success=False`; unknown tensor names are skipped silently (SGLang's `load_weights` pitfall).
+  `success=False`, and so does a second `begin_weight_update` while a session is open (SGLang's
+  `WeightUpdater`); unknown tensor names are skipped silently (SGLang's `load_weights` pitfall).
+- Tensor routes take one payload per tensor-parallel rank (`tp_size`), each a serialization of its own
+  (SGLang's `_serialize_tensors_per_rank`); every rank's payload is opened once, as each TP worker
+  opens only its own (`TpModelWorker.deserialize_own_rank`).
 - `/generate` returns `log(softmax(logits / T))` over the full vocabulary (greedy: temperature 1),
-  finish reasons as `{"type": "stop"|"length"|"abort", ...}`, and `[logprob, token_id, null]` triples.
+  finish reasons as `{"type": "stop"|"length"|"abort", ...}` checked in SGLang's order (stop string,
+  then EOS, then length), and `[logprob, token_id, null]` triples.
 - `/load_lora_adapter_from_tensors` checks `expected_checksums` like SGLang's `TpModelWorker`.
 
-Fault injection for the error-path tests: `fail_routes` (HTTP 500), `reject_routes` (HTTP 400 with
-`success=False`), `generate_delays` (sleep before answering, to trigger client timeouts),
-`drop_updates` (claim success but load nothing), `corrupt_adapters` (flip one adapter tensor on load).
+The fake unpickles in the test's own process, so it can open CPU tensors' handles, which a real,
+separately launched server cannot (see `basis.sglang_engine.require_cuda_tensors`).
+
+Fault injection for the error-path tests: `fail_routes` (HTTP 500), `fail_nth` (HTTP 500 on the n-th
+call of a route: a push that breaks mid-way), `reject_routes` (HTTP 400 with `success=False`),
+`starting_health_checks` (`/health` answers 503 that often first, as SGLang does while it loads the
+model), `generate_delays` (sleep before answering, to trigger client timeouts), `drop_updates` (claim
+success but load nothing), `corrupt_adapters` (flip one adapter tensor on load), `readback_unsupported`
+(`/get_weights_by_name` fails as for a model class without `get_weights_by_name`, e.g. SGLang's
+Qwen3 - which the fake's tiny model is, though it reads back by default).
 Every request's route is appended to `calls`, so a test can assert the call order of a training step.
 
 Like a real server it shares no state with the test process: unseeded sampling draws from the
@@ -49,7 +61,8 @@ class FakeSGLangServer:
 
     Args:
         model_path: Folder of the tiny model and tokenizer (`save_pretrained` output).
-        tp_size: Number of per-rank tensor payloads the weight routes expect.
+        tp_size: Number of per-rank tensor payloads the tensor routes expect (each a serialization
+            of its own).
     """
 
     def __init__(self, model_path: str, tp_size: int = 1) -> None:
@@ -64,10 +77,13 @@ class FakeSGLangServer:
         self.released_tags: list[list[str]] = []
         self.adapters: dict[str, torch.nn.Module] = {}
         self.fail_routes: dict[str, int] = {}
+        self.fail_nth: dict[str, int] = {}
         self.reject_routes: dict[str, int] = {}
+        self.starting_health_checks = 0
         self.generate_delays: list[float] = []
         self.drop_updates = False
         self.corrupt_adapters = False
+        self.readback_unsupported = False
         self.loaded_names: list[str] = []
         self._lock = threading.Lock()
         self._rng = torch.Generator().manual_seed(0)  # unseeded requests; never the global generator
@@ -101,6 +117,10 @@ class FakeSGLangServer:
         if self.fail_routes.get(route, 0) > 0:
             self.fail_routes[route] -= 1
             return 500, {"error": {"message": f"fake internal error on {route}"}}
+        if self.fail_nth.get(route) == self.calls.count(route):
+            return 500, {
+                "error": {"message": f"fake internal error on call {self.fail_nth[route]} of {route}"}
+            }
         if self.reject_routes.get(route, 0) > 0:
             self.reject_routes[route] -= 1
             return 400, {
@@ -123,27 +143,51 @@ class FakeSGLangServer:
         }
         if route not in handlers:
             return 404, {"detail": "Not Found"}
-        return handlers[route](body)
+        try:
+            return handlers[route](body)
+        except _BadTensorPayload as err:
+            return 400, {"success": False, "message": str(err)}
 
     def _health(self, body: Any) -> tuple[int, Any]:
+        if self.starting_health_checks > 0:  # SGLang: ServerStatus.Starting -> 503, no body
+            self.starting_health_checks -= 1
+            return 503, None
         return 200, None
 
     def _begin(self, body: Any) -> tuple[int, Any]:
+        if self.session_open:  # SGLang's WeightUpdater.begin_weight_update, answered with HTTP 400
+            message = "a weight-update session is already open; call end_weight_update() first"
+            return 400, {"success": False, "message": message}
         self.session_open = True
-        return 200, {"success": True, "message": "Weight update session opened."}
+        return 200, {"success": True, "message": "Success"}
 
     def _end(self, body: Any) -> tuple[int, Any]:
         if not self.session_open:
-            return 400, {"success": False, "message": "no open weight-update session"}
+            message = "no weight-update session is open; call begin_weight_update() first"
+            return 400, {"success": False, "message": message}
         self.session_open = False
-        return 200, {"success": True, "message": "Weight update session closed."}
+        return 200, {"success": True, "message": "Success"}
 
     def _payload(self, body: dict[str, Any]) -> Any:
+        """Open every rank's payload once, as each TP worker opens its own, and return rank 0's tensors.
+
+        SGLang needs one serialization per rank: a CUDA IPC hand-over is reference-counted for one
+        consumer. A CPU tensor's pickle carries a fresh file-descriptor handle every time it is
+        serialized, so a pickle reused for several ranks shows up here as repeated bytes.
+        """
         payloads = body["serialized_named_tensors"]
         if len(payloads) != self.tp_size:
-            raise ValueError(f"expected {self.tp_size} per-rank payloads, got {len(payloads)}")
+            raise _BadTensorPayload(f"expected {self.tp_size} per-rank payloads, got {len(payloads)}")
+        if len(set(payloads)) != len(payloads):
+            raise _BadTensorPayload(
+                f"the {len(payloads)} per-rank payloads repeat one serialization; each rank needs its own"
+            )
         # Test double: unpickles the engine's own payload (SGLang uses a restricted SafeUnpickler).
-        return pickle.loads(base64.b64decode(payloads[0], validate=True))
+        ranks = [pickle.loads(base64.b64decode(payload, validate=True)) for payload in payloads]
+        for rank, tensors in enumerate(ranks[1:], start=1):
+            if not _same_named_tensors(tensors, ranks[0]):
+                raise _BadTensorPayload(f"rank {rank}'s payload holds other tensors than rank 0's")
+        return ranks[0]
 
     def _update_weights(self, body: dict[str, Any]) -> tuple[int, Any]:
         if not self.session_open:
@@ -168,7 +212,7 @@ class FakeSGLangServer:
 
     def _get_weights(self, body: dict[str, Any]) -> tuple[int, Any]:
         params = dict(self.model.named_parameters())
-        if body["name"] not in params:
+        if self.readback_unsupported or body["name"] not in params:
             return 400, {"error": {"message": "Get parameter by name failed"}}
         return 200, params[body["name"]].detach().float()[: body.get("truncate_size", 100)].tolist()
 
@@ -272,16 +316,18 @@ class FakeSGLangServer:
                 output.append(token)
                 logprobs.append(token_logprobs[token].item())
                 ids.append(token)
-                if len(output) >= sp.get("max_new_tokens", 128):
-                    break  # SGLang checks the length before EOS and stop strings: "length"
-                if token in self.eos_ids:
-                    finish = {"type": "stop", "matched": token}
-                    break
-                text = self.tokenizer.decode(output, skip_special_tokens=True)
+                # SGLang's order (Req.update_finish_state): stop string, then EOS, then length, so an
+                # EOS as the last allowed token finishes with "stop".
+                text = self.tokenizer.decode(output, skip_special_tokens=True) if stops else ""
                 matched = next((s for s in stops if s in text), None)
                 if matched is not None:
                     finish = {"type": "stop", "matched": matched}
                     break
+                if token in self.eos_ids:
+                    finish = {"type": "stop", "matched": token}
+                    break
+                if len(output) >= sp.get("max_new_tokens", 128):
+                    break  # finish stays "length"
         text = self.tokenizer.decode(output, skip_special_tokens=sp.get("skip_special_tokens", True))
         if isinstance(finish.get("matched"), str) and not sp.get("no_stop_trim", False):
             text = text[: text.find(finish["matched"])]
@@ -314,6 +360,19 @@ class FakeSGLangServer:
             keep = sorted_probs.cumsum(0) - sorted_probs < top_p * probs.sum()
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _BadTensorPayload(ValueError):
+    """A tensor route's `serialized_named_tensors` do not match what SGLang's TP workers expect."""
+
+
+def _same_named_tensors(a: Any, b: Any) -> bool:
+    """Whether two unpickled payloads (name -> tensor dicts or (name, tensor) lists) hold equal tensors."""
+    pairs_a = list(a.items()) if isinstance(a, dict) else list(a)
+    pairs_b = list(b.items()) if isinstance(b, dict) else list(b)
+    return [n for n, _ in pairs_a] == [n for n, _ in pairs_b] and all(
+        torch.equal(x, y) for (_, x), (_, y) in zip(pairs_a, pairs_b, strict=True)
+    )
 
 
 def _handler_for(server: FakeSGLangServer) -> type[BaseHTTPRequestHandler]:

@@ -66,12 +66,18 @@ def test_the_models_generation_config_does_not_change_sampling(tiny_lm_path: str
     assert model.generation_config.repetition_penalty == 1.3  # kept for exports
 
 
-@pytest.mark.parametrize(("max_new_tokens", "reason"), [(1, "length"), (4, "stop")])
-def test_eos_as_the_last_allowed_token_finishes_with_length(
-    tiny_lm_path: str, max_new_tokens: int, reason: str
-) -> None:
+@pytest.mark.parametrize("max_new_tokens", [1, 4])
+def test_eos_as_the_last_allowed_token_finishes_with_stop(tiny_lm_path: str, max_new_tokens: int) -> None:
     model, tokenizer = load(tiny_lm_path)
     favour(model, tokenizer.eos_token_id)
     (completion,) = HFEngine(model, tokenizer).generate([[5, 6, 7]], SamplingParams(max_new_tokens, seed=0))
     assert completion.token_ids == [tokenizer.eos_token_id]
-    assert completion.finish_reason == reason  # as SGLang: reaching max_new_tokens is "length"
+    assert completion.finish_reason == "stop"  # as SGLang: EOS is checked before the length
+
+
+def test_a_response_cut_by_max_new_tokens_finishes_with_length(tiny_lm_path: str) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    favour(model, 5)  # a token that is neither EOS nor padding
+    (completion,) = HFEngine(model, tokenizer).generate([[5, 6, 7]], SamplingParams(3, seed=0))
+    assert completion.token_ids == [5, 5, 5]
+    assert completion.finish_reason == "length"

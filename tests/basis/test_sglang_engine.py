@@ -3,7 +3,9 @@
 CPU part (default run): name mapping, the push plan, bucketing, LoRA merge equivalence, request
 building, response parsing and the wire format, then `SGLangEngine` end to end against
 `FakeSGLangServer` (a FAKE SGLang HTTP server around a real tiny model; see its docstring): the call
-order of a training step, verification, retries and error paths, adapter sync.
+order of a training step, verification, retries and error paths, adapter sync. These tests push CPU
+tensors, which the engine refuses to send to a real server; the `server` fixture lifts that check
+for the fake only (`cpu_tensors_reach_the_in_process_fake`), and one test keeps it on.
 
 GPU part (`@pytest.mark.gpu`, skipped without CUDA and the `sglang` extra): a tiny Llama served by the
 real in-process `sglang.Engine`.
@@ -15,6 +17,7 @@ import base64
 import copy
 import hashlib
 import pickle
+import re
 import socket
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from basis.sglang_engine import (
     parse_prompt_logprobs,
     plan_full_push,
     probe_request,
+    require_cuda_tensors,
     sampling_params_payload,
     serialize_tensors,
     tensor_checksum,
@@ -59,7 +63,18 @@ def policy(tiny_lm_path: str) -> torch.nn.Module:
 
 
 @pytest.fixture
-def server(tiny_lm_path: str):
+def cpu_tensors_reach_the_in_process_fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lift the engine's CUDA-only check (`require_cuda_tensors`) for tests against the fake server.
+
+    A real server runs in another process and cannot open a CPU tensor's handle, so the engine
+    refuses to send one over HTTP; the fake unpickles in this process, where CPU handles do open, and
+    CPU is all these tests have. `test_http_push_of_a_cpu_tensor_names_the_parameter` keeps the check.
+    """
+    monkeypatch.setattr("basis.sglang_engine.require_cuda_tensors", lambda named: None)
+
+
+@pytest.fixture
+def server(tiny_lm_path: str, cpu_tensors_reach_the_in_process_fake: None):
     with FakeSGLangServer(tiny_lm_path) as fake:
         yield fake
 
@@ -375,6 +390,21 @@ def test_engine_satisfies_protocol_and_samples(server, tiny_lm_path: str, policy
     torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
 
 
+def test_eos_on_the_last_allowed_token_finishes_with_stop(server, tiny_lm_path: str) -> None:
+    # SGLang checks stop strings, then EOS, then the length (Req.update_finish_state), as HFEngine does.
+    (eos,) = server.eos_ids
+
+    def favour_eos(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., eos] += 30.0
+        return logits
+
+    server.model.get_output_embeddings().register_forward_hook(favour_eos)
+    engine = engine_for(server, tiny_lm_path, verify="none")
+    (completion,) = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=1, seed=0))
+    assert completion.token_ids == [eos] and completion.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("verify", ["logprobs", "weights"])
 def test_training_step_call_order_and_sync(server, tiny_lm_path: str, policy, verify: str) -> None:
     engine = engine_for(server, tiny_lm_path, verify=verify)
@@ -442,13 +472,23 @@ def test_unmappable_policy_is_refused_before_anything_is_sent(server, tiny_lm_pa
     assert server.calls == []
 
 
-def test_server_down_names_the_route(tiny_lm_path: str) -> None:
+def test_server_down_names_the_url(tiny_lm_path: str) -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    with pytest.raises(SGLangError, match=rf"GET /health on {url} could not connect \(2 attempt"):
-        SGLangEngine(tiny_lm_path, server_url=url, max_retries=1, retry_backoff_s=0.0)
+    with pytest.raises(SGLangError, match=rf"server at {re.escape(url)} was not ready .*could not connect"):
+        SGLangEngine(tiny_lm_path, server_url=url, startup_timeout_s=0.2, retry_backoff_s=0.05)
+
+
+def test_engine_waits_while_the_server_starts(server, tiny_lm_path: str) -> None:
+    server.calls.clear()
+    server.starting_health_checks = 3  # SGLang answers /health with 503 while it loads the model
+    engine_for(server, tiny_lm_path)
+    assert server.calls == ["/health"] * 4
+    server.starting_health_checks = 10**6
+    with pytest.raises(SGLangError, match=rf"server at {re.escape(server.url)} was not ready .*HTTP 503"):
+        engine_for(server, tiny_lm_path, startup_timeout_s=0.2, retry_backoff_s=0.05)
 
 
 def test_error_answers_and_success_false_name_the_route(server, tiny_lm_path: str, policy) -> None:
@@ -459,10 +499,82 @@ def test_error_answers_and_success_false_name_the_route(server, tiny_lm_path: st
     server.reject_routes["/update_weights_from_tensor"] = 1
     with pytest.raises(WeightSyncError, match=r"/update_weights_from_tensor .*fake rejection"):
         engine.update_weights(policy)
-    server.session_open = False
     server.fail_routes["/release_memory_occupation"] = 1
     with pytest.raises(SGLangError, match="/release_memory_occupation"):
         engine.release_memory()
+
+
+def test_a_push_that_fails_midway_still_ends_the_session(server, tiny_lm_path: str, policy) -> None:
+    # SGLang refuses begin_weight_update while a session is open: one failed push left open would
+    # make every later push of a long-lived server fail.
+    engine = engine_for(server, tiny_lm_path, verify="none")
+    server.calls.clear()
+    server.fail_nth["/update_weights_from_tensor"] = 2  # the second bucket breaks
+    with pytest.raises(WeightSyncError, match=r"/update_weights_from_tensor .*HTTP 500"):
+        engine.update_weights(policy)
+    assert server.calls == [
+        "/begin_weight_update",
+        *["/update_weights_from_tensor"] * 2,
+        "/end_weight_update",
+    ]
+    assert not server.session_open
+    perturb(policy)
+    engine.update_weights(policy)
+    served = dict(server.model.named_parameters())
+    for name, param in policy.named_parameters():
+        assert torch.equal(served[name], param), name
+    # When ending the session fails too, the push's own error is the one raised.
+    server.fail_routes["/update_weights_from_tensor"] = 1
+    server.fail_routes["/end_weight_update"] = 1
+    with pytest.raises(WeightSyncError, match=r"POST /update_weights_from_tensor .*HTTP 500"):
+        engine.update_weights(policy)
+
+
+def test_verify_weights_on_a_model_without_readback_says_use_logprobs(
+    server, tiny_lm_path: str, policy
+) -> None:
+    engine = engine_for(server, tiny_lm_path, verify="weights")
+    server.readback_unsupported = True  # SGLang's Qwen3: 400 "Get parameter by name failed"
+    with pytest.raises(WeightSyncError, match=r"verify='weights' is not supported .*use verify='logprobs'"):
+        engine.update_weights(policy)
+
+
+def test_tensors_are_serialized_once_per_tp_rank(
+    tiny_lm_path: str, policy, cpu_tensors_reach_the_in_process_fake: None
+) -> None:
+    with FakeSGLangServer(tiny_lm_path, tp_size=2) as fake:
+        # The fake opens every rank's payload once and refuses one pickle repeated across ranks.
+        payload = serialize_tensors([("model.norm.weight", torch.ones(32))])
+        fake.session_open = True
+        status, answer = fake.handle(
+            "POST", "/update_weights_from_tensor", {"serialized_named_tensors": [payload, payload]}
+        )
+        assert status == 400 and "repeat one serialization" in answer["message"]
+        fake.session_open = False
+
+        perturb(policy)
+        engine_for(fake, tiny_lm_path, tp_size=2, verify="none").update_weights(policy)
+        served = dict(fake.model.named_parameters())
+        for name, param in policy.named_parameters():
+            assert torch.equal(served[name], param), name
+        adapter = engine_for(fake, tiny_lm_path, tp_size=2, lora_sync="adapter", verify="weights")
+        adapter.update_weights(lora_policy(tiny_lm_path))  # "weights": the fake's sha256 check
+        assert set(fake.adapters) == {"policy-v1"}
+
+
+def test_http_push_of_a_cpu_tensor_names_the_parameter(tiny_lm_path: str, policy) -> None:
+    with pytest.raises(ValueError, match=r"cannot push 'model\.norm\.weight' .*over HTTP: it is on cpu"):
+        require_cuda_tensors([("model.norm.weight", torch.ones(2))])
+    with FakeSGLangServer(tiny_lm_path) as fake:  # the CUDA-only check stays on here
+        engine = engine_for(fake, tiny_lm_path, verify="none")
+        fake.calls.clear()
+        with pytest.raises(ValueError, match=r"cannot push 'model\.[\w.]+' .*over HTTP: it is on cpu"):
+            engine.update_weights(policy)
+        assert fake.calls == ["/begin_weight_update", "/end_weight_update"]  # no tensor sent
+        adapter = engine_for(fake, tiny_lm_path, lora_sync="adapter", verify="none")
+        with pytest.raises(ValueError, match=r"cannot push 'base_model\.model\.[\w.]+' .*it is on cpu"):
+            adapter.update_weights(lora_policy(tiny_lm_path))
+        assert not fake.adapters
 
 
 def test_timed_out_generate_is_retried_then_fails_loudly(server, tiny_lm_path: str) -> None:
@@ -534,6 +646,7 @@ def test_adapter_checksum_mismatch_stops_the_run(server, tiny_lm_path: str) -> N
         ({"weight_bucket_bytes": 0}, "weight_bucket_bytes"),
         ({"max_retries": -1}, "max_retries"),
         ({"request_timeout_s": 0}, "request_timeout_s"),
+        ({"startup_timeout_s": 0}, "startup_timeout_s"),
         ({"server_url": "http://x", "engine_kwargs": {"tp_size": 2}}, "engine_kwargs"),
         ({"tp_size": 2}, "tp_size"),
         ({"lora_sync": "adapter", "verify": "weights"}, "sha256"),

@@ -6,9 +6,11 @@ uvicorn: the FastAPI app of `sglang.srt.entrypoints.http_server` with its routes
 of every body into SGLang's request classes (`GenerateReqInput`, `UpdateWeightsFromTensorReqInput`, ...),
 the `/generate` JSON contract gate, and the response serialisation. The recorder then checks what
 arrived with SGLang's own code: `MultiprocessingSerializer.deserialize` (its restricted unpickler) for
-tensors, `SamplingParams(...).verify` for sampling parameters, `TpModelWorker`'s sha256 check and
-`LoRAConfig.from_dict` for adapters, and that no body carries a field SGLang would silently ignore.
-`SGLangEngine` runs unchanged against it over HTTP, so these are the exact requests it sends.
+tensors, one serialization per TP rank, `SamplingParams(...).verify` for sampling parameters,
+`TpModelWorker`'s sha256 check and `LoRAConfig.from_dict` for adapters, and that no body carries a
+field SGLang would silently ignore. `SGLangEngine` runs unchanged against it over HTTP, so these are
+the exact requests it sends, except that its CUDA-only check for pushed tensors is lifted: the
+recorder unpickles in this process, where CPU tensors' handles open (a real server's would not).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class RecordingTokenizerManager:
         self.weights: dict[str, torch.Tensor] = {}
         self.adapters: dict[str, dict[str, torch.Tensor]] = {}
         self.session_open = False
+        self.tp_size = 1  # tensor payloads expected per request, one per TP rank
+        self.readback_supported = True  # False: answer get_weights_by_name as for SGLang's Qwen3 (None)
 
     async def _record(self, route: str, obj: Any, request: Any) -> None:
         """Record a parsed request and flag raw JSON keys that SGLang's class does not have."""
@@ -101,9 +105,18 @@ class RecordingTokenizerManager:
         if unknown:
             self.violations.append(f"{route}: fields {sorted(unknown)} are not in {type(obj).__name__}")
 
-    def _tensors(self, payloads: list[bytes]) -> Any:
-        """What SGLang's TpModelWorker.deserialize_own_rank does for rank 0."""
-        return MultiprocessingSerializer.deserialize(normalize_serialized_named_tensor_payloads(payloads)[0])
+    def _tensors(self, payloads: list[Any]) -> Any:
+        """What SGLang's TP workers do with the payloads: rank r opens only payload r
+        (`TpModelWorker.deserialize_own_rank`); returns rank 0's tensors. Flags a payload count other
+        than `tp_size` and one serialization repeated across ranks: SGLang serializes once per rank
+        (`Engine._serialize_tensors_per_rank`), and a CPU tensor's pickle differs every time it is made."""
+        per_rank = normalize_serialized_named_tensor_payloads(payloads)
+        if len(per_rank) != self.tp_size:
+            self.violations.append(f"{len(per_rank)} tensor payloads for tp_size={self.tp_size}")
+        if len(set(per_rank)) != len(per_rank):
+            self.violations.append("one tensor serialization is repeated across the TP ranks")
+        opened = [MultiprocessingSerializer.deserialize(payload) for payload in dict.fromkeys(per_rank)]
+        return opened[0]
 
     # -- generation --------------------------------------------------------------------------------
 
@@ -149,6 +162,8 @@ class RecordingTokenizerManager:
 
     async def begin_weight_update(self, obj: Any, request: Any = None) -> tuple[bool, str]:
         await self._record("begin_weight_update", obj, request)
+        if self.session_open:  # as SGLang's WeightUpdater; the route answers HTTP 400
+            return False, "a weight-update session is already open; call end_weight_update() first"
         self.session_open = True
         return True, "Success"
 
@@ -162,6 +177,8 @@ class RecordingTokenizerManager:
 
     async def end_weight_update(self, obj: Any, request: Any = None) -> tuple[bool, str]:
         await self._record("end_weight_update", obj, request)
+        if not self.session_open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
         self.session_open = False
         return True, "Success"
 
@@ -169,8 +186,10 @@ class RecordingTokenizerManager:
         self.calls.append(("flush_cache", timeout_s))
         return io_struct.FlushCacheReqOutput(success=True)
 
-    async def get_weights_by_name(self, obj: Any, request: Any = None) -> list:
+    async def get_weights_by_name(self, obj: Any, request: Any = None) -> list | None:
         await self._record("get_weights_by_name", obj, request)
+        if not self.readback_supported:
+            return None  # SGLang's model runner for a model class without get_weights_by_name
         return self.weights[obj.name].float()[: obj.truncate_size].tolist()  # as LlamaForCausalLM does
 
     async def release_memory_occupation(self, obj: Any, request: Any = None) -> None:
@@ -250,6 +269,7 @@ def sglang_app(policy: torch.nn.Module, monkeypatch: pytest.MonkeyPatch):
     reads the scheduler's published runtime config, which only exists when a GPU scheduler started.
     """
     monkeypatch.setenv("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "false")
+    monkeypatch.setattr("basis.sglang_engine.require_cuda_tensors", lambda named: None)  # CPU-only here
     manager = RecordingTokenizerManager(policy, policy.config.vocab_size)
     http_server.set_global_state(http_server._GlobalState(manager, None, {}))
     with socket.socket() as sock:
@@ -349,6 +369,46 @@ def test_adapter_sync_through_sglang(sglang_app, tiny_lm_path: str) -> None:
     )
     generate = [obj for route, obj in manager.calls if route == "generate"][-1]
     assert generate.lora_path == ["policy-v2"]
+    assert manager.violations == []
+
+
+def test_one_serialization_per_tp_rank(sglang_app, tiny_lm_path: str, policy) -> None:
+    url, manager = sglang_app
+    manager.tp_size = 2
+    engine(url, tiny_lm_path, tp_size=2, verify="none").update_weights(policy)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
+    )
+    engine(url, tiny_lm_path, tp_size=2, lora_sync="adapter", verify="weights").update_weights(model)
+    assert set(manager.adapters) == {"policy-v1"}
+    assert manager.violations == []
+
+
+def test_readback_sglang_cannot_do_asks_for_logprobs(sglang_app, tiny_lm_path: str, policy) -> None:
+    url, manager = sglang_app
+    manager.readback_supported = False  # SGLang's route answers 400 "Get parameter by name failed"
+    with pytest.raises(WeightSyncError, match=r"verify='weights' is not supported .*verify='logprobs'"):
+        engine(url, tiny_lm_path, verify="weights").update_weights(policy)
+
+
+def test_failed_push_ends_the_session_sglang_keeps(sglang_app, tiny_lm_path: str, policy) -> None:
+    url, manager = sglang_app
+    sync = engine(url, tiny_lm_path, verify="none")
+    original = manager.update_weights_from_tensor
+
+    async def fail_second_bucket(obj: Any, request: Any = None) -> tuple[bool, str]:
+        if [route for route, _ in manager.calls].count("update_weights_from_tensor") == 1:
+            await manager._record("update_weights_from_tensor", obj, request)
+            return False, "fake failure of the second bucket"
+        return await original(obj, request)
+
+    manager.update_weights_from_tensor = fail_second_bucket
+    with pytest.raises(WeightSyncError, match="second bucket"):
+        sync.update_weights(policy)
+    assert not manager.session_open
+    manager.update_weights_from_tensor = original
+    sync.update_weights(policy)  # SGLang's begin_weight_update would answer 400 to an open session
     assert manager.violations == []
 
 
