@@ -62,8 +62,8 @@ class Completion:
     """One sampled response.
 
     token_ids: response tokens, ending with EOS or the tokens of the stop string when finished by one.
-    logprobs: the engine's log-probability of each token in `token_ids` (same length), under the
-        sampling temperature.
+    logprobs: the engine's log-probability of each token in `token_ids` (same length): full-vocabulary
+        `log_softmax(logits / temperature)`, before top-k / top-p filtering (SGLang's convention).
     text: decoded response (special tokens skipped).
     finish_reason: "stop" (EOS or a stop string, even as the last allowed token) or "length" (hit
         `max_new_tokens` without either).
@@ -100,11 +100,13 @@ class HFEngine:
     """In-process sampling with `transformers` `generate` (KV cache, batched, stop strings).
 
     The engine wraps the trainer's own policy object, so weights are always in sync and
-    `update_weights` only checks that it is handed the same module. Log-probs are read from the
-    processed scores that `generate` sampled from (temperature, top-k and top-p applied), i.e. the
-    behaviour policy's log-prob of each sampled token.
+    `update_weights` only checks that it is handed the same module. Log-probs are the full-vocabulary
+    `log_softmax(logits / T)` of each sampled token, before top-k / top-p: what SGLang returns and what
+    the trainer recomputes, so the truncated importance weights (`tis_cap`) measure the engine/trainer
+    mismatch alone, whichever engine sampled (renormalised over the top-k / top-p support, they sat
+    systematically below 1 and scaled the loss down).
 
-    Memory note: `generate` keeps the per-step scores `[B, V]` until it returns; `max_batch_size`
+    Memory note: `generate` keeps the per-step logits `[B, V]` until it returns; `max_batch_size`
     bounds B. For large vocabularies at scale use the SGLang engine.
 
     Args:
@@ -165,14 +167,14 @@ class HFEngine:
                     pad_token_id=self.pad_id,
                     eos_token_id=self.eos_ids,
                     return_dict_in_generate=True,
-                    output_scores=True,
+                    output_logits=True,
                     synced_gpus=self.synced_gpus,
                 )
         finally:
             self.model.train(was_training)
         responses = out.sequences[:, input_ids.shape[1] :]  # [B, R]
-        scores = torch.stack(out.scores, dim=1).float()  # [B, R, V] processed logits
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # [B, R]
+        logits = torch.stack(out.logits, dim=1).float() / params.temperature  # [B, R, V] before top-k / top-p
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # [B, R]
         return [
             self._completion(responses[i].tolist(), logprobs[i].tolist(), params) for i in range(len(prompts))
         ]

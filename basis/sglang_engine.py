@@ -36,8 +36,7 @@ Deviations and facts checked in SGLang 0.5.23's source:
 
 - Log-probs: SGLang returns `log_softmax(logits / T)` over the full vocabulary (`torch.log(probs)` in
   `Sampler.forward`, before top-k/top-p filtering), i.e. the trainer's log-prob at the sampling
-  temperature. `HFEngine` instead returns the log-prob renormalised over the top-k/top-p support; the
-  two agree when `top_p == 1` and `top_k == 0`. Two server settings break the contract: the env var
+  temperature, as `HFEngine` returns them. Two server settings break the contract: the env var
   `SGLANG_RETURN_ORIGINAL_LOGPROB` (log-probs before temperature; checked in-process, must be unset on
   a server) and greedy batches (`top_k=1`: log-probs at temperature 1), so `top_k=1` with
   `temperature != 1` is rejected.

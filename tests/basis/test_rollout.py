@@ -66,6 +66,22 @@ def test_the_models_generation_config_does_not_change_sampling(tiny_lm_path: str
     assert model.generation_config.repetition_penalty == 1.3  # kept for exports
 
 
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 5, 1.0), (1.3, 0, 0.6)])
+def test_logprobs_are_full_vocabulary_at_the_temperature(
+    tiny_lm_path: str, temperature: float, top_k: int, top_p: float
+) -> None:
+    """Before top-k / top-p, as SGLang returns them and the trainer recomputes them."""
+    model, tokenizer = load(tiny_lm_path)
+    prompt = [5, 6, 7, 5, 6, 7]
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, seed=0)
+    (completion,) = HFEngine(model, tokenizer).generate([prompt], params)
+    ids = torch.tensor([prompt + completion.token_ids])  # [1, T]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1] / temperature  # [R, V]
+    want = torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1)  # [R]
+    torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 4])
 def test_eos_as_the_last_allowed_token_finishes_with_stop(tiny_lm_path: str, max_new_tokens: int) -> None:
     model, tokenizer = load(tiny_lm_path)
