@@ -2,7 +2,7 @@
 
 Every benchmark prints its figures and calls `write_results(name, payload)`; the payload keeps the
 shape its issue asks for and gains one extra top-level key, `"meta"` (machine, CPU model and vector
-extensions, date, package versions, git commit), so the history of committed results shows where and
+extensions, date, package versions, git commit and whether the tree was dirty), so the history of committed results shows where and
 when each figure was measured, and a figure that moves at the same commit can be traced to the
 machine or the environment.
 """
@@ -10,6 +10,7 @@ machine or the environment.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -25,12 +26,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def machine_meta() -> dict[str, Any]:
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit, dirty = git_state()
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
@@ -41,7 +37,34 @@ def machine_meta() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         **environment(),
         "git_commit": commit,
+        "git_dirty": dirty,  # tracked files differed from the commit: the figures may not be its
     }
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """(short commit, whether tracked files differ from it), or (None, None) outside a git checkout."""
+    try:
+        commit = _git("rev-parse", "--short", "HEAD")
+        return commit, bool(_git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+
+
+def code_fingerprint(*folders: str) -> str:
+    """sha256 over the tracked files under `folders` as they are on disk now (committed or not): a
+    cached benchmark run is reused only while the code it ran stays the same."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for name in sorted(_git("ls-files", *folders).splitlines()):
+        path = root / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _git(*args: str) -> str:
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:

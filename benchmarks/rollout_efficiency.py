@@ -28,17 +28,20 @@ Writes `benchmarks/results/rollout_efficiency.json`; runs land in MLflow experim
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
+import hashlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basis.demo import prior_stages
-from benchmarks.results_io import write_results
+from benchmarks.results_io import code_fingerprint, git_state, write_results
 
 ARMS = {"grpo": "grpo_tiny.yaml", "v05_osla": "v05_tiny.yaml", "basis_k1": "basis_tiny.yaml"}
 VAL_EVERY_FACTOR = {"grpo": 1, "v05_osla": 1, "basis_k1": 2}  # validate about every 3,200 rollouts
@@ -60,8 +63,9 @@ def policy_run(
     arm: str, seed: int, args: argparse.Namespace, prior: Path | None, budget: int | None = None
 ) -> Path:
     """Train one arm for `args.steps` RL steps, or until it has consumed `budget` rollouts (at most
-    4 x `args.steps` steps); a run folder finished earlier by the same command is reused (delete the
-    workdir after changing the code: the command does not capture it)."""
+    4 x `args.steps` steps). A run folder finished earlier is reused only if its record matches this
+    run: the same command, the same code (`code_fingerprint` of the packages and configs) and the same
+    policy and prior files."""
     run_dir = args.workdir / f"{arm}-seed{seed}"
     max_steps = args.steps if budget is None else 4 * args.steps
     command = [
@@ -77,15 +81,45 @@ def policy_run(
         command.append(f"--model.prior={prior}")
     if budget is not None:
         command.append(f"--model.max_rollouts={budget}")
+    inputs = [args.policy] + ([prior] if prior is not None else [])
+    identity = {
+        "command": command[1:],  # without the interpreter path
+        "code": code_fingerprint("basis", "value_prior", "data_pipelines", "configs/policy"),
+        "inputs": files_fingerprint(inputs),
+    }
     record = run_dir / "benchmark_command.json"
     # the record is written only once its run has finished (and removed before a rerun starts)
-    if record.exists() and json.loads(record.read_text()) == command[1:]:
-        print(f"reusing {run_dir} (finished earlier by the same command)", flush=True)
+    if record.exists() and _same_run(json.loads(record.read_text()), identity):
+        print(f"reusing {run_dir} (finished earlier by the same command, code and inputs)", flush=True)
         return run_dir
     record.unlink(missing_ok=True)  # a run killed midway must not look finished
     run(command, args.workdir / "logs" / f"{arm}-seed{seed}.log")
-    record.write_text(json.dumps(command[1:]))  # without the interpreter path
+    commit, dirty = git_state()
+    finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    record.write_text(
+        json.dumps({**identity, "git_commit": commit, "git_dirty": dirty, "finished": finished})
+    )
     return run_dir
+
+
+def _same_run(record: Any, identity: dict[str, Any]) -> bool:
+    return isinstance(record, dict) and all(record.get(key) == value for key, value in identity.items())
+
+
+def files_fingerprint(paths: list[Path]) -> str:
+    """sha256 over every file under `paths` (names and bytes), to tell a rebuilt policy or prior apart."""
+    digest = hashlib.sha256()
+    for root in paths:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def run_provenance(run_dir: Path) -> dict[str, Any]:
+    """When and at which commit a run was made (older records hold the command only)."""
+    record = json.loads((run_dir / "benchmark_command.json").read_text())
+    keys = ("git_commit", "git_dirty", "finished", "code")
+    return {key: record.get(key) for key in keys} if isinstance(record, dict) else {}
 
 
 def build_prior(grpo_run: Path, args: argparse.Namespace) -> Path:
@@ -119,6 +153,7 @@ def read_run(run_dir: Path) -> dict:
         "rollouts": max(rollouts.values()),
         "grad_norm_std": statistics.pstdev(grad),
         "grad_norm_cv": statistics.pstdev(grad) / statistics.mean(grad),
+        "provenance": run_provenance(run_dir),
     }
 
 
@@ -172,6 +207,8 @@ def main() -> None:
             # time spent waiting for it; `prior_query_frac` what its queries would cost unhidden.
             "prior_time_frac": [by_seed[s]["prior_time_frac"] for s in args.seeds],
             "prior_query_frac": [by_seed[s]["prior_query_frac"] for s in args.seeds],
+            # which code made each run (a run is reused while its command, code and inputs match)
+            "provenance": [by_seed[s]["provenance"] for s in args.seeds],
         }
     grpo_rollouts = result["grpo"]["rollouts"]
     for arm, row in result.items():

@@ -3,8 +3,9 @@
 Runs a short GRPO training (the demo's settings) through the real `PolicyTrainer` + Lightning
 `Trainer`, logging into a temporary MLflow store, then reads the per-step `time/*` metrics back. In the
 same run it measures a baseline: plain `model.generate` on the same prompts and batch size, with no
-engine, verifier or trainer around it. The ratio engine tokens/s / raw generate tokens/s is the cost of
-our rollout path; the phase shares say where a step's time goes.
+engine, verifier or trainer around it, alternated with the engine's own `generate` on the trained policy
+(after one warm-up call each, `--repeats` pairs, medians). The ratio engine tokens/s / raw generate
+tokens/s is the cost of our rollout path; the phase shares say where a step's time goes.
 
     .venv/bin/python benchmarks/trainer_throughput.py [--steps 20] [--policy artifacts/tiny-policy]
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,10 +29,17 @@ import lightning as L
 import torch
 
 from basis.data import PromptDataModule
-from basis.rollout import left_pad
+from basis.rollout import SamplingParams, left_pad
 from basis.tracking import MLflowLogger
 from basis.trainer import PolicyTrainer
 from benchmarks.results_io import write_results
+
+
+def engine_tokens_per_s(module: PolicyTrainer, prompt_ids: list[list[int]], max_new_tokens: int) -> float:
+    """The trainer's rollout engine on `prompt_ids` (sampling, per-token logprobs, stop handling)."""
+    start = time.perf_counter()
+    completions = module.engine.generate(prompt_ids, SamplingParams(max_new_tokens=max_new_tokens, seed=0))
+    return sum(len(c.token_ids) for c in completions) / (time.perf_counter() - start)
 
 
 def raw_generate_tokens_per_s(
@@ -63,6 +72,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7, help="alternated engine / raw generate pairs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     policy = Path(args.policy)
@@ -113,7 +123,12 @@ def main() -> None:
             for row in data.train_rows[: args.prompts_per_step]
             for _ in range(args.group_size)
         ]
-        raw = raw_generate_tokens_per_s(module, prompt_ids, 48)
+        module.policy.eval()
+        engine_tok_s, raw_tok_s = [], []
+        for _ in range(args.repeats + 1):  # the first pair warms up and is dropped
+            engine_tok_s.append(engine_tokens_per_s(module, prompt_ids, 48))
+            raw_tok_s.append(raw_generate_tokens_per_s(module, prompt_ids, 48))
+        engine, raw = statistics.median(engine_tok_s[1:]), statistics.median(raw_tok_s[1:])
 
     step_time = steps["time/step"]
     phases = {phase: steps[f"time/{phase}"] for phase in ["rollout", "reward", "update", "weight_sync"]}
@@ -131,8 +146,12 @@ def main() -> None:
         "phase_share": {k: v / step_time for k, v in phases.items()},
         "generation_tokens_per_s": steps["train/tokens_per_s"],
         "end_to_end_tokens_per_s": tokens_per_step / step_time,
+        "engine_generate_tokens_per_s": engine,
         "baseline_raw_generate_tokens_per_s": raw,
-        "engine_vs_raw_generate": steps["train/tokens_per_s"] / raw,
+        "engine_vs_raw_generate": engine / raw,
+        "engine_and_raw_tokens_per_s_per_repeat": [
+            list(pair) for pair in zip(engine_tok_s[1:], raw_tok_s[1:])
+        ],
         "wall_s": wall,
     }
     print(
@@ -140,8 +159,9 @@ def main() -> None:
         + ", ".join(f"{k} {v * 1000:.0f} ms ({v / step_time:.0%})" for k, v in phases.items())
     )
     print(
-        f"generation {result['generation_tokens_per_s']:.0f} tok/s (raw generate {raw:.0f} tok/s, "
-        f"ratio {result['engine_vs_raw_generate']:.2f}); end to end {result['end_to_end_tokens_per_s']:.0f} tok/s"
+        f"generation in training {result['generation_tokens_per_s']:.0f} tok/s; engine {engine:.0f} vs raw generate "
+        f"{raw:.0f} tok/s (medians of {args.repeats} alternated pairs), ratio {result['engine_vs_raw_generate']:.2f}; "
+        f"end to end {result['end_to_end_tokens_per_s']:.0f} tok/s"
     )
     print(f"wrote {write_results('trainer_throughput', result)}")
 
