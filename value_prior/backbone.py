@@ -9,6 +9,13 @@ set) in one safetensors file per prompt, keyed by
 `backbone_id` names the model *and* its files (see `backbone_id`), so two models never share cached
 states, even in folders of the same name; anything that changes it only costs a re-embedding.
 
+A cache file is trusted only after a check: it must load, hold one float16 `[T, D]` tensor with
+`1 <= T <= max_length` and `D = hidden_size`, be finite, and match the sha256 of its data stored in
+the file's safetensors metadata. A file that fails is reported (`CorruptCacheWarning`, naming the
+path), deleted and re-embedded, so a damaged cache costs time, never wrong predictions. Files written
+before the checksum existed carry none and are checked on the rest only. Files are written to a
+temporary name, fsynced, then renamed, so a crash leaves either no file or a complete one.
+
 Prompts are padded on the right and truncated on the right (keeping the start) whatever the
 tokenizer's own config says: with right padding every real token sees exactly what it would see
 unpadded, also in encoders with absolute positions (BERT, MiniLM), where left padding would shift them.
@@ -27,13 +34,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,15 @@ def backbone_id(name_or_path: str) -> str:
         stat = file.stat()
         digest.update(f"\x1f{file.name}\x1f{stat.st_size}\x1f{stat.st_mtime_ns}".encode())
     return f"{folder.name}-{digest.hexdigest()[:12]}"
+
+
+class CorruptCacheWarning(UserWarning):
+    """A hidden-state cache file failed its check; it was deleted and the prompt is re-embedded."""
+
+
+def _checksum(hidden: Tensor) -> str:
+    """sha256 of a cached tensor's raw bytes (stored in, and checked against, the file's metadata)."""
+    return hashlib.sha256(hidden.numpy().tobytes()).hexdigest()
 
 
 def text_key(backbone_id: str, max_length: int, text: str) -> str:
@@ -156,10 +174,52 @@ class HFBackbone:
         if key in self._memory:
             return self._memory[key]
         path = self._disk_path(key)
-        if path is not None and path.exists():
-            hidden = load_file(str(path))["hidden"]  # [T, D] float16
+        if path is None or not path.exists():
+            return None
+        hidden = self._read_checked(path)  # [T, D] float16, or None when the file was bad
+        if hidden is not None:
             self._memory[key] = hidden
+        return hidden
+
+    def _read_checked(self, path: Path) -> Tensor | None:
+        """The cached states in `path`, or `None` (file deleted, with a warning) when it fails its check.
+
+        A bad file must not be served: NaN states become NaN features, which TabPFN silently imputes
+        with column means, and zeroed bytes are plausible numbers. Deleting it lets the caller re-embed.
+        """
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                checksum = (file.metadata() or {}).get("sha256")
+                hidden = file.get_tensor("hidden")  # [T, D]
+        except (SafetensorError, OSError, KeyError) as err:  # truncated, empty, or not our layout
+            problem = f"unreadable ({err})"
+        else:
+            problem = self._cache_problem(hidden, checksum)
+        if problem is None:
             return hidden
+        warnings.warn(
+            f"hidden-state cache file {path} is {problem}: deleting it and re-embedding the prompt",
+            CorruptCacheWarning,
+            stacklevel=4,
+        )
+        path.unlink(missing_ok=True)
+        return None
+
+    def _cache_problem(self, hidden: Tensor, checksum: str | None) -> str | None:
+        """What is wrong with states read from the cache (`None`: nothing). `checksum` may be absent:
+        files written before it was added are judged on dtype, shape and finiteness alone."""
+        if hidden.dtype != torch.float16:
+            return f"of dtype {hidden.dtype}, expected torch.float16"
+        if (
+            hidden.ndim != 2
+            or not 1 <= hidden.shape[0] <= self.max_length
+            or hidden.shape[1] != self.hidden_size
+        ):
+            return f"of shape {list(hidden.shape)}, expected [1..{self.max_length}, {self.hidden_size}]"
+        if not torch.isfinite(hidden).all():
+            return "not finite (NaN or inf values)"
+        if checksum is not None and checksum != _checksum(hidden):
+            return "damaged (its data does not match the sha256 in its metadata)"
         return None
 
     @torch.no_grad()
@@ -181,7 +241,10 @@ class HFBackbone:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"hidden": hidden}, str(tmp))
+        with open(tmp, "wb") as file:
+            file.write(save({"hidden": hidden}, metadata={"sha256": _checksum(hidden)}))
+            file.flush()
+            os.fsync(file.fileno())  # data on disk before the rename: a crash never leaves a torn file
         tmp.replace(path)  # atomic: a concurrent reader never sees half a file
 
     def hidden_states(self, texts: Sequence[str]) -> list[Tensor]:
@@ -199,6 +262,10 @@ class HFBackbone:
             items = sorted(missing.items(), key=lambda kv: len(kv[1]))  # similar lengths pad less
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                for (key, _), hidden in zip(chunk, self._embed([t for _, t in chunk])):
+                for (key, text), hidden in zip(chunk, self._embed([t for _, t in chunk])):
+                    if not torch.isfinite(hidden).all():  # e.g. float16 overflow; caching it would loop
+                        raise ValueError(
+                            f"backbone {self.backbone_id} gave non-finite hidden states for prompt {text[:80]!r}"
+                        )
                     self._store(key, hidden)
         return [self._memory[k].float() for k in keys]

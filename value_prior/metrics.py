@@ -13,6 +13,9 @@ the policy on the prompt) against the observed success rate `y = successes / n`:
 - ECE: `sum_b |B_b|/N * |mean(p in b) - mean(y in b)|` over `n_bins` equal-width bins of `p`.
   torchmetrics' calibration error needs 0/1 targets; success rates are graded, so it is computed here.
 
+Every metric raises `ValueError` on a non-finite prediction or success rate (a NaN prediction would
+otherwise rank as a perfect one in the AUCs).
+
 `bootstrap_ci` gives percentile intervals by resampling query items (or whole prompts, when one
 prompt is queried in several pools); `paired_bootstrap_diff` gives the interval of a difference
 between two predictors on the same items (much tighter than comparing two separate intervals).
@@ -43,12 +46,26 @@ def _groups_as_ids(groups: Sequence[object] | np.ndarray | Tensor) -> np.ndarray
 
 
 def _check(prob: Tensor, success: Tensor) -> None:
+    """Reject inputs no metric can score honestly.
+
+    Non-finite values are refused rather than scored: `binary_auroc` ranks a NaN prediction as if it
+    were a perfect one (a NaN-only model scores AUC 1.0), and a NaN in the ECE or Brier sums would pass
+    through as a NaN metric that early stopping and checkpointing then compare against.
+    """
     if prob.shape != success.shape or prob.ndim != 1:
         raise ValueError(
             f"predictions {tuple(prob.shape)} and success rates {tuple(success.shape)} must be equal 1-D"
         )
     if prob.numel() == 0:
         raise ValueError("no items to score")
+    for name, values in (("predictions", prob), ("success rates", success)):
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()  # [n_bad]
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(
+                f"{name} hold {bad.numel()} non-finite value(s) (first: item {i} = {float(values[i])}): "
+                "metrics need finite values; check the model or the data that produced them"
+            )
 
 
 def auc(prob: Sequence[float] | Tensor, success: Sequence[float] | Tensor) -> float:

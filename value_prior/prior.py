@@ -21,8 +21,11 @@ Behaviour at the edges (documented fallbacks and errors):
 - single-class context (checked on the pairs given to the head): returns the mean success of the whole
   context for every query and warns (`SingleClassContextWarning`);
 - empty context, mismatched lengths, success rates outside [0, 1], empty prompts: `ValueError`;
-- artifact with a missing file, a backbone whose width differs from the adapter's, or a head
-  checkpoint that is not a TabPFN classifier or whose feature count does not fit: `ValueError`.
+- a prompt whose adapter features are not finite (NaN or inf): `ValueError` naming the prompt, never a
+  silent prediction (TabPFN would impute the NaN);
+- artifact with a missing file, a backbone other than the one it was trained on (`backbone_id`
+  differs) or whose width differs from the adapter's, or a head checkpoint that is not a TabPFN
+  classifier or whose feature count does not fit: `ValueError`.
 
 Run: `python -c "from value_prior import ValuePrior; p = ValuePrior.load('artifacts/priors/v0-release-minilm'); print(p.predict(['Q: 1+1='] * 2, [1.0, 0.0], ['Q: 23+45*2=']))"`.
 """
@@ -39,6 +42,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import move_data_to_device
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -117,10 +121,19 @@ class ValuePrior:
 
     @torch.no_grad()
     def features(self, prompts: Sequence[str]) -> Tensor:
-        """Adapter features `[len(prompts), F]`, computed once per distinct prompt text."""
+        """Adapter features `[len(prompts), F]`, computed once per distinct prompt text.
+
+        Non-finite features raise here: TabPFN would impute a NaN column with its mean and return a
+        plausible but wrong prediction, with no sign that anything went wrong.
+        """
         missing = list(dict.fromkeys(p for p in prompts if p not in self._features))
         if missing:
             for prompt, z in zip(missing, prompt_features(self.adapter, self.backbone, missing)):
+                if not torch.isfinite(z).all():  # z: [F]
+                    raise ValueError(
+                        f"prompt {prompt[:80]!r} has non-finite adapter features: the adapter weights or "
+                        f"the backbone {self.backbone.backbone_id!r} are broken (NaN or inf)"
+                    )
                 self._features[prompt] = z
         return torch.stack([self._features[p] for p in prompts])  # [n, F]
 
@@ -258,6 +271,14 @@ class ValuePrior:
                 f"prior artifact {path}: backbone {reference['model']!r} now has width {backbone.hidden_size}, "
                 f"the artifact was trained on width {reference['hidden_size']}"
             )
+        # The adapter was trained on one model's hidden states; another model of the same width (other
+        # weights, a retrained folder, a new package version) loads fine but predicts something else.
+        if backbone.backbone_id != reference["backbone_id"]:
+            raise ValueError(
+                f"prior artifact {path}: trained on backbone {reference['backbone_id']!r}, but "
+                f"{reference['model']!r} is now {backbone.backbone_id!r}; re-export the prior with this "
+                "backbone or restore the original model files"
+            )
         adapter = ResidualQueryAdapter(reference["hidden_size"], **config["adapter"])
         try:
             adapter.load_state_dict(load_file(str(path / "adapter.safetensors")))
@@ -308,12 +329,12 @@ class ExportPrior(L.Callback):
         export_dir = pl_module.hparams.get("export_dir")
         if not export_dir:
             return
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        callback = best_checkpoint_callback(trainer)
+        best = callback.best_model_path if callback else ""
         if best:
             state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
             pl_module.load_state_dict(state)
             log.info("export: restored best checkpoint %s", best)
-        callback = trainer.checkpoint_callback
         best_score = getattr(callback, "best_model_score", None)
         info: dict[str, Any] = {
             "best_checkpoint": best,
@@ -346,6 +367,17 @@ class ExportPrior(L.Callback):
 
         if isinstance(trainer.logger, MLFlowLogger):
             trainer.logger.experiment.log_artifacts(trainer.logger.run_id, str(path), artifact_path="prior")
+
+
+def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
+    """The checkpoint callback that tracks the best epoch: the first one with a `monitor`.
+
+    The configs also carry an unmonitored callback that only keeps `last.ckpt` for resuming; its
+    `best_model_path` is the newest epoch, so `trainer.checkpoint_callback` (simply the first callback)
+    would export the last weights instead of the best if the YAML listed it first.
+    """
+    monitored = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor]
+    return monitored[0] if monitored else trainer.checkpoint_callback
 
 
 @torch.no_grad()

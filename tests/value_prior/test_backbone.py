@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, BertModel
 
-from value_prior.backbone import DEFAULT_BACKBONE, HFBackbone, TextBackbone, resolve_backbone_path, text_key
+from value_prior.backbone import (
+    DEFAULT_BACKBONE,
+    CorruptCacheWarning,
+    HFBackbone,
+    TextBackbone,
+    resolve_backbone_path,
+    text_key,
+)
 
 
 def test_hidden_states_per_prompt(tiny_backbone: HFBackbone) -> None:
@@ -45,6 +55,79 @@ def test_disk_cache_is_reused_without_loading_the_encoder(tiny_encoder_dir: str,
     again = second.hidden_states(["Q: 2+2*2="])
     assert second._encoder is None  # served from disk
     torch.testing.assert_close(again[0], states[0], rtol=0, atol=0)
+
+
+def _header_size(data: bytes) -> int:
+    """Bytes before the tensor data of a safetensors file (8-byte length + JSON header)."""
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+CORRUPTIONS = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "zeroed data": lambda data: data[: _header_size(data)] + bytes(len(data) - _header_size(data)),
+    "NaN data": lambda data: (
+        data[: _header_size(data)] + b"\x00\x7e" * ((len(data) - _header_size(data)) // 2)
+    ),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=list(CORRUPTIONS))
+def test_corrupt_cache_file_is_reported_deleted_and_re_embedded(
+    corruption: str, tiny_encoder_dir: str, tmp_path: Path
+) -> None:
+    prompts = ["Q: 23+45*2=", "Q: 1+1="]
+    states = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path)).hidden_states(prompts)
+    second = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    path = second._disk_path(text_key(second.backbone_id, 32, prompts[0]))
+    assert path is not None
+    path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
+    with pytest.warns(CorruptCacheWarning, match=f"{re.escape(str(path))} .*deleting it and re-embedding"):
+        again = second.hidden_states(prompts)
+    for a, b in zip(again, states):  # the same states as before the damage, not NaN or zeros
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with warnings.catch_warnings():  # the re-embedded file replaced the bad one and passes its check
+        warnings.simplefilter("error", CorruptCacheWarning)
+        third = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+        torch.testing.assert_close(third.hidden_states(prompts)[0], states[0], rtol=0, atol=0)
+    assert third._encoder is None
+
+
+def test_cache_file_of_the_wrong_shape_or_dtype_is_re_embedded(tiny_encoder_dir: str, tmp_path: Path) -> None:
+    backbone = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    path = backbone._disk_path(text_key(backbone.backbone_id, 32, "Q: 1+1="))
+    assert path is not None
+    path.parent.mkdir(parents=True)
+    for wrong, problem in [
+        (torch.zeros(5, 33, dtype=torch.float16), r"of shape \[5, 33\], expected \[1..32, 32\]"),
+        (torch.zeros(33, 32, dtype=torch.float16), r"of shape \[33, 32\]"),
+        (torch.zeros(5, 32), "of dtype torch.float32"),
+    ]:
+        save_file({"hidden": wrong}, str(path))
+        with pytest.warns(CorruptCacheWarning, match=problem):
+            state = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path)).hidden_states(
+                ["Q: 1+1="]
+            )[0]
+        assert state.shape[1] == 32 and state.abs().sum() > 0
+
+
+def test_cache_files_without_a_checksum_are_still_served(
+    tiny_encoder_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caches written before the checksum existed are kept (checked on dtype, shape and finiteness)."""
+    synced: list[int] = []
+    monkeypatch.setattr("value_prior.backbone.os.fsync", synced.append)
+    first = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    states = first.hidden_states(["Q: 2+2*2="])
+    assert len(synced) == 1  # each new file is fsynced before its rename
+    path = first._disk_path(text_key(first.backbone_id, 32, "Q: 2+2*2="))
+    assert path is not None
+    save_file({"hidden": states[0].half()}, str(path))  # the old layout: no metadata
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorruptCacheWarning)
+        second = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+        torch.testing.assert_close(second.hidden_states(["Q: 2+2*2="])[0], states[0], rtol=0, atol=0)
+    assert second._encoder is None and path.is_file()
 
 
 def test_cache_key_depends_on_text_length_and_backbone() -> None:

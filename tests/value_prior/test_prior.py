@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from transformers import BertModel
 
 from value_prior.backbone import HFBackbone
 from value_prior.data import PairsDataModule
@@ -176,6 +178,35 @@ def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_enco
         ValuePrior.load(path)
     with pytest.raises(ValueError, match="width 32, the adapter expects 384"):
         ValuePrior(prior.backbone, ResidualQueryAdapter(384, **ADAPTER), prior.head)
+
+
+def test_artifact_refuses_another_backbone_of_the_same_width(
+    tiny_encoder_dir: str, shipped_head: str, tmp_path: Path
+) -> None:
+    """Other weights in the backbone's folder (same width, same path) change every prediction, so the
+    artifact must name the backbone it was trained on and refuse the new one."""
+    model_dir = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder_dir, model_dir)
+    backbone = HFBackbone(str(model_dir), max_length=32, cache_dir=None)
+    torch.manual_seed(0)
+    adapter = ResidualQueryAdapter(backbone.hidden_size, **ADAPTER)
+    path = ValuePrior(backbone, adapter, load_head(shipped_head)).save(tmp_path / "prior")
+    ValuePrior.load(path).predict(CONTEXT, SUCCESS, QUERIES)  # the same backbone loads
+    torch.manual_seed(1)
+    BertModel(BertModel.from_pretrained(model_dir).config).save_pretrained(model_dir)  # retrained in place
+    new_id = HFBackbone(str(model_dir), cache_dir=None).backbone_id
+    assert new_id != backbone.backbone_id
+    with pytest.raises(ValueError, match=f"trained on backbone '{backbone.backbone_id}'.*now '{new_id}'"):
+        ValuePrior.load(path)
+
+
+def test_non_finite_features_raise_instead_of_reaching_the_head(prior: ValuePrior) -> None:
+    """TabPFN imputes NaN features with column means, so NaN would give a plausible wrong prediction."""
+    with torch.no_grad():
+        prior.adapter.key_value.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"prompt 'Q: 1\+2\*2=' has non-finite adapter features"):
+        prior.predict(CONTEXT, SUCCESS, QUERIES)
+    assert not prior._features  # nothing non-finite was cached for later calls
 
 
 def test_no_warning_for_a_two_class_context(prior: ValuePrior) -> None:

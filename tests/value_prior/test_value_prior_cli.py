@@ -1,5 +1,6 @@
 """The `value-prior` command end to end in subprocesses: every shipped YAML parses, a tiny `fit` trains,
 logs to a real sqlite MLflow store, exports a loadable prior, and `test` scores the best checkpoint.
+The shipped checkpoint callbacks are also run in process (fast) to check what `--ckpt_path last` gets.
 (Named apart from tests/basis/test_cli.py: test folders are not packages, so basenames must be unique.)"""
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import sys
 from pathlib import Path
 
 import datasets
+import lightning as L
 import pytest
+import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from value_prior.backbone import HFBackbone
+from value_prior.data import PairsDataModule
+from value_prior.model import V0Module
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs" / "value_prior").glob("*.yaml"))
@@ -40,6 +48,40 @@ def test_release_config_exports_to_the_documented_folder() -> None:
     config = yaml.safe_load((REPO / "configs" / "value_prior" / "v0_release_minilm.yaml").read_text())
     assert config["model"]["export_dir"] == "artifacts/priors/v0-release-minilm"
     assert config["data"]["format"] == "v0-release"
+
+
+def shipped_checkpoint_callbacks(config: Path, dirpath: Path) -> list[ModelCheckpoint]:
+    """The `ModelCheckpoint` callbacks of a shipped YAML, in its order, writing to `dirpath`."""
+    callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    return [
+        ModelCheckpoint(**callback["init_args"] | {"dirpath": str(dirpath)})
+        for callback in callbacks
+        if callback["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_last_checkpoint_holds_the_final_epoch(
+    config: Path, tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path: Path
+) -> None:
+    """`value-prior fit --ckpt_path last` resumes from last.ckpt, so it must hold the final epoch even when
+    val/gauc stopped improving (lr 0 keeps it constant: the best epoch is the first), and `best.ckpt`
+    must stay the best one; no stray `last-v1.ckpt`."""
+    module = V0Module(backbone=tiny_backbone, head=shipped_head, lr=0.0, warmup_frac=0.0)
+    data = PairsDataModule(
+        tiny_pairs_path, support_size=16, query_pairs=2, episodes_per_batch=2, batches_per_epoch=1
+    )
+    checkpoints = tmp_path / "checkpoints"
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", num_sanity_val_steps=0, default_root_dir=tmp_path,
+                        callbacks=shipped_checkpoint_callbacks(config, checkpoints))  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(checkpoints / "best.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 3)
+    assert (best["epoch"], best["global_step"]) == (0, 1)
+    assert trainer.checkpoint_callback is not None and trainer.checkpoint_callback.monitor == "val/gauc"
 
 
 @pytest.mark.slow  # three CLI subprocesses: about a minute on an idle 2-core machine

@@ -105,3 +105,22 @@ def test_cluster_bootstrap_treats_a_repeated_prompt_as_one_draw() -> None:
         fn, prob, np.full(100, 0.5), success, groups, n_resamples=300, clusters=prompts
     )
     assert dlo <= diff <= dhi
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda p, y: auc(p, y),
+        lambda p, y: grouped_auc(p, y, ["a"] * len(p)),
+        lambda p, y: pair_accuracy(p, y, ["a"] * len(p)),
+        brier,
+        expected_calibration_error,
+    ],
+    ids=["auc", "gauc", "pair_acc", "brier", "ece"],
+)
+def test_non_finite_values_are_refused(metric) -> None:
+    # torchmetrics ranks a NaN prediction as the highest score, so this used to give gAUC 1.0
+    with pytest.raises(ValueError, match=r"predictions hold 1 non-finite value\(s\) \(first: item 0 = nan\)"):
+        metric([np.nan, 0.1, 0.8, 0.2], [1, 0, 1, 0])
+    with pytest.raises(ValueError, match="success rates hold 1 non-finite"):
+        metric([0.9, 0.1, 0.8, 0.2], [1, 0, np.inf, 0])
