@@ -27,6 +27,7 @@ Run: `basis fit --config configs/policy/grpo_tiny.yaml` (see `basis.cli`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,9 +46,15 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-from basis.advantages import ESTIMATORS, compute_advantages, fused_baseline, osla_extra_rollouts
+from basis.advantages import (
+    ESTIMATORS,
+    basis_baseline,
+    compute_advantages,
+    fused_baseline,
+    osla_extra_rollouts,
+)
 from basis.data import PromptRow, ValBatch, seed_for
 from basis.losses import (
     aggregate_loss,
@@ -289,6 +297,12 @@ class PolicyTrainer(L.LightningModule):
                 "Use bf16-mixed (or 32-true)."
             )
         if isinstance(self.trainer.strategy, FSDPStrategy):
+            if self.osla is not None:
+                raise ValueError(
+                    "model.osla with an FSDP strategy is not supported: OSLA gives ranks different numbers "
+                    "of rollout rounds and micro-batches, and every sharded forward pass is a collective "
+                    "that all ranks must join. Use trainer.strategy: ddp."
+                )
             if self.hparams.lora is not None:
                 raise ValueError(
                     "model.lora with an FSDP strategy is not supported: exports merge the adapter into the "
@@ -340,7 +354,14 @@ class PolicyTrainer(L.LightningModule):
             self.rl_step, last - 1, self.global_rank, self.trainer.world_size
         )
         start = time.perf_counter()
-        self.prior.prepare([prompt_text(r.prompt) for r in rows])
+        try:
+            self.prior.prepare([prompt_text(r.prompt) for r in rows])
+        except Exception as err:  # a failing prior must never take the run down: steps query it anyway
+            self._prior_failures += 1
+            log.warning(
+                "value prior failed to prepare %d prompts (%s); each step queries it as usual", len(rows), err
+            )
+            return
         seconds = time.perf_counter() - start
         log.info("prior: prepared %d prompts in %.1f s", len(rows), seconds)
         if self.logger is not None and self.global_rank == 0:
@@ -427,6 +448,11 @@ class PolicyTrainer(L.LightningModule):
         if self.osla is not None and prior is not None:
             rollouts = self.osla_rounds(rollouts, prior, timings)
         advantages = self.advantages(rollouts, prior)  # [N]
+        used_baseline = (
+            self.basis_baseline_used(rollouts, prior)
+            if self.hparams.advantage == "basis" and self.prior is not None
+            else None
+        )  # [P]
         # the held-out check of this step's baseline samples the policy that produced the rollouts
         heldout = (
             self.heldout_mean_reward(prompts) if prior is not None and self.hparams.heldout_rollouts else None
@@ -440,7 +466,7 @@ class PolicyTrainer(L.LightningModule):
             self.engine.update_weights(self.policy)
         local = torch.tensor([len(rollouts.completions)], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
-        self.record_step(rollouts, advantages, update_stats, timings, prior, heldout)
+        self.record_step(rollouts, advantages, update_stats, timings, prior, heldout, used_baseline)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
         if self.calibrator is not None and prior_p is not None:
@@ -543,7 +569,21 @@ class PolicyTrainer(L.LightningModule):
             if prior is None:  # BASIS keeps its baseline leave-one-out: no group's own mean as prior
                 prior = empirical_prior(rewards, rollouts.index, pooled=name == "basis")  # [P]
             options["prior"] = prior[rollouts.index]  # [N]
-        return _over_all_ranks(name, rewards, rollouts.index, options)  # [N]
+        return _over_all_ranks(partial(compute_advantages, name), rewards, rollouts.index, options)  # [N]
+
+    def basis_baseline_used(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
+        """The baseline `[P]` that BASIS's advantages subtracted this step (pooled over ranks as they
+        are), for its diagnostics: V0.5's fused baseline at k = 1 is the raw prior, not what BASIS used."""
+        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
+        if prior is None:
+            prior = empirical_prior(rewards, rollouts.index, pooled=True)  # [P]
+        used = _over_all_ranks(
+            basis_baseline, rewards, rollouts.index, {"prior": prior[rollouts.index]}
+        )  # [N]
+        num = len(rollouts.prompts)
+        return torch.zeros(num).index_reduce_(
+            0, rollouts.index, used.float(), "mean", include_self=False
+        )  # [P]
 
     def update_policy(self, batch: PolicyBatch, advantages: torch.Tensor) -> dict[str, float]:
         """PPO-clip updates on one step's responses; returns statistics averaged over micro-batches.
@@ -582,57 +622,72 @@ class PolicyTrainer(L.LightningModule):
         hp = self.hparams
         optimizer.zero_grad()
         num_tokens, num_sequences, world = _global_counts(batch.response_mask[mini])
+        # DDP all-reduces the gradients in every backward pass, so every rank must run as many, but OSLA
+        # gives ranks different numbers of responses (hence micro-batches). The micro-batches therefore
+        # accumulate locally, and one zero-loss pass per update all-reduces their sum: the same single
+        # collective on every rank, whatever its micro-batch count (zero included).
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        ddp = isinstance(strategy, DDPStrategy) and _distributed()
         finite = True
         policy_loss_sum, kl_loss_sum = 0.0, 0.0  # micro-batch losses share the mini-batch denominators
         token_sums: dict[str, float] = {}
         counted = 0.0
-        for micro in mini.split(hp.micro_batch_size):
-            sub = _select(batch, micro)
-            mask = sub.response_mask  # [n, R]
-            logprobs, entropy = self.sequence_logprobs(sub, with_grad=True, with_entropy=True)  # [n, R] x 2
-            old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]  # [n, R]
-            is_weights = (
-                truncated_is_weights(old, sub.rollout_logprobs, mask, cap=hp.tis_cap) if hp.tis_cap else None
-            )
-            out = policy_loss(
-                logprobs,
-                old,
-                advantages[micro],
-                mask,
-                eps_low=hp.eps_low,
-                eps_high=hp.eps_high,
-                clip_ratio_c=hp.clip_ratio_c,
-                agg=hp.loss_agg,
-                is_weights=is_weights,
-                num_tokens=num_tokens,
-                num_sequences=num_sequences,
-            )
-            # this rank's share of the all-rank mean, times the world size that DDP / FSDP divide by
-            loss = out.loss * world
-            if ref_logprobs is not None:
-                kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
-                kl_loss = aggregate_loss(
-                    kl, mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences
+        local_sync = strategy.block_backward_sync() if ddp else contextlib.nullcontext()  # type: ignore[union-attr]
+        with local_sync:
+            for micro in mini.split(hp.micro_batch_size):
+                sub = _select(batch, micro)
+                mask = sub.response_mask  # [n, R]
+                logprobs, entropy = self.sequence_logprobs(
+                    sub, with_grad=True, with_entropy=True
+                )  # [n, R] x 2
+                old = logprobs.detach() if old_logprobs is None else old_logprobs[micro]  # [n, R]
+                is_weights = (
+                    truncated_is_weights(old, sub.rollout_logprobs, mask, cap=hp.tis_cap)
+                    if hp.tis_cap
+                    else None
                 )
-                loss = loss + hp.kl_coef * kl_loss * world
-                kl_loss_sum += float(kl_loss.detach()) * world
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            self.manual_backward(loss)
-            policy_loss_sum += float(out.loss.detach()) * world
-            tokens = float(mask.sum())  # weights the token means below: per token, not per micro-batch
-            for key, value in (
-                ("clip_frac", out.clip_frac),
-                ("clip_frac_low", out.clip_frac_low),
-                ("clip_frac_high", out.clip_frac_high),
-                ("dual_clip_frac", out.dual_clip_frac),
-                ("approx_kl", out.approx_kl),
-                ("entropy", (entropy * mask).sum() / mask.sum().clamp(min=1)),
-                ("logprob_mismatch", logprob_mismatch(old, sub.rollout_logprobs, mask)),
-            ):
-                token_sums[key] = token_sums.get(key, 0.0) + float(value) * tokens
-            counted += tokens
+                out = policy_loss(
+                    logprobs,
+                    old,
+                    advantages[micro],
+                    mask,
+                    eps_low=hp.eps_low,
+                    eps_high=hp.eps_high,
+                    clip_ratio_c=hp.clip_ratio_c,
+                    agg=hp.loss_agg,
+                    is_weights=is_weights,
+                    num_tokens=num_tokens,
+                    num_sequences=num_sequences,
+                )
+                # this rank's share of the all-rank mean, times the world size that DDP / FSDP divide by
+                loss = out.loss * world
+                if ref_logprobs is not None:
+                    kl = kl_penalty(logprobs, ref_logprobs[micro], hp.kl_estimator)  # [n, R]
+                    kl_loss = aggregate_loss(
+                        kl, mask, hp.loss_agg, num_tokens=num_tokens, num_sequences=num_sequences
+                    )
+                    loss = loss + hp.kl_coef * kl_loss * world
+                    kl_loss_sum += float(kl_loss.detach()) * world
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                self.manual_backward(loss)
+                policy_loss_sum += float(out.loss.detach()) * world
+                tokens = float(mask.sum())  # weights the token means below: per token, not per micro-batch
+                for key, value in (
+                    ("clip_frac", out.clip_frac),
+                    ("clip_frac_low", out.clip_frac_low),
+                    ("clip_frac_high", out.clip_frac_high),
+                    ("dual_clip_frac", out.dual_clip_frac),
+                    ("approx_kl", out.approx_kl),
+                    ("entropy", (entropy * mask).sum() / mask.sum().clamp(min=1)),
+                    ("logprob_mismatch", logprob_mismatch(old, sub.rollout_logprobs, mask)),
+                ):
+                    token_sums[key] = token_sums.get(key, 0.0) + float(value) * tokens
+                counted += tokens
+        if ddp:
+            self.manual_backward(_zero_loss(self.policy))  # all-reduces the accumulated gradients
+            finite = bool(_reduce_over_ranks(torch.tensor([float(finite)]), "min"))  # skip or step together
         if counted:
             _append(stats, **{key: total / counted for key, total in token_sums.items()})
         grad_norm = self._clip_gradients()
@@ -845,6 +900,7 @@ class PolicyTrainer(L.LightningModule):
         timings: dict[str, float],
         prior: torch.Tensor | None,
         heldout: torch.Tensor | None = None,
+        used_baseline: torch.Tensor | None = None,
     ) -> None:
         lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
         truncated = torch.tensor(
@@ -870,7 +926,7 @@ class PolicyTrainer(L.LightningModule):
         metrics["time/step"] = sum(timings.values())
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
-            metrics.update(self.prior_diagnostics(rollouts, prior, timings, heldout))
+            metrics.update(self.prior_diagnostics(rollouts, prior, timings, heldout, used_baseline))
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
@@ -883,10 +939,13 @@ class PolicyTrainer(L.LightningModule):
         prior: torch.Tensor | None,
         timings: dict[str, float],
         heldout: torch.Tensor | None = None,
+        used_baseline: torch.Tensor | None = None,
     ) -> dict[str, float]:
         """V0.5's own per-step diagnostics: rollouts per prompt, rejections, fusion weights, Brier, and,
         given `heldout` (`[P]` mean ±1 reward of fresh samples from the same policy), the squared error
-        of the fused baseline and of the empirical mean against it."""
+        of the baseline and of the empirical mean against it. The baseline is V0.5's fused one, or
+        `used_baseline` `[P]` where the estimator subtracted another (BASIS); fusion weights and
+        rejections describe V0.5's test and are logged for V0.5 only."""
         counts, means = group_counts_means(rollouts)  # [P], [P]
         self._v05_history["rollouts_per_prompt"] += counts.tolist()
         metrics = {
@@ -903,11 +962,14 @@ class PolicyTrainer(L.LightningModule):
             self._prior_query_seconds = None
         if prior is None:
             return metrics
-        baseline, weight = fused_baseline(means, counts, prior)  # [P], [P]
-        self._v05_history["fusion_weight"] += weight.tolist()
-        metrics["v05/prior_rejected_frac"] = float((weight > 0).float().mean())
-        metrics["v05/fusion_weight_mean"] = float(weight.mean())
-        metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
+        if used_baseline is None:
+            baseline, weight = fused_baseline(means, counts, prior)  # [P], [P]
+            self._v05_history["fusion_weight"] += weight.tolist()
+            metrics["v05/prior_rejected_frac"] = float((weight > 0).float().mean())
+            metrics["v05/fusion_weight_mean"] = float(weight.mean())
+            metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
+        else:
+            baseline = used_baseline  # [P]
         metrics["v05/prior_brier"] = float((((prior + 1) / 2 - (means + 1) / 2) ** 2).mean())
         if self.calibrator is not None:
             metrics["v05/calibration_scale"] = self.calibrator.scale
@@ -926,10 +988,15 @@ class PolicyTrainer(L.LightningModule):
     def log_metrics(self, metrics: dict[str, float], series: str) -> None:
         """Average `metrics` over ranks and write them at step = RL step. A step of `series` ("train"
         or "val") that MLflow already holds – a step replayed after a resume – is not written again."""
-        if self.trainer.world_size > 1:
-            values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
-            values = self.trainer.strategy.reduce(values, reduce_op="mean")
-            metrics = dict(zip(metrics, values.tolist()))
+        if self.trainer.world_size > 1 and _distributed():
+            # by name, not by position: ranks can log different keys (a rank whose prior fell back this
+            # step has no fusion metrics); each key is averaged over the ranks that logged it
+            shards: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shards, metrics)
+            names = list(dict.fromkeys(name for shard in shards for name in shard))
+            metrics = {
+                name: float(np.mean([shard[name] for shard in shards if name in shard])) for name in names
+            }
         replayed = self.trainer.state.fn == "fit" and self.rl_step <= self._last_logged[series]
         if self.logger is None or replayed:
             return
@@ -1037,12 +1104,16 @@ def success_rates(rollouts: Rollouts) -> torch.Tensor:
 
 
 def empirical_prior(rewards: torch.Tensor, index: torch.Tensor, pooled: bool = False) -> torch.Tensor:
-    """The fallback "prior" per prompt `[P]` when V0 cannot be used: the group mean for groups of 2+,
-    else (or when `pooled`) the batch mean. With it, V0.5's fused baseline is the group mean, and
-    BASIS's leave-one-group-out shift turns the pooled mean into the mean of the other groups."""
+    """The fallback "prior" per prompt `[P]` when V0 cannot be used. For V0.5 the group mean (groups of
+    2+; else the batch mean): its fused baseline is then the group mean. For BASIS (`pooled`) a constant
+    0 (success rate 1/2): the leave-one-group-out logit shift turns any constant into the mean of the
+    other groups, and a constant is the same on every data-parallel rank, where a rank's own batch mean
+    would carry a prompt's own reward into its baseline once the ranks' batches are pooled."""
     num = int(index.max()) + 1
     counts = torch.bincount(index, minlength=num)  # [P]
-    if pooled or int(counts.max()) == 1:
+    if pooled:
+        return torch.zeros(num)  # [P]
+    if int(counts.max()) == 1:
         return torch.full((num,), float(rewards.mean()))  # [P]
     return torch.zeros(num).index_add_(0, index, rewards) / counts.clamp(min=1)  # [P]
 
@@ -1149,23 +1220,41 @@ def _distributed() -> bool:
 
 def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """`values` (CPU) summed over all data-parallel ranks (itself when not distributed), on the CPU."""
+    return _reduce_over_ranks(values, "sum")
+
+
+def _reduce_over_ranks(values: torch.Tensor, op: str) -> torch.Tensor:
+    """`values` (CPU) reduced with `op` ("sum", "min" or "max") over all data-parallel ranks (itself
+    when not distributed), on the CPU."""
     if not _distributed():
         return values
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    summed = values.to(device)
-    torch.distributed.all_reduce(summed)
-    return summed.cpu()
+    reduced = values.to(device)
+    ops = {
+        "sum": torch.distributed.ReduceOp.SUM,
+        "min": torch.distributed.ReduceOp.MIN,
+        "max": torch.distributed.ReduceOp.MAX,
+    }
+    torch.distributed.all_reduce(reduced, op=ops[op])
+    return reduced.cpu()
+
+
+def _zero_loss(policy: torch.nn.Module) -> torch.Tensor:
+    """A loss of exactly 0 whose backward pass reaches every trainable parameter (zero gradients), so
+    DDP's reducer fires for all of them: the pass that all-reduces gradients accumulated without sync."""
+    return torch.stack([(p * 0.0).sum().float() for p in policy.parameters() if p.requires_grad]).sum()
 
 
 def _over_all_ranks(
-    name: str, rewards: torch.Tensor, index: torch.Tensor, options: dict[str, Any]
+    estimate: Callable[..., torch.Tensor], rewards: torch.Tensor, index: torch.Tensor, options: dict[str, Any]
 ) -> torch.Tensor:
-    """Estimator `name`'s advantages `[N]` for this rank's responses, computed on the responses of
-    every data-parallel rank: REINFORCE++ whitens over the whole batch's tokens and BASIS fits its
-    logit shift on the whole batch, so neither may see one rank's shard alone (group-wise estimators
-    give the same numbers either way). Per-response options (`[N]` tensors) travel with the rewards."""
+    """`estimate(rewards, index, **options)` `[N]` (advantages, or BASIS's baseline) for this rank's
+    responses, computed on the responses of every data-parallel rank: REINFORCE++ whitens over the
+    whole batch's tokens and BASIS fits its logit shift on the whole batch, so neither may see one
+    rank's shard alone (group-wise estimators give the same numbers either way). Per-response options
+    (`[N]` tensors) travel with the rewards."""
     if not _distributed():
-        return compute_advantages(name, rewards, index, **options)
+        return estimate(rewards, index, **options)
     per_response = {
         k: v for k, v in options.items() if isinstance(v, torch.Tensor) and v.shape == rewards.shape
     }
@@ -1175,7 +1264,7 @@ def _over_all_ranks(
     merged = {k: torch.cat([shard[k] for shard in shards]) for k in local}
     prompts_before = np.cumsum([0] + [int(shard["index"].max()) + 1 for shard in shards[:-1]])  # per rank
     merged["index"] = torch.cat([shard["index"] + int(n) for shard, n in zip(shards, prompts_before)])
-    out = compute_advantages(name, merged.pop("rewards"), merged.pop("index"), **{**options, **merged})
+    out = estimate(merged.pop("rewards"), merged.pop("index"), **{**options, **merged})
     start = sum(len(shard["rewards"]) for shard in shards[: torch.distributed.get_rank()])
     return out[start : start + len(rewards)].to(rewards.device)  # [N]
 

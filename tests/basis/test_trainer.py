@@ -437,28 +437,28 @@ def _pooled_module(model_path: str, run_dir: Path, advantage: str) -> PolicyTrai
     return make_module(model_path, run_dir, advantage=advantage, group_size=2, prior=prior)
 
 
-def _pooled_advantages(module: PolicyTrainer, groups: list[int]) -> torch.Tensor:
+def _pooled_advantages(module: PolicyTrainer, groups: list[int], with_prior: bool = True) -> torch.Tensor:
     """Advantages of the responses of prompt `groups` out of 4 prompts x 2 responses of uneven
-    lengths, with a per-prompt prior (used by estimators that take one)."""
+    lengths, with a per-prompt prior (used by estimators that take one) or without (the fallback)."""
     from basis.data import PromptRow
     from basis.rollout import Completion
     from basis.trainer import Rollouts
 
-    lengths, correct = [12, 3, 7, 1, 12, 5, 9, 2], [1.0, 0, 1, 1, 0, 0, 1, 0]
+    lengths, correct = [12, 3, 7, 1, 12, 5, 9, 2], [1.0, 0, 1, 1, 0, 0, 1, 1]
     rows = [i for g in groups for i in (2 * g, 2 * g + 1)]
     prompts = [PromptRow(f"p{g}", f"{g}+{g}=", str(2 * g), "arith", None) for g in groups]
     completions = [Completion([5] * lengths[i], [0.0] * lengths[i], "", "stop") for i in rows]
     index = torch.tensor([k for k in range(len(groups)) for _ in range(2)])
     rollouts = Rollouts(prompts, [], completions, index, torch.tensor([correct[i] for i in rows]), 0)
     prior = torch.tensor([0.2, -0.4, 0.6, -0.8])[groups]
-    return module.advantages(rollouts, prior)
+    return module.advantages(rollouts, prior if with_prior else None)
 
 
-def _pooled_rank(rank: int, model_path: str, run_dir: str, advantage: str) -> None:
+def _pooled_rank(rank: int, model_path: str, run_dir: str, advantage: str, with_prior: bool) -> None:
     import torch.distributed as dist
 
     local = _pooled_advantages(
-        _pooled_module(model_path, Path(run_dir), advantage), [0, 1, 2] if rank == 0 else [3]
+        _pooled_module(model_path, Path(run_dir), advantage), [0, 1, 2] if rank == 0 else [3], with_prior
     )
     shards: list = [None, None]
     dist.all_gather_object(shards, local)
@@ -466,12 +466,16 @@ def _pooled_rank(rank: int, model_path: str, run_dir: str, advantage: str) -> No
         torch.save(torch.cat(shards), Path(run_dir) / "pooled.pt")
 
 
-@pytest.mark.parametrize("advantage", ["reinforce_pp", "basis"])
+@pytest.mark.parametrize(
+    ("advantage", "with_prior"), [("reinforce_pp", True), ("basis", True), ("basis", False)]
+)
 def test_batch_wide_advantages_pool_every_ranks_responses(
-    tiny_lm_path: str, tmp_path: Path, advantage: str
+    tiny_lm_path: str, tmp_path: Path, advantage: str, with_prior: bool
 ) -> None:
-    whole = _pooled_advantages(_pooled_module(tiny_lm_path, tmp_path, advantage), [0, 1, 2, 3])
-    on_two_ranks(_pooled_rank, tiny_lm_path, str(tmp_path), advantage)
+    """Without a prior, BASIS's fallback used each rank's own batch mean, which put a lone prompt's
+    own reward into its baseline once the ranks were pooled."""
+    whole = _pooled_advantages(_pooled_module(tiny_lm_path, tmp_path, advantage), [0, 1, 2, 3], with_prior)
+    on_two_ranks(_pooled_rank, tiny_lm_path, str(tmp_path), advantage, with_prior)
     torch.testing.assert_close(torch.load(tmp_path / "pooled.pt", weights_only=True), whole)
 
 

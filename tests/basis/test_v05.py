@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM
 
 from basis.data import PromptDataModule, PromptRow
 from basis.policy_io import LoraSettings
@@ -265,6 +266,35 @@ def test_basis_single_rollout_estimator_runs_with_the_prior(
     assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
 
 
+def test_basis_diagnostics_score_the_baseline_basis_used(tiny_lm_path: str, tmp_path: Path) -> None:
+    """At k = 1 V0.5's fused baseline is the raw prior; BASIS subtracts its shifted prior instead."""
+    from basis.rollout import Completion
+    from basis.trainer import Rollouts
+
+    module = module_for(tiny_lm_path, tmp_path, advantage="basis", group_size=1, prior=ConstantPrior(0.5))
+    correct = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    rollouts = Rollouts(rows(4), [], [Completion([5], [0.0], "", "stop")] * 4, torch.arange(4), correct, 0)
+    prior, heldout = torch.tensor([0.6, -0.6, 0.2, -0.2]), torch.tensor([0.5, -0.5, 0.1, -0.1])
+    used = module.basis_baseline_used(rollouts, prior)  # [P]
+    torch.testing.assert_close(used, 2 * correct - 1 - module.advantages(rollouts, prior))  # scale "none"
+    diag = module.prior_diagnostics(rollouts, prior, {"prior": 0.0, "rollout": 1.0}, heldout, used)
+    assert diag["v05/baseline_sq_error_heldout"] == pytest.approx(float(((used - heldout) ** 2).mean()))
+    assert not any(key.startswith(("v05/fusion", "v05/prior_rejected")) for key in diag)  # V0.5's test only
+
+
+def test_a_prior_that_fails_to_prepare_does_not_stop_the_run(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    class FailsToPrepare(ConstantPrior):
+        def prepare(self, prompts) -> None:
+            raise ValueError("features are not finite")
+
+    prior = FailsToPrepare(0.0)
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=prior))
+    fit(module, task_dir, tmp_path, steps=2)
+    assert module.rl_step == 2 and prior.calls == 2 and module._prior_failures == 1
+
+
 def test_basis_fallback_keeps_each_groups_own_rewards_out_of_its_baseline(
     tiny_lm_path: str, tmp_path: Path
 ) -> None:
@@ -281,6 +311,33 @@ def test_basis_fallback_keeps_each_groups_own_rewards_out_of_its_baseline(
     assert torch.allclose(baselines[0][:2], baselines[1][:2], atol=1e-3)  # up to the shift search
     # ... and is the other groups' mean reward (success rate 1/4 -> -0.5 on the ±1 scale)
     assert torch.allclose(baselines[0][:2], torch.tensor([-0.5, -0.5]), atol=1e-3)
+
+
+def test_ddp_ranks_that_disagree_still_train_in_step(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_v05_run.py): OSLA gives rank 0 more
+    rollouts, hence more micro-batches, and rank 1's prior fails, so it logs fewer metrics. Each used to
+    break DDP's collectives (gloo: "Received data size doesn't match expected size")."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).with_name("ddp_v05_run.py")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), tiny_lm_path, str(task_dir), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["rl_step"] for r in ranks] == [2, 2]
+    assert ranks[0]["rollouts"] > ranks[1]["rollouts"] == 2 * 2 * 4  # OSLA spent more on rank 0 only
+    start = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
+    for name, weight in ranks[0]["state"].items():
+        assert torch.equal(weight, ranks[1]["state"][name]), name  # the gradients were all-reduced
+    assert any(not torch.equal(w, start[n]) for n, w in ranks[0]["state"].items())  # and applied
 
 
 def test_prior_settings_are_checked_before_training(tiny_lm_path: str, tmp_path: Path) -> None:
