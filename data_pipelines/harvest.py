@@ -13,9 +13,10 @@ context pool per (policy, step). Four subcommands of the `harvest` console scrip
 - `harvest from-logs --run_dir runs/x --policy NAME --out OUT --window 50` turns a training run's
   rollout records (`<run_dir>/rollouts/step_*-rank*.parquet`) into pairs without new rollouts: records
   of steps 1-50 become the pairs of step 50, 51-100 of step 100, ... (the last window is labelled with the
-  run's last step).
+  run's last step). The output is built in a hidden sibling folder and moved to `out` in one rename,
+  so a killed call leaves nothing at `out`, and rerunning the same command completes it.
 - `harvest import-v0 --release ../shared/data/v0-release --out OUT` imports the V0 authors' release
-  (`data_pipelines.v0_release`).
+  (`data_pipelines.v0_release`, staged the same way; it replaces only a previous import).
 - `harvest validate PATH` checks any pairs dataset (schema, ranges, n vs successes, duplicates,
   single-class pools via `data_pipelines.pairs.validate_pairs`; for a harvest folder also the manifest's
   checksums) and exits non-zero on errors.
@@ -65,16 +66,23 @@ import datasets
 
 from basis.rollout import RolloutEngine, SamplingParams
 from data_pipelines.pairs import (
+    MANIFEST,
     PAIR_COLUMNS,
     PAIR_FEATURES,
     PairProblem,
     PairsError,
+    ShardRecord,
+    check_shard_file,
+    is_pairs_output,
     load_and_validate,
+    manifest_files,
+    manifest_shards,
     pool_key,
     read_json_object,
+    sha256_file,
+    staging_folder,
 )
 
-MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 RECORD_FORMAT = 3
 """Format of the per-shard checksum records; 2 added prompt texts, answers, checkpoint path, column map and
@@ -163,14 +171,6 @@ def path_slug(text: str) -> str:
 def metric_name(text: str) -> str:
     """`text` with characters MLflow rejects in metric names (`@ ( )` among them) replaced by `_`."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,16 +333,6 @@ def load_checkpoint(checkpoint: Checkpoint) -> tuple[Any, Any]:
 # Shards: atomic writes, checksum records, verification
 
 
-@dataclass(frozen=True)
-class ShardRecord:
-    """A finished shard as the manifest lists it (path relative to the output folder)."""
-
-    path: str
-    rows: int
-    sha256: str
-    seed: int | None
-
-
 def _write_atomic_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -366,24 +356,6 @@ def write_pairs_shard(path: Path, rows: list[dict[str, Any]]) -> str:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     return sha256_file(path)
-
-
-def check_shard_file(path: Path, sha256: str, rows: int) -> str | None:
-    """Why the shard at `path` cannot be trusted (missing, checksum, unreadable, row count), or None."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        return "file is missing"
-    actual = sha256_file(path)
-    if actual != sha256:
-        return f"sha256 {actual[:12]}... does not match the recorded {sha256[:12]}..."
-    try:
-        found = pq.read_metadata(path).num_rows
-    except Exception as err:  # pyarrow raises ArrowInvalid / OSError on a damaged footer
-        return f"not a readable parquet file ({err})"
-    if found != rows:
-        return f"holds {found} rows, the record says {rows}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -467,18 +439,14 @@ def read_shards(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 
 def harvest_data_files(out: str | Path) -> list[str]:
-    """The shard files a finished harvest's manifest lists, in order (for `datasets.load_dataset`).
+    """The shard files a finished harvest's manifest lists, in order (for `datasets.load_dataset`), each
+    checked against its recorded sha256 and row count (`data_pipelines.pairs.manifest_files`).
 
     Raises:
-        HarvestError: when `out` has no manifest (the harvest is not finished) or it lists no shards.
+        HarvestError: when `out` has no manifest (the harvest is not finished), it lists no shards, or a
+            shard changed since.
     """
-    manifest_path = Path(out) / MANIFEST
-    if not manifest_path.is_file():
-        raise HarvestError(f"{out}: no {MANIFEST}; the harvest is unfinished (rerun it to resume)")
-    shards = manifest_shards(read_json_object(manifest_path, HarvestError), manifest_path)
-    if not shards:
-        raise HarvestError(f"{manifest_path}: lists no shards")
-    return [str(Path(out) / shard.path) for shard in shards]
+    return [str(path) for path in manifest_files(out, HarvestError)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,28 +516,6 @@ def write_manifest(out: Path, payload: dict[str, Any]) -> Path:
     path = out / MANIFEST
     _write_atomic_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
     return path
-
-
-def manifest_shards(manifest: dict[str, Any], path: Path) -> list[ShardRecord]:
-    """The shards a manifest lists; HarvestError naming `path` and the entry when one is malformed."""
-    shards = manifest.get("shards")
-    if not isinstance(shards, list):
-        raise HarvestError(f"{path}: 'shards' must be a list, got {type(shards).__name__}")
-    records = []
-    for index, entry in enumerate(shards):
-        valid = (
-            isinstance(entry, dict)
-            and isinstance(entry.get("path"), str)
-            and isinstance(entry.get("rows"), int)
-            and isinstance(entry.get("sha256"), str)
-        )
-        if not valid:
-            raise HarvestError(
-                f"{path}: shards[{index}] needs a string 'path', an int 'rows' and a string 'sha256', "
-                f"got {str(entry)[:200]}"
-            )
-        records.append(ShardRecord(entry["path"], entry["rows"], entry["sha256"], entry.get("seed")))
-    return records
 
 
 def success_histogram(rows: Iterable[dict[str, Any]], rollouts_per_prompt: int | None = None) -> Any:
@@ -1116,7 +1062,8 @@ def read_rollout_records(folder: Path) -> list[tuple[int, str, str, float, str, 
 
     Raises:
         HarvestError: naming the file (and row, field) of an unreadable file, a missing column, a step
-            below 1, an empty prompt id, or a reward other than 0/1.
+            below 1, an empty prompt id, or a reward other than 0/1; naming `folder` when its files hold
+            no rows at all.
     """
     import pyarrow.parquet as pq
 
@@ -1152,6 +1099,8 @@ def read_rollout_records(folder: Path) -> list[tuple[int, str, str, float, str, 
                     f"{where}, field 'reward': expected 0 or 1 (a verifier reward), got {reward!r}"
                 )
             records.append((step, prompt_id, prompt, float(reward), str(file), row))
+    if not records:
+        raise HarvestError(f"{folder}: its {len(files)} rollout record file(s) hold no rows")
     return records
 
 
@@ -1162,7 +1111,10 @@ def pairs_from_records(
 
     Raises:
         HarvestError: when one prompt id carries two different prompt texts (naming both rows).
+        ValueError: when `records` is empty.
     """
+    if not records:
+        raise ValueError("pairs_from_records needs at least one record")
     last_step = max(record[0] for record in records)
     outcomes: dict[tuple[int, str], list[float]] = defaultdict(list)
     texts: dict[str, tuple[str, str, int]] = {}
@@ -1199,7 +1151,9 @@ def from_logs(
         run_dir: The trainer's run folder (its `rollouts/` is read) or a folder of rollout record files
             (`step, prompt_id, prompt, reward` columns, as `basis.trainer` writes them).
         policy: Policy name of the pairs.
-        out: Output folder (must be new or empty): shards under `data/`, then `manifest.json`.
+        out: Output folder (must be new or empty): shards under `data/`, then `manifest.json`, all written
+            into a hidden sibling folder first and moved to `out` at the end (`pairs.staging_folder`), so
+            a killed call leaves `out` as it was and its rerun starts afresh.
         window: Steps per pool: records of steps 1..window become step `window`'s pairs, and so on; the
             last window is labelled with the run's last step.
         experiment: MLflow experiment; None disables logging.
@@ -1225,16 +1179,19 @@ def from_logs(
     by_step: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for pair in pairs:
         by_step[pair["step"]].append(pair)
-    shards = []
-    for step, rows in sorted(by_step.items()):
-        relative = f"{DATA_DIR}/{path_slug(policy)}/step_{step:06d}/shard-00000.parquet"
-        shards.append(ShardRecord(relative, len(rows), write_pairs_shard(out_dir / relative, rows), None))
     summaries = checkpoint_summaries(pairs, {(policy, step): str(folder) for step in sorted(by_step)})
     files = sorted({record[4] for record in records})
     config = {"run_dir": str(source), "policy": policy, "window": window}
-    payload = manifest_payload("from-logs", len(pairs), shards, summaries, config)
-    payload["sources"] = [{"path": f, "sha256": sha256_file(Path(f))} for f in files]
-    manifest = write_manifest(out_dir, payload)
+    with staging_folder(out_dir, "from-logs") as staging:
+        shards = []
+        for step, rows in sorted(by_step.items()):
+            relative = f"{DATA_DIR}/{path_slug(policy)}/step_{step:06d}/shard-00000.parquet"
+            shards.append(ShardRecord(relative, len(rows), write_pairs_shard(staging / relative, rows), None))
+        payload = manifest_payload("from-logs", len(pairs), shards, summaries, config)
+        payload["sources"] = [{"path": f, "sha256": sha256_file(Path(f))} for f in files]
+        write_manifest(staging, payload)
+        os.replace(staging, out_dir)  # one rename: `out` goes from missing or empty to complete
+    manifest = out_dir / MANIFEST
     seconds = time.perf_counter() - start
     summary = HarvestSummary(
         out=str(out_dir), manifest=str(manifest), pairs=len(pairs), new_pairs=len(pairs), rollouts=len(records),
@@ -1314,32 +1271,27 @@ class ValidationReport:
 
 
 def _manifest_problems(folder: Path) -> list[PairProblem]:
-    """Checksum and completeness problems of a harvest folder against its manifest."""
+    """Completeness and checksum problems of a pairs output folder (`harvest run`, `from-logs`,
+    `import-v0`) against its manifest, all of them; none for a plain folder of pair files."""
+    if not is_pairs_output(folder):
+        return []
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        if (folder / PROGRESS_DIR).is_dir():
-            return [
-                PairProblem(
-                    str(folder), None, None, f"no {MANIFEST}: an unfinished harvest (rerun it to resume)"
-                )
-            ]
-        return []
+        unfinished = f"no {MANIFEST}: an unfinished harvest, rerun the same command to resume"
+        return [PairProblem(str(folder), None, None, unfinished)]
     try:
-        manifest = read_json_object(manifest_path, HarvestError)
-        if "shards" not in manifest:  # another writer's manifest (e.g. the V0 release importer)
-            return []
-        shards = manifest_shards(manifest, manifest_path)
+        shards = manifest_shards(read_json_object(manifest_path, HarvestError), manifest_path, HarvestError)
     except HarvestError as err:
         return [PairProblem(str(folder), None, None, f"unusable manifest: {err}")]
     problems = []
-    listed = set()
     for shard in shards:
-        listed.add(shard.path)
         problem = check_shard_file(folder / shard.path, shard.sha256, shard.rows)
         if problem is not None:
             problems.append(PairProblem(str(folder / shard.path), None, None, f"corrupted shard: {problem}"))
-    for path in sorted((folder / DATA_DIR).rglob("*.parquet")) if (folder / DATA_DIR).is_dir() else []:
-        if str(path.relative_to(folder)) not in listed:
+    listed = {shard.path for shard in shards}
+    for path in sorted(folder.rglob("*.parquet")):
+        relative = path.relative_to(folder)
+        if str(relative) not in listed and not any(part.startswith(".") for part in relative.parts):
             problems.append(PairProblem(str(path), None, None, f"shard is not listed in {MANIFEST}"))
     return problems
 
@@ -1373,15 +1325,16 @@ def validate(path: str, max_problems: int = 50) -> ValidationReport:
         return report
     if source.is_dir():
         report.problems += _manifest_problems(source)
+        if report.problems:  # its rows cannot be trusted (or read) until the output is whole again
+            return report
     try:
         dataset, problems = load_and_validate(source)
-    except Exception as err:  # PairsError, or datasets/pyarrow failing on a damaged file
+    except PairsError as err:  # naming the file (and row, field) that is not pairs
         report.problems.append(PairProblem(str(source), None, None, f"cannot be read as pairs: {err}"))
         return report
     report.rows = len(dataset)
     report.problems += problems
-    if all(c in dataset.column_names for c in ("policy", "step", "n", "successes")):
-        report.pools = _pool_stats(dataset)
+    report.pools = _pool_stats(dataset)
     return report
 
 

@@ -6,10 +6,18 @@ on the ±1 scale. Success rate `y = successes / n = (score + 1) / 2`. A *context
 of one `(policy, step)` key. Pairs live in Hugging Face `datasets` form, stored as parquet shards
 (a file or a folder of them) or jsonl.
 
-`validate_pairs` never raises: it returns every problem it finds with its row and field, so a
-harvest can be repaired in one pass; `load_valid_pairs` loads, validates and raises one
-`PairsError` listing them. Single-class context pools are warnings, not errors: V0 skips them when
-sampling episodes (design.md §3), but the data itself is legal.
+A folder that `harvest` or `import-v0` writes (a *pairs output*: it has `manifest.json`, `data/` or
+`progress/`) is read only through its manifest, which the writer puts there last: exactly the files it
+lists, each checked against its sha256 and row count. Shards without a manifest are an unfinished (or
+killed) run and are never read as pairs. Writers build unfinished work under hidden (`.`) names, which
+readers skip.
+
+`load_pairs` checks each file's raw types before any cast (a jsonl `"step": "64"` is an error, not the
+integer 64) and raises one `PairsError` naming the file, row (jsonl: line) and field of the first bad
+value. `validate_pairs` never raises: it returns every contract problem it finds with its row and field,
+so a harvest can be repaired in one pass; `load_valid_pairs` loads, validates and raises one `PairsError`
+listing them. Single-class context pools are warnings, not errors: V0 skips them when sampling episodes
+(design.md §3), but the data itself is legal.
 
 Run: `python -m data_pipelines.pairs PATH` prints the problems of a pairs file or folder.
 """
@@ -17,16 +25,20 @@ Run: `python -m data_pipelines.pairs PATH` prints the problems of a pairs file o
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import math
+import shutil
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import datasets
+import pyarrow as pa
 
 PAIR_FEATURES = datasets.Features(
     {
@@ -46,6 +58,11 @@ SCORE_TOLERANCE = 1e-6
 """Largest allowed |score - (2 * successes / n - 1)|."""
 SUCCESS_THRESHOLD = 0.5
 """A pair counts as a success (class 1) when its success rate is >= this (design.md §3 labels)."""
+MANIFEST = "manifest.json"
+OUTPUT_MARKERS = (MANIFEST, "data", "progress")
+"""Entries that make a folder a pairs output: `harvest run` writes `data/` shards and `progress/` records
+before its manifest, so any of them without a finished manifest is an unfinished run."""
+_STRING_COLUMNS = ("policy", "prompt_id", "prompt")
 
 
 class PairsError(ValueError):
@@ -84,41 +101,44 @@ def pool_key(policy: str, step: int) -> str:
     return f"{policy}@step{step}"
 
 
-def _data_files(path: Path) -> tuple[str, list[str]]:
-    if path.is_dir():
-        parquet = sorted(str(p) for p in path.rglob("*.parquet"))
-        jsonl = sorted(str(p) for p in path.rglob("*.jsonl"))
-        if parquet and jsonl:
-            raise PairsError(f"{path}: holds both parquet and jsonl files; keep one format per folder")
-        if parquet:
-            return "parquet", parquet
-        if jsonl:
-            return "json", jsonl
-        raise PairsError(f"{path}: folder has no *.parquet or *.jsonl pair files")
-    if path.suffix == ".parquet":
-        return "parquet", [str(path)]
-    if path.suffix in (".jsonl", ".json"):
-        return "json", [str(path)]
-    raise PairsError(f"{path}: unknown pairs format (expected .parquet, .jsonl or a folder of them)")
+# --------------------------------------------------------------------------------------------------
+# Pairs output folders: the manifest, its checksums, staging
 
 
-def load_pairs(path: str | Path) -> datasets.Dataset:
-    """Load pairs from a parquet file, a jsonl file, or a folder of parquet / jsonl shards.
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard as a manifest lists it (path relative to the output folder)."""
 
-    Columns are cast to `PAIR_FEATURES` when all contract columns are present; otherwise the raw
-    columns are returned so `validate_pairs` can name what is missing.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise PairsError(f"{path}: no such pairs file or folder")
-    builder, files = _data_files(path)
-    dataset = datasets.load_dataset(builder, data_files=files, split="train")
-    if set(PAIR_COLUMNS) <= set(dataset.column_names):
-        try:
-            dataset = dataset.select_columns(list(PAIR_COLUMNS)).cast(PAIR_FEATURES)
-        except (ValueError, TypeError) as err:  # e.g. a string in an int column
-            raise PairsError(f"{path}: columns do not cast to the pair contract: {err}") from err
-    return dataset
+    path: str
+    rows: int
+    sha256: str
+    seed: int | None = None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_shard_file(path: Path, sha256: str, rows: int) -> str | None:
+    """Why the shard at `path` cannot be trusted (missing, checksum, unreadable, row count), or None."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        return "file is missing"
+    actual = sha256_file(path)
+    if actual != sha256:
+        return f"sha256 {actual[:12]}... does not match the recorded {sha256[:12]}..."
+    try:
+        found = pq.read_metadata(path).num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError on a damaged footer
+        return f"not a readable parquet file ({err})"
+    if found != rows:
+        return f"holds {found} rows, the record says {rows}"
+    return None
 
 
 def read_json_object(path: Path, error: type[ValueError] = PairsError) -> dict[str, Any]:
@@ -131,6 +151,245 @@ def read_json_object(path: Path, error: type[ValueError] = PairsError) -> dict[s
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def manifest_shards(
+    manifest: dict[str, Any], path: Path, error: type[ValueError] = PairsError
+) -> list[ShardRecord]:
+    """The shards a manifest lists; `error` naming `path` and the entry when one is malformed."""
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise error(
+            f"{path}: 'shards' must be a list of the output's files, got {type(shards).__name__} (a manifest "
+            "without one cannot vouch for any file; write the output again into a new folder)"
+        )
+    records = []
+    for index, entry in enumerate(shards):
+        valid = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("path"), str)
+            and isinstance(entry.get("rows"), int)
+            and isinstance(entry.get("sha256"), str)
+        )
+        if not valid:
+            raise error(
+                f"{path}: shards[{index}] needs a string 'path', an int 'rows' and a string 'sha256', "
+                f"got {str(entry)[:200]}"
+            )
+        records.append(ShardRecord(entry["path"], entry["rows"], entry["sha256"], entry.get("seed")))
+    return records
+
+
+def is_pairs_output(folder: Path) -> bool:
+    """Whether `folder` is (or was begun as) a `harvest` / `import-v0` output, read only via its manifest."""
+    return any((folder / marker).exists() for marker in OUTPUT_MARKERS)
+
+
+def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> list[Path]:
+    """The files a finished pairs output lists in its manifest, in order, each checked against the
+    sha256 and row count recorded there.
+
+    Raises:
+        `error`: when `folder` has no manifest (an unfinished run: shards may be missing or half a pool),
+            the manifest is damaged or lists nothing, or a listed file changed since it was written.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise error(f"{folder}: no {MANIFEST}: an unfinished harvest, rerun the same command to resume")
+    shards = manifest_shards(read_json_object(manifest_path, error), manifest_path, error)
+    if not shards:
+        raise error(f"{manifest_path}: lists no shards")
+    for shard in shards:
+        problem = check_shard_file(folder / shard.path, shard.sha256, shard.rows)
+        if problem is not None:
+            raise error(f"{folder / shard.path}: corrupted shard of {manifest_path}: {problem}")
+    return [folder / shard.path for shard in shards]
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Pair files in `folder` and below, a pairs output by its manifest; hidden names are skipped."""
+    if is_pairs_output(folder):
+        return manifest_files(folder)
+    files: list[Path] = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith("."):  # a writer's unfinished work (staging folders, temporary files)
+            continue
+        if child.is_dir():
+            files += _folder_files(child)
+        elif child.suffix in (".parquet", ".jsonl"):
+            files.append(child)
+    return files
+
+
+def pair_files(path: str | Path) -> list[Path]:
+    """The files a pairs path stands for: a `.parquet` / `.jsonl` (JSON lines, also as `.json`) file;
+    a pairs output folder's manifest-listed files; or the pair files of any other folder and its
+    sub-folders (pairs outputs among them by their manifests).
+
+    Raises:
+        PairsError: no such path, an unknown format, an unfinished or damaged pairs output, a folder
+            without pair files or with both parquet and jsonl files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PairsError(f"{path}: no such pairs file or folder")
+    if not path.is_dir():
+        if path.suffix not in (".parquet", ".jsonl", ".json"):
+            raise PairsError(f"{path}: unknown pairs format (expected .parquet, .jsonl or a folder of them)")
+        return [path]
+    files = _folder_files(path)
+    if not files:
+        raise PairsError(f"{path}: folder has no *.parquet or *.jsonl pair files")
+    if len({file.suffix == ".parquet" for file in files}) > 1:
+        raise PairsError(f"{path}: holds both parquet and jsonl files; keep one format per folder")
+    return files
+
+
+@contextmanager
+def staging_folder(out: Path, writer: str) -> Iterator[Path]:
+    """A new, empty hidden sibling of `out`, `.{out.name}.{writer}-staging`, to build a pairs output in;
+    the writer moves it to `out` (one `os.replace`) only once the output is complete.
+
+    Readers skip hidden names, so a half-built output is never read as pairs, and a killed writer leaves
+    `out` as it was. What a killed run of the same writer left (`.{out.name}.{writer}-*`) is removed
+    first, so rerunning the same command just works; this assumes one writer per output folder at a time.
+    The folder is removed on leaving (after a successful move it no longer exists).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.{writer}-"
+    for stale in out.parent.iterdir():
+        if stale.name.startswith(prefix) and stale.is_dir():
+            shutil.rmtree(stale)
+    staging = out.parent / f"{prefix}staging"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: raw types are checked per file, before any cast
+
+
+def _value_problem(column: str, value: Any) -> str | None:
+    """Why a parsed JSON `value` cannot be `column` of a pair, or None. Null passes: the row checks of
+    `validate_pairs` name it with the value rule it breaks."""
+    if value is None:
+        return None
+    if column in _STRING_COLUMNS:
+        return None if isinstance(value, str) else f"must be a string, got {value!r}"
+    if column == "score":
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is a Python int
+        return None if number else f"must be a number, got {value!r}"
+    integer = isinstance(value, int) and not isinstance(value, bool)
+    return None if integer else f"must be an integer, got {value!r}"
+
+
+def _type_fits(column: str, arrow_type: pa.DataType) -> bool:
+    """Whether a parquet column of `arrow_type` holds `column` values without reinterpretation."""
+    if column in _STRING_COLUMNS:
+        fits = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    elif column == "score":
+        fits = pa.types.is_floating(arrow_type) or pa.types.is_integer(arrow_type)
+    else:
+        fits = pa.types.is_integer(arrow_type)
+    return bool(fits or pa.types.is_null(arrow_type))  # an all-null column: the row checks name each row
+
+
+def _check_parquet(file: Path) -> None:
+    """Raise `PairsError` naming `file` when it is unreadable, has no rows, lacks a contract column or
+    stores one with another type (naming the first non-null row of that column)."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema, rows = pq.read_schema(file), pq.read_metadata(file).num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError on damaged files
+        raise PairsError(f"{file}: not a readable parquet file ({err})") from err
+    if rows == 0:
+        raise PairsError(f"{file}: no rows")
+    missing = [column for column in PAIR_COLUMNS if column not in schema.names]
+    if missing:
+        raise PairsError(
+            f"{file}: missing column(s) {missing} of the pair contract (columns: {schema.names})"
+        )
+    for column in PAIR_COLUMNS:
+        arrow_type = schema.field(column).type
+        if not _type_fits(column, arrow_type):
+            values = pq.read_table(file, columns=[column]).column(column).to_pylist()
+            row = next((i for i, value in enumerate(values) if value is not None), 0)
+            raise PairsError(
+                f"{file} row {row} field {column!r}: column type {arrow_type}, expected "
+                f"{PAIR_FEATURES[column].dtype} (value {values[row]!r})"
+            )
+
+
+def _read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """The contract fields of every record of a JSON-lines pairs file, each value's type checked as
+    parsed. Arrow's type inference would turn `"step": "64"` into 64 and lose where a bad value was."""
+    rows = []
+    with file.open(encoding="utf-8") as handle:
+        try:
+            lines = list(handle)
+        except UnicodeDecodeError as err:
+            raise PairsError(f"{file}: not a UTF-8 text file ({err})") from err
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{file} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise PairsError(f"{where}: not valid JSON ({err})") from err
+        if not isinstance(record, dict):
+            raise PairsError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        missing = [column for column in PAIR_COLUMNS if column not in record]
+        if missing:
+            raise PairsError(f"{where}: missing field(s) {missing} of the pair contract")
+        for column in PAIR_COLUMNS:
+            problem = _value_problem(column, record[column])
+            if problem is not None:
+                raise PairsError(f"{where} field {column!r}: {problem}")
+        rows.append({column: record[column] for column in PAIR_COLUMNS})
+    if not rows:
+        raise PairsError(f"{file}: no rows")
+    return rows
+
+
+def _load_files(path: Path, files: Sequence[Path]) -> datasets.Dataset:
+    if files[0].suffix == ".parquet":
+        for file in files:
+            _check_parquet(file)
+        data_files = [str(file) for file in files]
+        try:  # types are checked, so casting to the contract only widens (int32 -> int64, float32 -> float64)
+            return datasets.load_dataset(
+                "parquet",
+                data_files=data_files,
+                columns=list(PAIR_COLUMNS),
+                features=PAIR_FEATURES,
+                split="train",
+            )
+        except Exception as err:  # datasets wraps reader errors in DatasetGenerationError and others
+            raise PairsError(f"{path}: cannot be loaded as parquet pairs ({err})") from err
+    rows = [row for file in files for row in _read_jsonl(file)]
+    try:
+        return datasets.Dataset.from_list(rows, features=PAIR_FEATURES)
+    except (pa.ArrowException, OverflowError) as err:  # e.g. an integer beyond int64
+        raise PairsError(f"{path}: values do not fit the pair contract's dtypes ({err})") from err
+
+
+def load_pairs(path: str | Path) -> datasets.Dataset:
+    """Load pairs with the contract's columns and dtypes (`PAIR_FEATURES`) from a parquet or jsonl file,
+    a folder of them, or a pairs output folder (the files its manifest lists; see `pair_files`).
+
+    Raises:
+        PairsError: naming the file (and row or jsonl line, and field) of the first thing that keeps it
+            from being pairs: an unreadable or empty file, a missing column, a value of another type.
+            Value rules (ranges, duplicates) are `validate_pairs`'s.
+    """
+    path = Path(path)
+    return _load_files(path, pair_files(path))
 
 
 class RowLocator:
@@ -146,20 +405,20 @@ class RowLocator:
         self.lines: list[list[int] | None] = []  # jsonl: the line number of each record
         total = 0
         for file in self.files:
-            if file.endswith(".jsonl"):
-                with open(file) as handle:
+            if not file.endswith(".parquet"):  # JSON lines
+                with open(file, encoding="utf-8") as handle:
                     lines = [number for number, text in enumerate(handle, start=1) if text.strip()]
                 self.lines.append(lines)
                 count = len(lines)
             else:
                 self.lines.append(None)
-                count = pq.read_metadata(file).num_rows if file.endswith(".parquet") else 0
+                count = pq.read_metadata(file).num_rows
             self.starts.append(total)
             total += count
 
     @classmethod
     def for_path(cls, path: str | Path) -> RowLocator:
-        return cls(str(path), _data_files(Path(path))[1])
+        return cls(str(path), [str(file) for file in pair_files(path)])
 
     def __call__(self, index: int) -> tuple[str, int, Literal["row", "line"]]:
         if not self.files:
@@ -282,8 +541,9 @@ def validate_pairs(
 
 def load_and_validate(path: str | Path) -> tuple[datasets.Dataset, list[PairProblem]]:
     """`load_pairs(path)` and its contract problems, each row problem located in its shard or line."""
-    dataset = load_pairs(path)
-    return dataset, validate_pairs(dataset, str(path), RowLocator.for_path(path))
+    files = pair_files(path)  # once: for a pairs output this verifies every checksum
+    dataset = _load_files(Path(path), files)
+    return dataset, validate_pairs(dataset, str(path), RowLocator(str(path), [str(file) for file in files]))
 
 
 def load_valid_pairs(path: str | Path) -> datasets.Dataset:
@@ -310,7 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     status = 0
     for path in paths:
-        problems = load_and_validate(path)[1]
+        try:
+            problems = load_and_validate(path)[1]
+        except PairsError as err:  # not readable as pairs at all: the message names file, row and field
+            print(f"error: {err}")
+            status = 1
+            continue
         for problem in problems:
             print(problem)
         if any(p.severity == "error" for p in problems):

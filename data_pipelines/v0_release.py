@@ -10,8 +10,11 @@ a number, a non-integer step, a null or empty model) is a `PairsError` naming th
 key) and `train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
 
 Run: `python -m data_pipelines.v0_release ../shared/data/v0-release artifacts/pairs/v0-release`
-writes `context/` and `train/` parquet shards, then `manifest.json` last; a failed import leaves the
-previous output untouched.
+writes `context/` and `train/` parquet shards and `manifest.json` (listing both with rows and sha256, so
+`harvest validate` and `pairs.load_pairs` check them) into a hidden staging folder, then moves it to the
+output folder. A failed or killed import leaves the previous output untouched (a kill in the final swap
+leaves no output, and rerunning the same command completes it). The output folder must be new, empty or
+a previous import: anything else (a harvest, stray files) is refused rather than mixed or overwritten.
 """
 
 from __future__ import annotations
@@ -21,21 +24,33 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import datasets
 
-from data_pipelines.pairs import PAIR_FEATURES, PairsError, raise_on_errors, read_json_object, validate_pairs
+from data_pipelines.pairs import (
+    MANIFEST,
+    PAIR_FEATURES,
+    PairsError,
+    ShardRecord,
+    manifest_shards,
+    raise_on_errors,
+    read_json_object,
+    sha256_file,
+    staging_folder,
+    validate_pairs,
+)
 
 RELEASE_ROLLOUTS = 10
 """Rollouts behind every release score (scores are multiples of 0.2)."""
 RELEASE_FILES = {"context": "context.jsonl", "train": "train.jsonl"}
 RELEASE_FIELDS = ("id", "score", "model", "step", "dataset")
 RELEASE_SHARD = "pairs-00000.parquet"
-MANIFEST = "manifest.json"
+IMPORT_KIND = "v0-release"
+"""The manifest `kind` of an import, the only thing an import may replace."""
 
 
 def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
@@ -118,31 +133,71 @@ def read_v0_release(
     return dataset
 
 
-def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
-    """Import both release files into `out/{context,train}/` parquet, then write `manifest.json` last.
+def check_import_folder(out: Path) -> None:
+    """Refuse an `out` that holds anything but a previous import, which a new import replaces whole.
 
-    Both files are read and validated before anything is written, and the new files are written into a
-    temporary sibling folder first, then moved into `out` with `os.replace` (the old manifest is removed
-    first, the new one moved last). A bad release therefore leaves a previous import in `out` untouched.
+    Raises:
+        PairsError: naming `out` when it is a file, holds another writer's output (a harvest's manifest
+            and shards would be mixed with the release), or files its import manifest does not list.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise PairsError(f"output folder {out} is a file")
+    found = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
+    if not found:
+        return
+    manifest_path = out / MANIFEST
+    manifest = read_json_object(manifest_path) if manifest_path.is_file() else {}
+    if manifest.get("kind") != IMPORT_KIND:
+        what = f"a {manifest.get('kind')!r} pairs output" if manifest else f"files ({found[:3]})"
+        raise PairsError(
+            f"output folder {out} holds {what}, not a previous import-v0; choose a new folder "
+            "(or delete this one)"
+        )
+    listed = {MANIFEST} | {shard.path for shard in manifest_shards(manifest, manifest_path)}
+    strays = [path for path in found if path not in listed]
+    if strays:
+        raise PairsError(
+            f"output folder {out} holds files its import manifest does not list ({strays[:3]}); an import "
+            "replaces the folder whole, so move them out first (or choose a new folder)"
+        )
+
+
+def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
+    """Import both release files into `out/{context,train}/` parquet with `out/manifest.json`.
+
+    Both files are read and validated before anything is written; everything is written into a hidden
+    staging folder next to `out` (`pairs.staging_folder`) and moved into place last: with a rename onto a
+    missing or empty `out`, or by moving a previous import aside, renaming, then deleting the old one. A
+    bad release therefore leaves a previous import untouched, and no reader ever sees old and new files
+    mixed or an import without its manifest.
     """
     out = Path(out)
+    check_import_folder(out)
     prompts = read_prompts(folder)
     splits = {split: read_v0_release(folder, split, prompts) for split in RELEASE_FILES}  # type: ignore[arg-type]
-    manifest = {"source": str(Path(folder).resolve()), "rows": {s: len(d) for s, d in splits.items()}}
-    files = [f"{split}/{RELEASE_SHARD}" for split in splits] + [MANIFEST]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    try:
+    with staging_folder(out, "import") as staging:
+        shards = []
         for split, dataset in splits.items():
+            relative = f"{split}/{RELEASE_SHARD}"
             (staging / split).mkdir()
-            dataset.to_parquet(str(staging / split / RELEASE_SHARD))
+            dataset.to_parquet(str(staging / relative))
+            shards.append(ShardRecord(relative, len(dataset), sha256_file(staging / relative)))
+        manifest = {
+            "kind": IMPORT_KIND,
+            "source": str(Path(folder).resolve()),
+            "rows": {split: len(dataset) for split, dataset in splits.items()},
+            "shards": [asdict(shard) for shard in shards],
+        }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (out / MANIFEST).unlink(missing_ok=True)  # no manifest while old and new files mix
-        for relative in files:
-            (out / relative).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / relative, out / relative)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if out.exists() and any(out.iterdir()):  # a previous import (check_import_folder)
+            previous = out.parent / f".{out.name}.import-previous"  # cleared by the next run if killed here
+            os.replace(out, previous)
+            os.replace(staging, out)
+            shutil.rmtree(previous)
+        else:
+            os.replace(staging, out)
     return out / MANIFEST
 
 

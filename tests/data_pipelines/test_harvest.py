@@ -43,7 +43,7 @@ from data_pipelines.harvest import (
     validate,
     window_step,
 )
-from data_pipelines.pairs import PAIR_COLUMNS, load_pairs, validate_pairs
+from data_pipelines.pairs import PAIR_COLUMNS, PairsError, load_pairs, load_valid_pairs, validate_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = REPO.parent / "shared" / "data" / "v0-release"
@@ -459,6 +459,10 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(workdir: Path, re
     assert not (out / MANIFEST).exists()  # it really died midway
     done = len(list((out / "progress").rglob("*.json")))
     assert 2 <= done < 8
+    # V0 pretraining's loader and `validate` refuse the finished shards of an unfinished harvest.
+    with pytest.raises(PairsError, match=rf"{out}: .*unfinished harvest, rerun the same command to resume"):
+        load_valid_pairs(out)
+    assert not validate(str(out)).ok
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     assert f"resumed: {done} shards verified and kept" in result.stdout
@@ -466,6 +470,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(workdir: Path, re
     rows = pair_rows(out)
     keys = [(r["policy"], r["step"], r["prompt_id"]) for r in rows]
     assert len(keys) == len(set(keys)) == 48  # no duplicate, no missing (checkpoint, prompt) pair
+    assert len(load_valid_pairs(out)) == 48
 
 
 def test_sglang_engine_harvests_through_its_http_protocol(workdir: Path, tmp_path: Path) -> None:
@@ -558,6 +563,51 @@ def test_from_logs_bad_records_name_file_row_and_field(tmp_path: Path) -> None:
         pairs_from_records([(1, "a", "1+1", 1.0, "f", 0), (2, "a", "1+2", 1.0, "g", 3)], "p", 2)
 
 
+def test_from_logs_over_record_files_without_rows_names_the_folder(tmp_path: Path) -> None:
+    rollouts = tmp_path / "run" / "rollouts"
+    write_records(rollouts, 1, [])
+    write_records(rollouts, 2, [])
+    with pytest.raises(HarvestError, match=rf"^{rollouts}: its 2 rollout record file\(s\) hold no rows$"):
+        run_from_logs(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_from_logs_killed_midway_leaves_no_output_and_its_rerun_completes(tmp_path: Path) -> None:
+    """A real SIGKILL after 2 of 3 shards: nothing at `out` reads as pairs, and the same command reruns."""
+    rollouts = tmp_path / "run" / "rollouts"
+    for step in (1, 2, 3):
+        write_records(rollouts, step, [("a", "1+1", 1.0), ("b", "2+2", float(step % 2))])
+    out = tmp_path / "pairs" / "out"
+    command = ["from-logs", f"--run_dir={tmp_path / 'run'}", "--policy=grpo", f"--out={out}", "--window=1",
+               "--experiment=null"]  # fmt: skip
+    child = (
+        "import os, signal, sys\n"
+        "import data_pipelines.harvest as harvest\n"
+        "write, written = harvest.write_pairs_shard, []\n"
+        "def write_then_die(path, rows):\n"
+        "    written.append(write(path, rows))\n"
+        "    if len(written) == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return written[-1]\n"
+        "harvest.write_pairs_shard = write_then_die\n"
+        "harvest.main(sys.argv[1:])\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", child, *command], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not out.exists()
+    assert not validate(str(out)).ok
+    with pytest.raises(PairsError, match="no such pairs file or folder"):
+        load_valid_pairs(out)
+    with pytest.raises(PairsError, match="folder has no"):  # the hidden staging folder is not pairs
+        load_pairs(out.parent)
+
+    main(command)  # the same command again
+    rows = pq.read_table(harvest_data_files(out)).to_pylist()
+    assert [(r["step"], r["prompt_id"]) for r in rows] == [(s, p) for s in (1, 2, 3) for p in ("a", "b")]
+    assert validate(str(out)).ok
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # the killed run's staging is gone
+
+
 def run_from_logs(run_dir: Path, out: Path):
     from data_pipelines.harvest import from_logs
 
@@ -607,6 +657,31 @@ def test_import_v0_release_into_the_contract(tmp_path: Path, capsys) -> None:
     report = capsys.readouterr().out
     assert "3264 pairs in 6 context pool(s)" in report and "OK: 0 error(s)" in report
     assert len(load_pairs(tmp_path / "v0")) == 3264
+
+
+def test_import_v0_refuses_an_output_folder_holding_a_harvest(
+    reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Pointed at a finished harvest by mistake, import-v0 must neither unlink its manifest nor mix files."""
+    out = tmp_path / "harvest"
+    shutil.copytree(reference, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    release = tmp_path / "release"
+    release.mkdir()
+    (release / "prompt_dict.json").write_text(json.dumps({"d_1": "one"}))
+    row = {"id": 1, "score": 0.6, "type": "context", "model": "M", "step": 16, "dataset": "d"}
+    (release / "context.jsonl").write_text(json.dumps(row) + "\n")
+    (release / "train.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-v0", f"--release={release}", f"--out={out}"])
+    assert exit_.value.code == 2
+    assert (
+        f"output folder {out} holds a 'rollouts' pairs output, not a previous import-v0"
+        in capsys.readouterr().err
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["harvest", "release"]  # no staging left either
+    assert len(load_valid_pairs(out)) == 48
 
 
 def test_bad_input_exits_2_with_the_message(tmp_path: Path, capsys) -> None:

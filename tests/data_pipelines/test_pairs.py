@@ -1,4 +1,5 @@
-"""Tests of the pair contract: loading (parquet file, folder, jsonl) and row/field-level validation."""
+"""Tests of the pair contract: loading (parquet file, folder, jsonl, pairs output folders read through their
+manifest), raw type checks before any cast, and row/field-level validation."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import datasets
 import pytest
 
 from data_pipelines.pairs import (
+    MANIFEST,
     PAIR_COLUMNS,
     PAIR_FEATURES,
     PairsError,
     RowLocator,
     load_pairs,
     load_valid_pairs,
+    sha256_file,
     success_rate,
     validate_pairs,
 )
@@ -160,3 +163,124 @@ def test_problems_name_the_shard_and_its_row_or_the_jsonl_line(tmp_path: Path) -
     problems = validate_pairs(load_pairs(jsonl), str(jsonl), RowLocator.for_path(jsonl))
     error = next(p for p in problems if p.severity == "error")
     assert str(error).startswith(f"error: {jsonl} line 3 field 'successes'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Pairs output folders are read only through a finished manifest
+
+
+def write_output(folder: Path, shards: dict[str, list[dict]], listed: list[str] | None = None) -> None:
+    """A pairs output as `harvest` writes it: parquet shards under `data/`, then (unless `listed` is
+    None) `manifest.json` listing the shards in `listed` with their rows and sha256."""
+    for relative, rows in shards.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        as_dataset(rows).to_parquet(str(folder / relative))
+    if listed is not None:
+        entries = [{"path": p, "rows": len(shards[p]), "sha256": sha256_file(folder / p)} for p in listed]
+        (folder / MANIFEST).write_text(json.dumps({"kind": "rollouts", "shards": entries}))
+
+
+SHARDS = {
+    "data/p/step_000001/shard-00000.parquet": GOOD[:2],
+    "data/p/step_000001/shard-00001.parquet": GOOD[2:],
+}
+
+
+def test_shards_without_a_manifest_are_an_unfinished_harvest(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_output(out, SHARDS)  # killed before its manifest
+    with pytest.raises(PairsError, match=rf"{out}: .*unfinished harvest, rerun the same command to resume"):
+        load_valid_pairs(out)
+    progress_only = tmp_path / "progress_only"  # killed before its first shard
+    (progress_only / "progress").mkdir(parents=True)
+    with pytest.raises(PairsError, match="unfinished harvest"):
+        load_pairs(progress_only)
+    # Nor is an unfinished output read as part of a plain folder above it.
+    as_dataset(GOOD).to_parquet(str(tmp_path / "loose.parquet"))
+    with pytest.raises(PairsError, match=rf"{out}: .*unfinished harvest"):
+        load_pairs(tmp_path)
+
+
+def test_a_finished_output_reads_exactly_its_listed_and_intact_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    write_output(out, SHARDS, listed=list(SHARDS))
+    assert sorted(load_valid_pairs(out)["prompt_id"]) == ["a", "b", "c"]
+    stray = out / "data/p/step_000002/shard-00000.parquet"  # not in the manifest: never read
+    stray.parent.mkdir()
+    as_dataset([pair(prompt_id="z")]).to_parquet(str(stray))
+    assert sorted(load_valid_pairs(out)["prompt_id"]) == ["a", "b", "c"]
+    shard = out / "data/p/step_000001/shard-00001.parquet"
+    as_dataset([pair(prompt_id="c", successes=1)]).to_parquet(str(shard))  # changed after the manifest
+    with pytest.raises(PairsError, match=rf"{shard}: corrupted shard of {out / MANIFEST}: sha256"):
+        load_pairs(out)
+    shard.unlink()
+    with pytest.raises(PairsError, match=rf"{shard}: corrupted shard .*file is missing"):
+        load_pairs(out)
+
+
+def test_hidden_staging_folders_are_never_read(tmp_path: Path) -> None:
+    """Writers build outputs under hidden names; a killed one must not add rows to a folder above it."""
+    (tmp_path / ".out.import-staging" / "context").mkdir(parents=True)
+    as_dataset([pair(prompt_id="z")]).to_parquet(str(tmp_path / ".out.import-staging/context/x.parquet"))
+    as_dataset(GOOD).to_parquet(str(tmp_path / "pairs.parquet"))
+    assert sorted(load_valid_pairs(tmp_path)["prompt_id"]) == ["a", "b", "c"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw types are checked before any cast
+
+
+def jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        ([json.dumps(GOOD[0]), json.dumps(GOOD[1] | {"step": "64"})], "{path} line 2 field 'step': must be an integer, got '64'"),
+        ([json.dumps(GOOD[0] | {"score": "1.0"})], "{path} line 1 field 'score': must be a number, got '1.0'"),
+        ([json.dumps(GOOD[0]), "", json.dumps(GOOD[1] | {"step": "abc"})], "{path} line 3 field 'step': must be an integer, got 'abc'"),
+        ([json.dumps(GOOD[0] | {"successes": True, "n": 1, "score": 1.0})], "{path} line 1 field 'successes': must be an integer, got True"),
+        ([json.dumps(GOOD[0] | {"n": 4.5})], "{path} line 1 field 'n': must be an integer, got 4.5"),
+        ([json.dumps(GOOD[0] | {"prompt": ["chat"]})], "{path} line 1 field 'prompt': must be a string, got ['chat']"),
+        ([json.dumps(GOOD[0]), '{"policy": "p", "step": 1,'], "{path} line 2: not valid JSON"),
+        ([json.dumps([1, 2])], "{path} line 1: expected a JSON object, got list"),
+        ([json.dumps({k: v for k, v in GOOD[0].items() if k != "n"})], "{path} line 1: missing field(s) ['n']"),
+        ([], "{path}: no rows"),
+        (["", "  "], "{path}: no rows"),
+    ],
+)  # fmt: skip
+def test_jsonl_values_of_another_type_name_file_line_and_field(
+    tmp_path: Path, lines: list[str], error: str
+) -> None:
+    """Types are checked as parsed: a string `step` or `score` was cast silently, a bad line named nowhere."""
+    path = jsonl(tmp_path / "pairs.jsonl", lines)
+    with pytest.raises(PairsError) as raised:
+        load_valid_pairs(path)
+    assert str(raised.value).startswith(error.format(path=path))
+
+
+def test_parquet_columns_of_another_type_name_file_row_and_field(tmp_path: Path) -> None:
+    """A string column is an error before any cast; an empty or 0-byte file says so; narrower numbers widen."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list([r | {"step": str(r["step"])} for r in GOOD]).to_parquet(str(path))
+    with pytest.raises(
+        PairsError, match=rf"^{path} row 0 field 'step': column type string, expected int64 \(value '1'\)"
+    ):
+        load_valid_pairs(path)
+    pq.write_table(PAIR_FEATURES.arrow_schema.empty_table(), path)
+    with pytest.raises(PairsError, match=rf"^{path}: no rows$"):
+        load_pairs(path)
+    path.write_bytes(b"")
+    with pytest.raises(PairsError, match=rf"^{path}: not a readable parquet file"):
+        load_pairs(path)
+    # Narrower numeric types widen to the contract's without loss.
+    columns = {c: [r[c] for r in GOOD] for c in PAIR_COLUMNS}
+    types = {"step": pa.int32(), "n": pa.int16(), "successes": pa.int32(), "score": pa.float32()}
+    pq.write_table(pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in columns.items()}), path)
+    loaded = load_valid_pairs(path)
+    assert loaded.features == PAIR_FEATURES and loaded["successes"] == [4, 0, 2]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from data_pipelines.pairs import PAIR_FEATURES, PairsError, load_valid_pairs
-from data_pipelines.v0_release import read_v0_release, release_row_to_pair, write_release_pairs
+from data_pipelines.pairs import PAIR_FEATURES, PairsError, load_pairs, load_valid_pairs
+from data_pipelines.v0_release import main, read_v0_release, release_row_to_pair, write_release_pairs
 
 REAL_RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0-release"
 
@@ -17,7 +20,8 @@ def make_release(folder: Path, rows: list[dict], prompts: dict[str, str]) -> Pat
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt_dict.json").write_text(json.dumps(prompts))
     (folder / "context.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "train.jsonl").write_text(json.dumps(rows[0] | {"type": "train_query"}) + "\n")
+    train = rows[0] | {"id": 4, "type": "train_query"}  # a prompt outside the context, as in the release
+    (folder / "train.jsonl").write_text(json.dumps(train) + "\n")
     return folder
 
 
@@ -26,7 +30,7 @@ ROWS = [
     {"id": 2, "score": -1.0, "type": "context", "model": "M", "step": 16, "dataset": "dapomath"},
     {"id": 3, "score": 0.2, "type": "context", "model": "N", "step": 64, "dataset": "dapomath"},
 ]
-PROMPTS = {"dapomath_1": "one", "dapomath_2": "two", "dapomath_3": "three"}
+PROMPTS = {"dapomath_1": "one", "dapomath_2": "two", "dapomath_3": "three", "dapomath_4": "four"}
 
 
 def test_row_mapping() -> None:
@@ -122,6 +126,85 @@ def test_failed_import_leaves_the_previous_output_untouched(tmp_path: Path) -> N
     assert json.loads(manifest.read_text())["rows"] == {"context": 4, "train": 1}
     assert len(load_valid_pairs(out / "context")) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "rel"]
+
+
+def test_the_import_manifest_lists_its_files_and_validate_checks_them(tmp_path: Path) -> None:
+    from data_pipelines.harvest import validate
+
+    out = tmp_path / "out"
+    write_release_pairs(make_release(tmp_path / "rel", ROWS, PROMPTS), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "v0-release"
+    assert [(s["path"], s["rows"]) for s in manifest["shards"]] == [
+        ("context/pairs-00000.parquet", 3), ("train/pairs-00000.parquet", 1)
+    ]  # fmt: skip
+    assert validate(str(out)).ok
+    context = out / "context" / "pairs-00000.parquet"
+    read_v0_release(tmp_path / "rel", "train").to_parquet(str(context))  # other rows under its name
+    report = validate(str(out))
+    assert not report.ok and f"{context}: corrupted shard: sha256" in str(report)
+    with pytest.raises(PairsError, match="corrupted shard"):
+        load_valid_pairs(out)
+
+
+def test_import_refuses_a_folder_with_files_of_its_own(tmp_path: Path) -> None:
+    release = make_release(tmp_path / "rel", ROWS, PROMPTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(PairsError, match=r"holds files \(\['notes.txt'\]\), not a previous import-v0"):
+        write_release_pairs(release, out)
+    (out / "notes.txt").unlink()
+    write_release_pairs(release, out)  # an empty folder is fine
+    (out / "context" / "extra.parquet").write_bytes(b"x")
+    with pytest.raises(
+        PairsError, match=r"files its import manifest does not list \(\['context/extra.parquet'\]\)"
+    ):
+        write_release_pairs(release, out)
+    assert (out / "context" / "extra.parquet").read_bytes() == b"x"
+
+
+# The import is SIGKILLed in a real subprocess (1) after writing its first file, with no previous output;
+# (2) over a previous import, right after its first rename (the previous import moved aside).
+KILL_AT = {
+    "writing": "datasets.Dataset.to_parquet",
+    "swapping": "os.replace",
+}
+
+
+@pytest.mark.parametrize("moment", sorted(KILL_AT))
+def test_a_killed_import_is_never_read_and_its_rerun_completes(tmp_path: Path, moment: str) -> None:
+    release = make_release(tmp_path / "rel", ROWS, PROMPTS)
+    out = tmp_path / "pairs" / "out"
+    if moment == "swapping":
+        write_release_pairs(make_release(tmp_path / "old", ROWS[:2], PROMPTS), out)
+    module, name = KILL_AT[moment].rsplit(".", 1)
+    child = (
+        "import os, signal, sys, datasets\n"
+        "from data_pipelines import v0_release\n"
+        f"real = {module}.{name}\n"
+        "def call_then_die(*args, **kwargs):\n"
+        "    real(*args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"{module}.{name} = call_then_die\n"
+        "v0_release.main(sys.argv[1:])\n"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", child, str(release), str(out)], capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with pytest.raises(PairsError, match="no such pairs file or folder"):  # never old and new files mixed
+        load_valid_pairs(out)
+    with pytest.raises(PairsError, match="folder has no"):  # hidden staging is not read from above
+        load_pairs(out.parent)
+    if moment == "swapping":  # it died between the two renames of the swap
+        assert (out.parent / ".out.import-previous" / "manifest.json").is_file()
+        assert (out.parent / ".out.import-staging" / "manifest.json").is_file()
+
+    main([str(release), str(out)])  # the same command again
+    assert json.loads((out / "manifest.json").read_text())["rows"] == {"context": 3, "train": 1}
+    assert len(load_valid_pairs(out)) == 4
+    assert [p.name for p in out.parent.iterdir()] == ["out"]  # the killed run's leftovers are gone
 
 
 def test_not_a_release_folder(tmp_path: Path) -> None:
