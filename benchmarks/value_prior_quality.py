@@ -4,8 +4,9 @@ Splits (both from `../shared/data/v0-release`):
 - `context_holdout`: the prompt-level test split of the context pools that V0 never trained or
   early-stopped on (the split recorded in the prior artifact); each pool's context is its remaining
   (train + val) pairs. This is the split the issue judges on.
-- `train_queries`: the release's `train.jsonl` queries (prompts disjoint from the pools); context is
-  the whole pool. Only 32 queries per pool, so its intervals are wide.
+- `train_queries`: the release's `train.jsonl` queries, less the few whose problem a context pool also
+  holds in another spelling (`same_text_key`); context is the whole pool. Only ~30 queries per pool,
+  so its intervals are wide.
 - `harvested_pairs` (when `--harvested_prior` exists, as after `benchmarks/rollout_efficiency.py`):
   the same methods on the prompt-level test split of the pairs harvested from the tiny policy's GRPO
   checkpoints, with the prior fitted on them (the prior V0.5 uses in that benchmark). Its pools are
@@ -383,6 +384,15 @@ def main() -> None:
     texts = read_prompts(args.release)  # one read for both files
     pools = pools_from_pairs(read_v0_release(args.release, "context", texts))
     train_queries = pools_from_pairs(read_v0_release(args.release, "train", texts))
+    # The release's train.jsonl holds a few problems that its context pools also hold, in another
+    # spelling (`same_text_key`): not unseen prompts, so they are left out of `train_queries`.
+    in_context = {same_text_key(p) for pool in pools.values() for p in pool.prompts}
+    seen = {
+        name: np.array([same_text_key(p) in in_context for p in q.prompts])
+        for name, q in train_queries.items()
+    }
+    train_queries = {name: q.subset(~seen[name]) for name, q in train_queries.items()}
+    dropped_train_queries = int(sum(mask.sum() for mask in seen.values()))
     all_prompts = sorted({p for pool in [*pools.values(), *train_queries.values()] for p in pool.prompts})
     embed = pooled_embeddings(prior, all_prompts)
 
@@ -406,6 +416,7 @@ def main() -> None:
     payload = {
         **results,
         "context_ablation": ablations,
+        "train_queries_dropped_as_seen_in_context": dropped_train_queries,
         "latency": measure_latency(prior, first.prompts, first.success),
         "head_synthetic": head_on_synthetic(synthetic_heads(prior), args.synthetic_tasks, args.seed + 123),
         "prior": {

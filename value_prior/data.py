@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -87,25 +89,34 @@ class Pool:
 
 
 def pools_from_pairs(dataset: datasets.Dataset) -> dict[str, Pool]:
-    """Group a pairs dataset into context pools keyed `"policy@stepN"`."""
+    """Group a pairs dataset into context pools keyed `"policy@stepN"`, one row per problem: rows of a
+    pool that share a prompt text (`same_text_key`, e.g. one DAPO problem under several ids) are merged
+    into the first of them, their successes and samples summed. Two rows of one problem would let an
+    episode put one in its context and the other among its queries, the query's label in plain sight."""
     columns = dataset.select_columns(["policy", "step", "prompt_id", "prompt", "n", "successes"]).to_dict()
-    grouped: dict[str, list[int]] = {}
-    for i, (policy, step) in enumerate(zip(columns["policy"], columns["step"])):
-        grouped.setdefault(pool_key(policy, step), []).append(i)
-    success = np.asarray(columns["successes"], dtype=np.float64) / np.asarray(columns["n"], dtype=np.float64)
-    return {
-        name: Pool(
-            name, [columns["prompt_id"][i] for i in rows], [columns["prompt"][i] for i in rows], success[rows]
+    grouped: dict[str, dict[str, list[int]]] = {}  # pool -> problem key -> rows
+    for i, (policy, step, prompt) in enumerate(zip(columns["policy"], columns["step"], columns["prompt"])):
+        grouped.setdefault(pool_key(policy, step), {}).setdefault(same_text_key(prompt), []).append(i)
+    successes = np.asarray(columns["successes"], dtype=np.float64)
+    samples = np.asarray(columns["n"], dtype=np.float64)
+    pools = {}
+    for name, problems in sorted(grouped.items()):
+        first = [rows[0] for rows in problems.values()]
+        rate = [successes[rows].sum() / samples[rows].sum() for rows in problems.values()]
+        pools[name] = Pool(
+            name,
+            [columns["prompt_id"][i] for i in first],
+            [columns["prompt"][i] for i in first],
+            np.array(rate),
         )
-        for name, rows in sorted(grouped.items())
-    }
+    return pools
 
 
 def assign_splits(pools: dict[str, Pool], split: PromptSplit) -> dict[str, Split]:
-    """The split of every prompt id in `pools`. Ids that share a prompt text up to whitespace
-    (DAPO-Math-17k repeats each problem under many ids; the V0 release holds whitespace variants) all
-    take the split of the smallest of them, so no text is on both sides of a split; without shared
-    texts this is `split.of(prompt_id)`."""
+    """The split of every prompt id in `pools`. Ids that share a prompt text (`same_text_key`:
+    DAPO-Math-17k repeats each problem under many ids; the V0 release holds spacing and delimiter
+    variants) all take the split of the smallest of them, so no problem is on both sides of a split;
+    without shared texts this is `split.of(prompt_id)`."""
     key_of = {
         pid: same_text_key(text)
         for pool in pools.values()
@@ -117,9 +128,16 @@ def assign_splits(pools: dict[str, Pool], split: PromptSplit) -> dict[str, Split
     return {pid: split.of(first[key]) for pid, key in key_of.items()}
 
 
+_MATH_DELIMITERS = re.compile(r"\$|\\[()\[\]]")  # $ \( \) \[ \]
+
+
 def same_text_key(text: str) -> str:
-    """A prompt's text up to whitespace: prompts with the same key are the same problem."""
-    return " ".join(text.split())
+    """A prompt's text up to Unicode compatibility forms (full-width punctuation), case, whitespace and
+    math delimiters (`$...$` vs `\\(...\\)`): prompts with the same key are the same problem. The V0
+    release holds such variants of one problem under different ids (`$S = \\{1, 2` / `$S=\\{1,2`);
+    operators and punctuation are kept, so `2+3` and `2-3` stay apart."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(_MATH_DELIMITERS.sub("", text).split())
 
 
 def split_pools(pools: dict[str, Pool], split: PromptSplit, parts: tuple[Split, ...]) -> dict[str, Pool]:
@@ -209,7 +227,8 @@ class EpisodeStream(torch.utils.data.IterableDataset):
         negatives = self.rng.choice(np.flatnonzero(~labels), self.query_pairs, replace=False)
         query = np.concatenate([positives, negatives])
         rest = np.setdiff1d(np.arange(len(pool.success)), query)
-        # The pool check in __init__ leaves at least one pair of each class in `rest`.
+        # The pool check in __init__ leaves at least one pair of each class in `rest`; `pools_from_pairs`
+        # keeps one row per problem, so no support row is a query's problem under another id.
         support = rest[draw_support(self.rng, labels[rest], min(support_size, len(rest)))]
         return name, pool, support, query
 

@@ -218,20 +218,25 @@ def pairwise_ranking_loss(score: Tensor, success: Tensor, threshold: float = 0.5
 
 
 def v0_loss(
-    success_logit: Tensor, query_success: Tensor, pair_weight: float = 0.25, ce_weight: float = 0.75
+    success_logit: Tensor,
+    query_success: Tensor,
+    pair_weight: float = 0.25,
+    ce_weight: float = 0.75,
+    threshold: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`(loss, L_pair, L_ce)` of design.md §3 for one batch of episodes.
 
     Args:
         success_logit: `[B, M]` head scores `s = logit_1 - logit_0`.
         query_success: `[B, M]` observed success rates (soft CE targets).
+        threshold: The label threshold the episodes were sampled with (`label_threshold`).
 
     `L_pair` averages `-log sigmoid(s_i - s_j)` over all query pairs of an episode with
-    `y_i >= 0.5 > y_j` (the sampler draws M/2 positives and M/2 negatives, so these include the
+    `y_i >= threshold > y_j` (the sampler draws M/2 positives and M/2 negatives, so these include the
     design's 4 (pos, neg) pairs); episodes without such a pair contribute nothing.
     """
     ce = F.binary_cross_entropy_with_logits(success_logit, query_success)
-    pair = pairwise_ranking_loss(success_logit, query_success)
+    pair = pairwise_ranking_loss(success_logit, query_success, threshold)
     return pair_weight * pair + ce_weight * ce, pair, ce
 
 
@@ -378,7 +383,13 @@ class V0Module(L.LightningModule):
             support_z = support_z + scale * torch.randn_like(support_z)  # [B, N, F]
             query_z = query_z + scale * torch.randn_like(query_z)  # [B, M, F]
         s = self._head_scores(batch, support_z, query_z)  # [B, M]
-        loss, pair, ce = v0_loss(s, batch.query_success, self.hparams.pair_weight, self.hparams.ce_weight)
+        loss, pair, ce = v0_loss(
+            s,
+            batch.query_success,
+            self.hparams.pair_weight,
+            self.hparams.ce_weight,
+            self.hparams.label_threshold,
+        )
         size = len(batch.pools)
         if self.hparams.aux_weight > 0:
             probe = self.difficulty_probe(support_z).squeeze(-1)  # [B, N]

@@ -80,6 +80,11 @@ def test_v0_loss_hand_computed() -> None:
     expected_ce = float(F.binary_cross_entropy_with_logits(s, y))
     assert pair.item() == pytest.approx(expected_pair, rel=1e-6)
     assert ce.item() == pytest.approx(expected_ce, rel=1e-6)
+    # the pairwise term ranks by the episodes' own label threshold: at 0.3, 0.6 and 1.0 are successes
+    inverted = torch.tensor([[-2.0, 2.0]])
+    assert v0_loss(inverted, torch.tensor([[0.4, 0.2]]), threshold=0.3)[1].item() == pytest.approx(
+        -math.log(1 / (1 + math.exp(4.0))), rel=1e-6
+    )
     assert loss.item() == pytest.approx(0.25 * expected_pair + 0.75 * expected_ce, rel=1e-6)
 
 
