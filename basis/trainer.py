@@ -965,7 +965,15 @@ class PolicyTrainer(L.LightningModule):
         if used_baseline is None:
             baseline, weight = fused_baseline(means, counts, prior)  # [P], [P]
             self._v05_history["fusion_weight"] += weight.tolist()
-            metrics["v05/prior_rejected_frac"] = float((weight > 0).float().mean())
+            metrics["v05/prior_rejected_frac"] = float((weight > 0).float().mean())  # after OSLA's rounds
+            # ... and at k_init, the test that decides OSLA's spending (the first round comes first)
+            first = len(rollouts.prompts) * self.hparams.group_size
+            k0, mean0 = group_counts_means(
+                rollouts._replace(index=rollouts.index[:first], correct=rollouts.correct[:first])
+            )
+            metrics["v05/prior_rejected_frac_k_init"] = float(
+                (fused_baseline(mean0, k0, prior)[1] > 0).float().mean()
+            )
             metrics["v05/fusion_weight_mean"] = float(weight.mean())
             metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
         else:

@@ -141,6 +141,8 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
     spent = history("v05/rollouts_per_prompt", adversarial)
     assert all(k == 16.0 for k in spent)  # rejected at k=4, then OSLA's N* -> k_max = 16
     assert history("v05/prior_rejected_frac", adversarial) == [1.0, 1.0]
+    assert history("v05/prior_rejected_frac_k_init", adversarial) == [1.0, 1.0]
+    assert history("v05/prior_rejected_frac_k_init", perfect) == [0.0, 0.0]
     assert history("train/rollouts_total", adversarial) == [64.0, 128.0]
     for error in history("v05/baseline_sq_error_heldout", adversarial):
         assert error <= 1 / 16  # |b - mu| <= 1/sqrt(k) with k = 16 (held-out mu of the same policy)
