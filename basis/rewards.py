@@ -49,9 +49,16 @@ FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
 
 # A boxed answer: `\\boxed{` (content up to the balancing brace) or `\\boxed 5` (content up to the next space).
 BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{]\S*))")
-# DAPO's final line, `Answer: ...`, read as verl's math_dapo reads it (the answer may start on the next
-# line); case-insensitive so that "Final answer: 13" counts too.
-ANSWER_LINE = re.compile(r"answer\s*:\s*(?P<rest>[^\n]*)", re.IGNORECASE)
+# DAPO's final line, `Answer: ...`: at the start of a line (markdown `**`, `#`, `>` allowed; "Final answer:"
+# too), its value on the same line or the next. Mid-sentence ("the answer: it is right") is prose.
+ANSWER_LINE = re.compile(
+    r"^[ \t]*[*#_>]*[ \t]*(?:final[ \t]+)?answer[ \t]*:[*_]*[ \t]*\n?[ \t]*(?P<rest>[^\n]*)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Inline math on an answer line: `$...$`, `\(...\)`, `\[...\]`.
+MATH_SPAN = re.compile(r"\$(?P<dollar>[^$]+)\$|\\\((?P<paren>.+?)\\\)|\\\[(?P<bracket>.+?)\\\]")
+# A word of prose (2+ letters, no LaTeX backslash) ends the answer on an answer line: "5 dollars", "5 (since".
+PROSE_WORD = re.compile(r"^[(\[{,.;:]*[A-Za-z]{2,}[)\]},.;:!?]*$")
 # A LaTeX space (`\\,` `\\;` `\\!` `\\ `) between a digit and exactly three digits separates thousands (`1\\,000`).
 LATEX_THOUSANDS_SPACE = re.compile(r"(?<=\d)\\[,;! ](?=\d{3}(?!\d))")
 # Only anchored answers ("the final answer is", "answer:", \\boxed{}): math-verify's fallback reads the last
@@ -81,23 +88,42 @@ def last_boxed(text: str) -> str:
     raise ValueError(f"unbalanced braces in \\boxed{{}} answer {text[start - 7 :][:60]!r}")
 
 
+def answer_line_value(rest: str) -> str | None:
+    """The answer an `Answer:` line states, or None if it states none in math: its first inline math span
+    (`Answer: $5$. Check: ...`), else its leading run of math tokens up to the first word of prose
+    (`5 (since 2+3=5)` -> `5`, `5 dollars` -> `5`, `2\\sqrt{3}` whole, `(B)` whole). math-verify would
+    read prose as a product of symbols, and its own "answer:" pattern keeps only a leading number."""
+    span = MATH_SPAN.search(rest)
+    if span:
+        return next(group for group in span.groups() if group is not None).strip()
+    tokens = []
+    for token in rest.replace("**", " ").split():
+        if PROSE_WORD.match(token) and "\\" not in token:
+            break
+        tokens.append(token)
+    value = re.sub(r"[\s.,;:]+$", "", " ".join(tokens))
+    return value or None
+
+
 def final_answer(response: str) -> str | None:
     """The LaTeX of the response's final answer, or None if the response marks none.
 
-    The answer is what the last marker holds, `\\boxed{}` or `Answer:` line alike, since a model corrects
-    itself by writing a new one. An `Answer:` line is taken whole because math-verify's own "answer:"
-    pattern reads only a leading number: `Answer: 2\\sqrt{3}` would be graded as 2. Surrounding markdown
-    bold and a closing full stop are dropped (math-verify cannot parse `4.` or `**4**` in a box). A response
-    that is nothing but a number has no marker but is unambiguously its answer.
+    The answer is what the last marker holds, `\\boxed{}` or an `Answer:` line starting a line, since a
+    model corrects itself by writing a new one; an `Answer:` line that states no value in math ("Answer:
+    see above", or cut off) leaves the word to the last `\\boxed{}`. Surrounding markdown bold and a
+    closing full stop are dropped (math-verify cannot parse `4.` or `**4**` in a box). A response that is
+    nothing but a number has no marker but is unambiguously its answer.
 
     Raises:
         ValueError: The last marker is a `\\boxed{` that is never closed (a truncated response); an earlier
             complete answer must not be graded in its place.
     """
     boxed = list(BOXED.finditer(response))
-    lines = list(ANSWER_LINE.finditer(response))
-    if lines and (not boxed or lines[-1].start() > boxed[-1].start()):
-        answer = lines[-1]["rest"]
+    lines = [
+        (m.start(), value) for m in ANSWER_LINE.finditer(response) if (value := answer_line_value(m["rest"]))
+    ]
+    if lines and (not boxed or lines[-1][0] > boxed[-1].start()):
+        answer = lines[-1][1]
     elif boxed:
         answer = last_boxed(response)
     elif NUMBER.fullmatch(response.strip()):

@@ -194,6 +194,21 @@ def test_math_verify_grades_the_final_marked_answer(response: str, gold: str, re
         ("Answer:\n$$\\frac{1}{2}$$", "0.5", 1.0),  # the answer on the line after the marker
         ("0.5", "\\frac{1}{2}", 1.0),  # a response that is nothing but a number
         ("First \\boxed{5}. Recompute: \\boxed{\\frac{7}{", "5", 0.0),  # truncated in the final box
+        # Second review of the `Answer:` rule: each scored 0 with "answer:" matched anywhere and its whole
+        # line graded. Mid-sentence "answer:" is prose; an answer line without a value in math defers
+        # to the box; prose after the value is not part of it.
+        ("So x = \\boxed{12}. I double-checked the answer: it is right.", "12", 1.0),
+        ("\\boxed{7} is the answer: I am confident", "7", 1.0),
+        ("\\boxed{5}\nAnswer: see above", "5", 1.0),
+        ("We must give the answer: how many?\nThe final answer is $5$.", "5", 1.0),
+        ("\\boxed{5}.\n\nAnswer:", "5", 1.0),
+        ("Answer: 5 (since 2+3=5)", "5", 1.0),
+        ("Answer: $5$. Check: 2+3=5", "5", 1.0),
+        ("Answer: 5; verified", "5", 1.0),
+        ("Answer: 5 dollars (approximately)", "5", 1.0),
+        ("Answer: The answer is 5", "5", 1.0),
+        ("**Final Answer:** 12", "12", 1.0),
+        ("Answer: (B)", "B", 1.0),
     ],
 )
 def test_math_verify_still_reads_anchored_answers(response: str, gold: str, reward: float) -> None:
