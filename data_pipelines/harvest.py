@@ -69,6 +69,7 @@ from data_pipelines.pairs import (
     MANIFEST,
     PAIR_COLUMNS,
     PAIR_FEATURES,
+    PROGRESS,
     PairProblem,
     PairsError,
     ShardRecord,
@@ -89,7 +90,7 @@ RECORD_FORMAT = 3
 verifier / engine options to the fingerprint, 3 a hash of the checkpoint's files. A shard whose record
 has another format is harvested again."""
 DATA_DIR = "data"
-PROGRESS_DIR = "progress"
+PROGRESS_DIR = PROGRESS  # checksum records; created before the first shard
 ROLLOUT_RECORD_COLUMNS: tuple[str, ...] = ("step", "prompt_id", "prompt", "reward")
 _STEP_IN_NAME = re.compile(r"(?:step|checkpoint)[_\-=]?(\d+)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -959,6 +960,8 @@ def run(
         for checkpoint in resolved:  # every checkpoint must load before any rollout is spent
             load_checkpoint(checkpoint)
         _check_output_folder(out_dir, plans)
+        # before the first shard: readers then treat the folder as an unfinished harvest until the manifest
+        (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
         work = _produce_shards(
             out_dir,
             plans,

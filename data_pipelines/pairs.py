@@ -59,9 +59,11 @@ SCORE_TOLERANCE = 1e-6
 SUCCESS_THRESHOLD = 0.5
 """A pair counts as a success (class 1) when its success rate is >= this (design.md §3 labels)."""
 MANIFEST = "manifest.json"
-OUTPUT_MARKERS = (MANIFEST, "data", "progress")
-"""Entries that make a folder a pairs output: `harvest run` writes `data/` shards and `progress/` records
-before its manifest, so any of them without a finished manifest is an unfinished run."""
+PROGRESS = "progress"
+"""`harvest run` creates `progress/` before its first shard: with it and without a finished manifest, a
+folder is an unfinished run."""
+LEGACY_IMPORT_KEYS = {"source", "rows"}
+"""The whole manifest of an `import-v0` output written before manifests listed their files."""
 _STRING_COLUMNS = ("policy", "prompt_id", "prompt")
 
 
@@ -181,8 +183,25 @@ def manifest_shards(
 
 
 def is_pairs_output(folder: Path) -> bool:
-    """Whether `folder` is (or was begun as) a `harvest` / `import-v0` output, read only via its manifest."""
-    return any((folder / marker).exists() for marker in OUTPUT_MARKERS)
+    """Whether `folder` is (or was begun as) a `harvest` / `import-v0` output, read only via its manifest:
+    it has `progress/` (a harvest run, finished or not) or a manifest our writers wrote (one with a
+    `kind` or `shards`, or a legacy import's). Any other folder, e.g. a Hugging Face dataset's `data/`
+    layout or another tool's `manifest.json`, is read file by file."""
+    if (folder / PROGRESS).is_dir():
+        return True
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return True  # damaged: `manifest_files` says so
+    return isinstance(data, dict) and ("kind" in data or "shards" in data or set(data) == LEGACY_IMPORT_KEYS)
+
+
+def is_legacy_import(manifest: dict[str, Any]) -> bool:
+    """An `import-v0` manifest from before imports listed their files (written last, so complete)."""
+    return set(manifest) == LEGACY_IMPORT_KEYS
 
 
 def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> list[Path]:
@@ -197,7 +216,12 @@ def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> 
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise error(f"{folder}: no {MANIFEST}: an unfinished harvest, rerun the same command to resume")
-    shards = manifest_shards(read_json_object(manifest_path, error), manifest_path, error)
+    manifest = read_json_object(manifest_path, error)
+    if is_legacy_import(manifest):  # its files are the parquet shards under it, as it was read then
+        return sorted(
+            p for p in folder.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts)
+        )
+    shards = manifest_shards(manifest, manifest_path, error)
     if not shards:
         raise error(f"{manifest_path}: lists no shards")
     for shard in shards:

@@ -36,6 +36,7 @@ from data_pipelines.pairs import (
     PAIR_FEATURES,
     PairsError,
     ShardRecord,
+    is_legacy_import,
     manifest_shards,
     raise_on_errors,
     read_json_object,
@@ -149,6 +150,14 @@ def check_import_folder(out: Path) -> None:
         return
     manifest_path = out / MANIFEST
     manifest = read_json_object(manifest_path) if manifest_path.is_file() else {}
+    if is_legacy_import(manifest):  # an import from before manifests listed files: replaced whole
+        strays = [path for path in found if path != MANIFEST and not path.startswith(("context/", "train/"))]
+        if strays:
+            raise PairsError(
+                f"output folder {out} holds files a previous import did not write ({strays[:3]}); move them "
+                "out first (or choose a new folder)"
+            )
+        return
     if manifest.get("kind") != IMPORT_KIND:
         what = f"a {manifest.get('kind')!r} pairs output" if manifest else f"files ({found[:3]})"
         raise PairsError(

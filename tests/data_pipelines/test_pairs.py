@@ -170,8 +170,9 @@ def test_problems_name_the_shard_and_its_row_or_the_jsonl_line(tmp_path: Path) -
 
 
 def write_output(folder: Path, shards: dict[str, list[dict]], listed: list[str] | None = None) -> None:
-    """A pairs output as `harvest` writes it: parquet shards under `data/`, then (unless `listed` is
-    None) `manifest.json` listing the shards in `listed` with their rows and sha256."""
+    """A pairs output as `harvest` writes it: `progress/`, parquet shards under `data/`, then (unless
+    `listed` is None) `manifest.json` listing the shards in `listed` with their rows and sha256."""
+    (folder / "progress").mkdir(parents=True, exist_ok=True)
     for relative, rows in shards.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         as_dataset(rows).to_parquet(str(folder / relative))
@@ -199,6 +200,24 @@ def test_shards_without_a_manifest_are_an_unfinished_harvest(tmp_path: Path) -> 
     as_dataset(GOOD).to_parquet(str(tmp_path / "loose.parquet"))
     with pytest.raises(PairsError, match=rf"{out}: .*unfinished harvest"):
         load_pairs(tmp_path)
+
+
+def test_folders_other_tools_wrote_are_read_file_by_file(tmp_path: Path) -> None:
+    """A Hugging Face dataset layout (`data/train-*.parquet`) or another tool's `manifest.json` is not a
+    harvest output: only `progress/` or one of our manifests makes a folder one."""
+    hf = tmp_path / "hf"
+    (hf / "data").mkdir(parents=True)
+    as_dataset(GOOD).to_parquet(str(hf / "data" / "train-00000-of-00001.parquet"))
+    (hf / MANIFEST).write_text(json.dumps({"name": "someone else's"}))
+    assert sorted(load_valid_pairs(hf)["prompt_id"]) == ["a", "b", "c"]
+
+
+def test_an_import_from_before_manifests_listed_files_still_loads(tmp_path: Path) -> None:
+    legacy = tmp_path / "release-pairs"
+    (legacy / "context").mkdir(parents=True)
+    as_dataset(GOOD).to_parquet(str(legacy / "context" / "pairs-00000.parquet"))
+    (legacy / MANIFEST).write_text(json.dumps({"source": "/somewhere", "rows": {"context": 3}}))
+    assert sorted(load_valid_pairs(legacy)["prompt_id"]) == ["a", "b", "c"]
 
 
 def test_a_finished_output_reads_exactly_its_listed_and_intact_files(tmp_path: Path) -> None:

@@ -164,6 +164,16 @@ def test_import_refuses_a_folder_with_files_of_its_own(tmp_path: Path) -> None:
     assert (out / "context" / "extra.parquet").read_bytes() == b"x"
 
 
+def test_import_replaces_an_import_from_before_manifests_listed_files(tmp_path: Path) -> None:
+    release = make_release(tmp_path / "rel", ROWS, PROMPTS)
+    out = tmp_path / "out"
+    (out / "context").mkdir(parents=True)
+    (out / "context" / "pairs-00000.parquet").write_bytes(b"old")
+    (out / "manifest.json").write_text(json.dumps({"source": "/old", "rows": {"context": 1}}))
+    write_release_pairs(release, out)
+    assert json.loads((out / "manifest.json").read_text())["kind"] == "v0-release"
+
+
 # The import is SIGKILLed in a real subprocess (1) after writing its first file, with no previous output;
 # (2) over a previous import, right after its first rename (the previous import moved aside).
 KILL_AT = {
