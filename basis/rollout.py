@@ -173,7 +173,9 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         responses = out.sequences[:, input_ids.shape[1] :]  # [B, R]
-        logits = torch.stack(out.logits, dim=1).float() / params.temperature  # [B, R, V] before top-k / top-p
+        logits = (
+            torch.stack(out.logits, dim=1).float().div_(params.temperature)
+        )  # [B, R, V] before top-k / top-p
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)  # [B, R]
         return [
             self._completion(responses[i].tolist(), logprobs[i].tolist(), params) for i in range(len(prompts))

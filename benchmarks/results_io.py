@@ -54,8 +54,14 @@ def code_fingerprint(*folders: str) -> str:
     """sha256 over the tracked files under `folders` as they are on disk now (committed or not): a
     cached benchmark run is reused only while the code it ran stays the same."""
     root = Path(__file__).resolve().parents[1]
+    try:
+        names = _git("ls-files", *folders).splitlines()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file under the folders
+        names = [
+            str(p.relative_to(root)) for folder in folders for p in (root / folder).rglob("*") if p.is_file()
+        ]
     digest = hashlib.sha256()
-    for name in sorted(_git("ls-files", *folders).splitlines()):
+    for name in sorted(names):
         path = root / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
