@@ -7,8 +7,10 @@
 
 Defaults added here: MLflow logging into the local store (`basis.tracking.MLflowLogger`), no
 sanity-check validation (the trainer validates the starting policy itself), and checkpoints loaded
-with `weights_only=True`. When resuming, the MLflow run recorded in `<run_dir>/mlflow_run_id` is
-continued, so a resumed run stays one MLflow run.
+with `weights_only=True`. When resuming (`fit --ckpt_path`), the MLflow run recorded in
+`<run_dir>/mlflow_run_id` is continued, so a resumed run stays one MLflow run; `validate` logs into a
+run of its own, so its numbers never land between the training run's. `seed_everything` seeds
+everything: the trainer's and the data module's `seed` follow it.
 """
 
 from __future__ import annotations
@@ -55,9 +57,17 @@ class PolicyCLI(LightningCLI):
             log.warning("--ckpt_path last: %s does not exist, so the run starts from step 0", last)
         config.ckpt_path = str(last) if last.is_file() else None
 
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        # One seed: model.seed (rollouts, OSLA, context draws) and data.seed (prompt order) used to stay
+        # 0 whatever seed_everything said, so a config's seed changed nothing.
+        for target in ("model.seed", "data.seed"):
+            parser.link_arguments("seed_everything", target, compute_fn=_seed_of)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is None or not config.get("ckpt_path"):
+        if config is None or not config.get("ckpt_path") or self.subcommand != "fit":
+            if config is not None and config.get("ckpt_path") and config.get("weights_only") is None:
+                config.weights_only = True
             return
         if config.get("weights_only") is None:
             config.weights_only = True  # checkpoints hold tensors and plain values only
@@ -65,6 +75,18 @@ class PolicyCLI(LightningCLI):
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
         if isinstance(logger, Namespace) and run_file.exists() and not logger.init_args.get("run_id"):
             logger.init_args.run_id = run_file.read_text().strip()  # continue the same MLflow run
+
+
+def _seed_of(seed_everything: bool | int | None) -> int:
+    """The integer seed `seed_everything` stands for (`true`: the one Lightning draws and exports as
+    PL_GLOBAL_SEED; `false`/null: 0, the seeds' default)."""
+    if isinstance(seed_everything, bool) or seed_everything is None:
+        if seed_everything:
+            from lightning.fabric.utilities.seed import seed_everything as draw
+
+            return draw(workers=True)
+        return 0
+    return int(seed_everything)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -150,9 +150,12 @@ class PromptDataModule(L.LightningDataModule):
         self.train_rows = rows_from_dataset(
             load_prompts(self.train_path, split=self.train_split, column_map=self.column_map)
         )
-        if len(self.train_rows) < self.prompts_per_step:
+        trainer = getattr(self, "trainer", None)
+        world_size = trainer.world_size if trainer is not None else 1
+        if len(self.train_rows) < self.prompts_per_step * world_size:  # else ranks share prompts in a step
             raise ValueError(
-                f"data.prompts_per_step={self.prompts_per_step} exceeds the {len(self.train_rows)} prompts in {self.train_path}"
+                f"data.prompts_per_step={self.prompts_per_step} x {world_size} data-parallel rank(s) exceeds "
+                f"the {len(self.train_rows)} prompts in {self.train_path}"
             )
         if self.val_path:
             rows = rows_from_dataset(

@@ -391,7 +391,8 @@ class PolicyTrainer(L.LightningModule):
                 "checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version"
             )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
-        self.set_aside_later_outputs()
+        if self._trainer is not None and self.trainer.state.fn == "fit":  # `validate` changes no files
+            self.set_aside_later_outputs()
         self.rollouts_total = int(state.get("rollouts_total", 0))
         self._prior_failures = int(state.get("prior_failures", 0))
         self._pass_curves = {int(step): dict(curve) for step, curve in state.get("pass_curves", {}).items()}

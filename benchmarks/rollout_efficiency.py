@@ -72,7 +72,7 @@ def policy_run(
         sys.executable, "-m", "basis.cli", "fit", f"--config=configs/policy/{ARMS[arm]}",
         f"--model.model_path={args.policy}", f"--model.run_dir={run_dir}", f"--trainer.max_steps={max_steps}",
         f"--model.val_every_n_steps={args.val_every * VAL_EVERY_FACTOR[arm]}", f"--data.val_prompts={args.val_prompts}",
-        f"--seed_everything={seed}", f"--model.seed={seed}", f"--data.seed={seed}",
+        f"--seed_everything={seed}",  # also the trainer's and the data module's seed
         f"--data.train_path={args.policy / 'data'}", f"--data.val_path={args.policy / 'data'}",
         f"--trainer.logger.init_args.experiment_name={EXPERIMENT}", f"--trainer.logger.init_args.run_name={arm}-seed{seed}",
         "--trainer.enable_progress_bar=false",

@@ -36,15 +36,27 @@ def prior_fit_main(argv: Sequence[str]) -> None:
     print({k: round(v, 4) for k, v in result.items()})
 
 
+RUN_ID_FILE = "mlflow_run_id"
+"""Written beside a fit's checkpoints: `fit --ckpt_path ...` continues that MLflow run."""
+
+
 class LogConfigToMLflow(SaveConfigCallback):
-    """Log the resolved YAML config to the MLflow run as `config.yaml` (MLflow runs have no log dir)."""
+    """Log the resolved YAML config to the MLflow run as `config.yaml` (MLflow runs have no log dir),
+    and, for `fit`, record the run's id beside its checkpoints so a resume continues the same run."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
+        from pathlib import Path
+
         from lightning.pytorch.loggers import MLFlowLogger
 
-        if isinstance(trainer.logger, MLFlowLogger):
+        if isinstance(trainer.logger, MLFlowLogger) and trainer.is_global_zero:
             text = self.parser.dump(self.config, skip_none=False)
             trainer.logger.experiment.log_text(trainer.logger.run_id, text, "config.yaml")
+            if stage == "fit":
+                for callback in trainer.checkpoint_callbacks:
+                    if callback.dirpath:
+                        Path(callback.dirpath).mkdir(parents=True, exist_ok=True)
+                        (Path(callback.dirpath) / RUN_ID_FILE).write_text(trainer.logger.run_id)
 
 
 class V0CLI(LightningCLI):
@@ -52,6 +64,26 @@ class V0CLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.label_threshold", "model.label_threshold")
+
+    def before_instantiate_classes(self) -> None:
+        """`fit --ckpt_path ...` continues the MLflow run recorded beside the checkpoints (one run per fit,
+        however often it is resumed), unless the config names a run itself."""
+        from pathlib import Path
+
+        from jsonargparse import Namespace
+
+        config = self.config.get(self.subcommand) if self.subcommand else None
+        if self.subcommand != "fit" or config is None or not config.get("ckpt_path"):
+            return
+        logger = config.trainer.get("logger")
+        if not isinstance(logger, Namespace) or logger.init_args.get("run_id"):
+            return
+        for callback in config.trainer.get("callbacks") or []:
+            dirpath = callback.init_args.get("dirpath") if isinstance(callback, Namespace) else None
+            run_file = Path(dirpath) / RUN_ID_FILE if dirpath else None
+            if run_file is not None and run_file.is_file():
+                logger.init_args.run_id = run_file.read_text().strip()
+                return
 
 
 def main(argv: Sequence[str] | None = None) -> None:

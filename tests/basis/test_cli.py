@@ -128,6 +128,48 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(workdir: Path) -> 
     )
 
 
+def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) -> None:
+    """`validate --ckpt_path last` used to move the run's later exports aside as a resume does, and
+    log its numbers into the training run; a resume with a changed flag crashed in MLflow ("Changing
+    param values is not allowed") although the README promises it works."""
+    run_dir = workdir / "flags"
+    first = ("--trainer.max_steps=3", "--model.checkpoint_every_n_steps=2")  # last.ckpt at step 2
+    subprocess.run(basis_cmd(workdir, run_dir, *first), env=env(workdir), check=True, capture_output=True)
+    client = MlflowClient(env(workdir)["MLFLOW_TRACKING_URI"])
+    run_id = (run_dir / "mlflow_run_id").read_text()
+    validated = metric_steps(workdir, run_dir, "val/mean_at_k")
+
+    validate = basis_cmd(workdir, run_dir, "--ckpt_path=last", "--trainer.logger.init_args.run_name=check")
+    validate[validate.index("fit")] = "validate"
+    subprocess.run(validate, env=env(workdir), check=True, capture_output=True)
+    assert (run_dir / "exports" / "step_000003" / "model.safetensors").exists()  # not superseded
+    assert metric_steps(workdir, run_dir, "val/mean_at_k") == validated  # its numbers went elsewhere
+    experiment = client.get_run(run_id).info.experiment_id
+    (check,) = client.search_runs([experiment], "attributes.run_name = 'check'")
+    assert check.info.run_id != run_id and "val/mean_at_k" in check.data.metrics
+
+    resume = ("--ckpt_path=last", "--trainer.max_steps=4", "--model.max_rollouts=100000")
+    done = subprocess.run(
+        basis_cmd(workdir, run_dir, *resume), env=env(workdir), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = client.get_run(run_id)
+    assert resumed.data.params["max_rollouts"] == "None"  # MLflow keeps the first value ...
+    assert resumed.data.tags["changed_on_resume.max_rollouts"] == "None -> 100000"  # ... and the change
+    assert metric_steps(workdir, run_dir, "train/reward_mean") == [1, 2, 3, 4]
+
+
+def test_seed_everything_seeds_the_trainer_and_the_data(workdir: Path) -> None:
+    """`model.seed` and `data.seed` used to stay 0 whatever `seed_everything` said."""
+    from basis.cli import PolicyCLI
+    from basis.data import PromptDataModule
+    from basis.trainer import PolicyTrainer
+
+    args = ["--config", str(workdir / "config.yaml"), "--seed_everything=7", "--trainer.logger=false"]
+    cli = PolicyCLI(PolicyTrainer, PromptDataModule, run=False, args=args)
+    assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
+
+
 def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     run_dir = workdir / "ddp"
     ddp = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2")

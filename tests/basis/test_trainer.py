@@ -505,6 +505,19 @@ def test_every_policy_pass_runs_without_dropout(tiny_lm_path: str, tmp_path: Pat
         make_module(tiny_lm_path, tmp_path, lora=LoraSettings(dropout=0.1))
 
 
+def test_a_step_needs_distinct_prompts_for_every_rank(task_dir: Path) -> None:
+    """64 prompts, 40 per rank: one rank is fine, two would share prompts within each step."""
+    from types import SimpleNamespace
+
+    PromptDataModule(str(task_dir), val_path=None, prompts_per_step=40).setup("fit")
+    datamodule = PromptDataModule(str(task_dir), val_path=None, prompts_per_step=40)
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=2)
+    with pytest.raises(
+        ValueError, match=r"prompts_per_step=40 x 2 data-parallel rank\(s\) exceeds the 64 prompts"
+    ):
+        datamodule.setup("fit")
+
+
 def test_validation_shards_are_equal_on_every_rank_and_cover_each_prompt_once(task_dir: Path) -> None:
     from types import SimpleNamespace
 

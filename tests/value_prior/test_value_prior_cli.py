@@ -84,6 +84,41 @@ def test_last_checkpoint_holds_the_final_epoch(
     assert trainer.checkpoint_callback is not None and trainer.checkpoint_callback.monitor == "val/gauc"
 
 
+def test_a_resumed_fit_continues_its_mlflow_run(
+    tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, mlflow_store: str
+) -> None:
+    """`fit --ckpt_path last` used to open a second MLflow run; the run id is kept beside the checkpoints.
+    In process (`value_prior.cli.main`), with a tiny encoder and 1 batch per epoch."""
+    import mlflow
+
+    from value_prior.cli import main
+
+    config = yaml.safe_load((REPO / "configs" / "value_prior" / "v0_pairs_minilm.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if "dirpath" in callback.get("init_args", {}):
+            callback["init_args"]["dirpath"] = str(tmp_path / "checkpoints")
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
+    overrides = [
+        "--config", str(tmp_path / "tiny.yaml"),
+        "--model.backbone.init_args.model", tiny_encoder_dir,
+        "--model.backbone.init_args.max_length", "32",
+        "--model.backbone.init_args.cache_dir", str(tmp_path / "cache"),
+        "--model.export_dir", str(tmp_path / "prior"),
+        "--data.pairs", tiny_pairs_path,
+        "--data.support_size", "16",
+        "--data.query_pairs", "2",
+        "--data.batches_per_epoch", "1",
+    ]  # fmt: skip
+    main(["fit", *overrides, "--trainer.max_epochs", "1"])
+    main(["fit", *overrides, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    mlflow.set_tracking_uri(mlflow_store)
+    (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("value-prior").experiment_id])
+    assert sorted(m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/gauc")) == [
+        0,
+        1,
+    ]
+
+
 @pytest.mark.slow  # three CLI subprocesses: about a minute on an idle 2-core machine
 def test_tiny_fit_test_and_export(
     tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, mlflow_store: str
