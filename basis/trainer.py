@@ -319,6 +319,8 @@ class PolicyTrainer(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.rl_step == 0:  # a fresh run in a used run_dir: an earlier run's exports and records are
+            self.set_aside_later_outputs()  # not this run's, and harvest must not pool them with it
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
             self._last_logged = {
@@ -404,8 +406,9 @@ class PolicyTrainer(L.LightningModule):
 
     def set_aside_later_outputs(self) -> None:
         """Move rollout records and exports of steps after the resumed one (left by the attempt this
-        resume abandons) into `superseded/<time>/` beside them, so that `harvest` never pools them with
-        the new attempt's; nothing is deleted."""
+        resume abandons, or by an earlier run when a fresh one starts in the same run_dir) into
+        `superseded/<time>/` beside them, so that `harvest` never pools them with this attempt's;
+        nothing is deleted."""
 
         def later(folder: Path, pattern: str) -> list[Path]:
             steps = ((path, re.match(r"step_(\d+)", path.name)) for path in folder.glob(pattern))
@@ -416,14 +419,15 @@ class PolicyTrainer(L.LightningModule):
             moved += later(self.run_dir / "exports", "step_*")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in moved:
-            aside = path.parent / "superseded" / f"resumed-at-step{self.rl_step}-{stamp}"
+            reason = f"resumed-at-step{self.rl_step}" if self.rl_step else "restarted"
+            aside = path.parent / "superseded" / f"{reason}-{stamp}"
             aside.mkdir(parents=True, exist_ok=True)
             os.replace(path, aside / path.name)
         if moved:
             log.warning(
-                "resumed at RL step %d: moved %d rollout records / exports of later steps (from the "
-                "abandoned attempt) into superseded/ folders",
-                self.rl_step,
+                "%s: moved %d rollout records / exports of later steps (from an earlier attempt) into "
+                "superseded/ folders",
+                f"resumed at RL step {self.rl_step}" if self.rl_step else "fresh run in a used run_dir",
                 len(moved),
             )
 

@@ -288,6 +288,17 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     (exports_aside,) = (tmp_path / "exports" / "superseded").iterdir()
     assert sorted(p.name for p in exports_aside.iterdir()) == ["step_000003", "step_000004"]
 
+    # a fresh run (no checkpoint) in the same run_dir sets every earlier output aside as well
+    make_trainer(tmp_path, steps=1).fit(
+        make_module(tiny_lm_path, tmp_path, **settings), datamodule=data(task_dir)
+    )
+    assert sorted(p.name for p in (tmp_path / "rollouts").glob("*.parquet")) == ["step_000001-rank0.parquet"]
+    assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == ["step_000001"]
+    restarted = [
+        p for p in (tmp_path / "exports" / "superseded").iterdir() if p.name.startswith("restarted-")
+    ]
+    assert sorted(p.name for p in restarted[0].iterdir()) == ["step_000001", "step_000002", "step_000003"]
+
 
 def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
