@@ -349,10 +349,12 @@ def _check_parquet(file: Path) -> None:
             )
 
 
-def _read_jsonl(file: Path) -> list[dict[str, Any]]:
-    """The contract fields of every record of a JSON-lines pairs file, each value's type checked as
-    parsed. Arrow's type inference would turn `"step": "64"` into 64 and lose where a bad value was."""
-    rows = []
+def json_lines(file: Path) -> Iterator[tuple[str, Any]]:
+    """`(where, value)` for every non-blank line of a JSON-lines file, `where` naming the file and line.
+
+    Raises:
+        PairsError: naming the file (not UTF-8) or the line (not valid JSON).
+    """
     with file.open(encoding="utf-8") as handle:
         try:
             lines = list(handle)
@@ -363,9 +365,16 @@ def _read_jsonl(file: Path) -> list[dict[str, Any]]:
             continue
         where = f"{file} line {number}"
         try:
-            record = json.loads(line)
+            yield where, json.loads(line)
         except json.JSONDecodeError as err:
             raise PairsError(f"{where}: not valid JSON ({err})") from err
+
+
+def _read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """The contract fields of every record of a JSON-lines pairs file, each value's type checked as
+    parsed. Arrow's type inference would turn `"step": "64"` into 64 and lose where a bad value was."""
+    rows = []
+    for where, record in json_lines(file):
         if not isinstance(record, dict):
             raise PairsError(f"{where}: expected a JSON object, got {type(record).__name__}")
         missing = [column for column in PAIR_COLUMNS if column not in record]

@@ -37,6 +37,7 @@ from data_pipelines.pairs import (
     PairsError,
     ShardRecord,
     is_legacy_import,
+    json_lines,
     manifest_shards,
     raise_on_errors,
     read_json_object,
@@ -116,17 +117,7 @@ def read_v0_release(
     rows_file = folder / RELEASE_FILES[split]
     if not rows_file.exists():
         raise PairsError(f"{rows_file}: missing; {folder} is not a V0 release folder")
-    pairs = []
-    with rows_file.open() as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{rows_file} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PairsError(f"{where}: not valid JSON ({err})") from err
-            pairs.append(release_row_to_pair(row, prompts, where))
+    pairs = [release_row_to_pair(row, prompts, where) for where, row in json_lines(rows_file)]
     if not pairs:
         raise PairsError(f"{rows_file}: no rows")
     dataset = datasets.Dataset.from_list(pairs, features=PAIR_FEATURES)
