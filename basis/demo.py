@@ -11,7 +11,9 @@
 Every stage is the same console command a user runs, in a subprocess, with the configs under
 `configs/`. `--quick` shrinks every stage after the tiny policy (minutes in all) for tests; its
 outputs go to their own work folder (`runs/demo-quick`), so they never mix with the full demo's.
-Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same config, same starting
+Every run rebuilds the chain: an earlier demo's pairs and prior are removed first (harvest would refuse
+to add this run's checkpoints to pairs harvested from other ones), and its policy runs' outputs are set
+aside by the trainer. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same config, same starting
 policy, same validation protocol) instead of training GRPO twice.
 
     python -m basis.demo              # ~12 minutes on 2 CPU cores (10 with the tiny policy built)
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -208,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     workdir = workdir_for(args.quick, args.workdir)
+    for derived in (workdir / "pairs", workdir / "prior"):
+        if derived.exists():  # an earlier demo's, from other checkpoints: this run rebuilds them
+            print(f"removing {derived} (rebuilt below from this run's checkpoints)", flush=True)
+            shutil.rmtree(derived)
     start = time.perf_counter()
     timings = {stage.name: run_stage(stage, workdir / "logs") for stage in stages(workdir, args.quick)}
     table = comparison(workdir / "runs")

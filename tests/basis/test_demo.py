@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_quick_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1"}
+    for stale in ("pairs/progress/from-an-earlier-demo.json", "prior/from-an-earlier-demo.txt"):
+        (tmp_path / "demo" / stale).parent.mkdir(parents=True)  # a rerun used to fail in harvest:
+        (tmp_path / "demo" / stale).write_text("{}")  # "already holds ... harvested with other settings"
     result = subprocess.run(
         [sys.executable, "-m", "basis.demo", "--quick", f"--workdir={tmp_path / 'demo'}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1800,
@@ -25,6 +28,7 @@ def test_quick_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert set(table) == {"grpo", "v05_osla", "basis_k1"}
     assert table["basis_k1"]["rollouts"] < table["grpo"]["rollouts"]
     assert (tmp_path / "demo" / "prior" / "config.json").exists()
+    assert not list((tmp_path / "demo").rglob("from-an-earlier-demo*"))  # rebuilt, not mixed
     assert "mlflow ui --backend-store-uri" in result.stdout
 
 
