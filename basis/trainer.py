@@ -319,8 +319,6 @@ class PolicyTrainer(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.rl_step == 0:  # a fresh run in a used run_dir: an earlier run's exports and records are
-            self.set_aside_later_outputs()  # not this run's, and harvest must not pool them with it
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
             self._last_logged = {
@@ -331,6 +329,9 @@ class PolicyTrainer(L.LightningModule):
             )
 
     def on_train_start(self) -> None:
+        # Only now is the checkpoint (if any) restored under every strategy (FSDP restores after
+        # on_fit_start): outputs of steps after it, or all of an earlier run's, are not this run's.
+        self.set_aside_later_outputs()
         if self.rl_step > 0:  # resumed: an engine with its own copy (SGLang) still holds model_path's
             self.engine.update_weights(self.policy)
         if self._budget_spent():  # resumed after the last step, e.g. killed in the final validation
@@ -393,8 +394,6 @@ class PolicyTrainer(L.LightningModule):
                 "checkpoint has no basis_state of format 1; it was not written by this PolicyTrainer version"
             )
         self.rl_step, self._bad_steps = int(state["rl_step"]), int(state["bad_steps"])
-        if self._trainer is not None and self.trainer.state.fn == "fit":  # `validate` changes no files
-            self.set_aside_later_outputs()
         self.rollouts_total = int(state.get("rollouts_total", 0))
         self._prior_failures = int(state.get("prior_failures", 0))
         self._pass_curves = {int(step): dict(curve) for step, curve in state.get("pass_curves", {}).items()}

@@ -218,6 +218,9 @@ def test_an_import_from_before_manifests_listed_files_still_loads(tmp_path: Path
     as_dataset(GOOD).to_parquet(str(legacy / "context" / "pairs-00000.parquet"))
     (legacy / MANIFEST).write_text(json.dumps({"source": "/somewhere", "rows": {"context": 3}}))
     assert sorted(load_valid_pairs(legacy)["prompt_id"]) == ["a", "b", "c"]
+    from data_pipelines.harvest import validate
+
+    assert validate(str(legacy)).ok  # `harvest validate` said "unusable manifest"
 
 
 def test_a_finished_output_reads_exactly_its_listed_and_intact_files(tmp_path: Path) -> None:
