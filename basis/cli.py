@@ -65,12 +65,12 @@ class PolicyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is None or not config.get("ckpt_path") or self.subcommand != "fit":
-            if config is not None and config.get("ckpt_path") and config.get("weights_only") is None:
-                config.weights_only = True
+        if config is None or not config.get("ckpt_path"):
             return
         if config.get("weights_only") is None:
             config.weights_only = True  # checkpoints hold tensors and plain values only
+        if self.subcommand != "fit":  # validate logs into a run of its own
+            return
         logger = config.trainer.get("logger")
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
         if isinstance(logger, Namespace) and run_file.exists() and not logger.init_args.get("run_id"):

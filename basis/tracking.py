@@ -176,10 +176,7 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
         warning, so a flag given on resume (say a larger `max_rollouts`) neither crashes nor goes unseen."""
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
-        existing = self.experiment.get_run(self.run_id).data.params
-        if not existing:
-            super().log_hyperparams(params)
-            return
+        existing = self.experiment.get_run(self.run_id).data.params  # empty for a new run
         flat = {key: str(value)[:250] for key, value in _flatten_dict(_convert_params(params)).items()}
         new = {key: value for key, value in flat.items() if key not in existing}
         for key, value in flat.items():

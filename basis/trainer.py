@@ -416,18 +416,20 @@ class PolicyTrainer(L.LightningModule):
         moved = later(self.run_dir / "rollouts", f"step_*-rank{self.global_rank}.parquet")
         if self.global_rank == 0:
             moved += later(self.run_dir / "exports", "step_*")
+        reason = f"resumed-at-step{self.rl_step}" if self.rl_step else "restarted"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in moved:
-            reason = f"resumed-at-step{self.rl_step}" if self.rl_step else "restarted"
             aside = path.parent / "superseded" / f"{reason}-{stamp}"
             aside.mkdir(parents=True, exist_ok=True)
             os.replace(path, aside / path.name)
         if moved:
             log.warning(
                 "%s: moved %d rollout records / exports of later steps (from an earlier attempt) into "
-                "superseded/ folders",
-                f"resumed at RL step {self.rl_step}" if self.rl_step else "fresh run in a used run_dir",
+                "superseded/%s-%s folders",
+                reason,
                 len(moved),
+                reason,
+                stamp,
             )
 
     # ----------------------------------------------------------------- the RL step
@@ -1242,12 +1244,7 @@ def _reduce_over_ranks(values: torch.Tensor, op: str) -> torch.Tensor:
         return values
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     reduced = values.to(device)
-    ops = {
-        "sum": torch.distributed.ReduceOp.SUM,
-        "min": torch.distributed.ReduceOp.MIN,
-        "max": torch.distributed.ReduceOp.MAX,
-    }
-    torch.distributed.all_reduce(reduced, op=ops[op])
+    torch.distributed.all_reduce(reduced, op=getattr(torch.distributed.ReduceOp, op.upper()))
     return reduced.cpu()
 
 

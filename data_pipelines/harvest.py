@@ -91,7 +91,6 @@ RECORD_FORMAT = 3
 verifier / engine options to the fingerprint, 3 a hash of the checkpoint's files. A shard whose record
 has another format is harvested again."""
 DATA_DIR = "data"
-PROGRESS_DIR = PROGRESS  # checksum records; created before the first shard
 ROLLOUT_RECORD_COLUMNS: tuple[str, ...] = ("step", "prompt_id", "prompt", "reward")
 _STEP_IN_NAME = re.compile(r"(?:step|checkpoint)[_\-=]?(\d+)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -376,7 +375,7 @@ class ShardPlan:
         return f"{DATA_DIR}/{path_slug(c.policy)}/step_{c.step:06d}/shard-{self.index:05d}.parquet"
 
     def record_path(self, out: Path) -> Path:
-        return out / PROGRESS_DIR / Path(self.relative_path).relative_to(DATA_DIR).with_suffix(".json")
+        return out / PROGRESS / Path(self.relative_path).relative_to(DATA_DIR).with_suffix(".json")
 
 
 def _fingerprint_mismatch(recorded: dict[str, Any], expected: dict[str, Any]) -> str | None:
@@ -962,7 +961,7 @@ def run(
             load_checkpoint(checkpoint)
         _check_output_folder(out_dir, plans)
         # before the first shard: readers then treat the folder as an unfinished harvest until the manifest
-        (out_dir / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        (out_dir / PROGRESS).mkdir(parents=True, exist_ok=True)
         work = _produce_shards(
             out_dir,
             plans,
