@@ -34,9 +34,11 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -150,6 +152,9 @@ class PolicyTrainer(L.LightningModule):
         prior_calibration: Recalibrate the prior online (Platt scaling on the run's own recent
             outcomes, never the current step's) before fusing it. Our extension, off by default as in
             the paper; it helps when V0 ranks prompts well but is miscalibrated for this policy.
+        prior_timeout_s: Longest wait for the prior's answer once the first rollout round is done
+            (our choice; the paper has no timeout). Past it the step uses the empirical baseline, and
+            later steps do too until the hung query returns; None waits forever.
         heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
             held-out success estimate to score the baseline's squared error (0 disables it).
         max_rollouts: Rollout budget: stop after the RL step at which the rollouts consumed (all
@@ -201,6 +206,7 @@ class PolicyTrainer(L.LightningModule):
         context_size: int = 256,
         min_context: int = 32,
         prior_calibration: bool = False,
+        prior_timeout_s: float | None = 60.0,
         heldout_rollouts: int = 0,
         max_rollouts: int | None = None,
         val_samples: int = 8,
@@ -229,6 +235,8 @@ class PolicyTrainer(L.LightningModule):
                 f"model.lora.dropout={lora.dropout}: every policy forward pass runs with dropout off (the PPO "
                 "ratio compares one deterministic policy), so it would have no effect; set it to 0"
             )
+        if prior_timeout_s is not None and not prior_timeout_s > 0:
+            raise ValueError(f"model.prior_timeout_s={prior_timeout_s} must be positive seconds (or null)")
         if max_rollouts is not None and max_rollouts < 1:
             raise ValueError(f"model.max_rollouts={max_rollouts} must be a positive rollout budget (or null)")
         if torch_threads:
@@ -255,6 +263,7 @@ class PolicyTrainer(L.LightningModule):
         self.rollouts_total = 0
         self._prior_failures = 0
         self._prior_query_seconds: float | None = None  # the last served query's run time
+        self._prior_pending: Future | None = None  # the last query, which may still be running
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -437,16 +446,14 @@ class PolicyTrainer(L.LightningModule):
     def training_step(self, prompts: list[PromptRow], batch_idx: int) -> None:
         self.rl_step += 1
         timings: dict[str, float] = {}
-        # V0 needs only the prompts and the support buffer, so it runs on a worker thread while the
-        # first round is generated; "prior" times only the wait the rollouts did not hide.
-        with ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads,
-                                initargs=(torch.get_num_threads(),)) as worker:  # fmt: skip
-            query = worker.submit(self.query_prior, prompts) if self.prior is not None else None
-            rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
-            prior_p = None  # [P] V0's success probabilities, or None: the empirical fallback
-            if query is not None:
-                with _timer(timings, "prior"):
-                    prior_p = query.result()
+        # V0 needs only the prompts and the support buffer, so it runs on a thread of its own while
+        # the first round is generated; "prior" times only the wait the rollouts did not hide.
+        query = self.submit_prior_query(prompts) if self.prior is not None else None
+        rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
+        prior_p = None  # [P] V0's success probabilities, or None: the empirical fallback
+        if query is not None:
+            with _timer(timings, "prior"):
+                prior_p = self.prior_answer(query)
         calibrated = (
             prior_p if self.calibrator is None or prior_p is None else self.calibrator(prior_p)
         )  # [P]
@@ -539,8 +546,51 @@ class PolicyTrainer(L.LightningModule):
             )
         return rollouts
 
+    def submit_prior_query(self, prompts: list[PromptRow]) -> Future | None:
+        """Start `query_prior` on a daemon thread (a hung prior must not block the process's exit).
+        None while an earlier query is still running: that one may hold the prior, so this step falls
+        back to the empirical baseline and counts a failure."""
+        if self._prior_pending is not None and not self._prior_pending.done():
+            self._prior_failures += 1
+            log.warning("step %d: the value prior is still answering an earlier query; using the empirical "
+                        "baseline", self.rl_step)  # fmt: skip
+            return None
+        future: Future = Future()
+        threads = torch.get_num_threads()
+
+        def run() -> None:
+            torch.set_num_threads(threads)
+            try:
+                start = time.perf_counter()
+                p = self.query_prior(prompts)
+                future.set_result((p, time.perf_counter() - start))
+            except Exception as err:
+                future.set_exception(err)
+
+        threading.Thread(target=run, name=f"value-prior-step-{self.rl_step}", daemon=True).start()
+        self._prior_pending = future
+        return future
+
+    def prior_answer(self, query: Future) -> torch.Tensor | None:
+        """The submitted query's probabilities `[P]`; None (the empirical fallback) when the prior
+        raised, answered out of range, or did not answer within `prior_timeout_s`."""
+        try:
+            p, seconds = query.result(timeout=self.hparams.prior_timeout_s)
+        except FutureTimeout:
+            err: Exception = TimeoutError(f"no answer within prior_timeout_s={self.hparams.prior_timeout_s}")
+        except Exception as raised:  # a failing prior must never take the run down
+            err = raised
+        else:
+            if p is not None:
+                self._prior_query_seconds = seconds
+            return p
+        self._prior_failures += 1
+        log.warning("step %d: value prior failed (%s); using the empirical baseline", self.rl_step, err)
+        return None
+
     def query_prior(self, prompts: list[PromptRow]) -> torch.Tensor | None:
-        """V0's success probabilities `[P]`, or None when the step must use the empirical baseline."""
+        """V0's success probabilities `[P]`, or None when the support buffer cannot serve a context.
+        Raises when the prior fails or answers with anything but P probabilities."""
         if self.prior is None or not self.support.ready():
             return None
         rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
@@ -549,19 +599,12 @@ class PolicyTrainer(L.LightningModule):
             log.info("step %d: the sampled context has one class; using the empirical baseline", self.rl_step)
             return None
         queries = [prompt_text(r.prompt) for r in prompts]
-        start = time.perf_counter()
-        try:
-            p = torch.as_tensor(
-                self.prior.predict(context_prompts, context_success, queries), dtype=torch.float32
-            )
-            self._prior_query_seconds = time.perf_counter() - start
-            p = p.flatten()  # [P]
-            if p.shape != (len(prompts),) or not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
-                raise ValueError(f"prior returned {tuple(p.shape)} values, non-finite or outside [0, 1]")
-        except Exception as err:  # a failing prior must never take the run down
-            self._prior_failures += 1
-            log.warning("step %d: value prior failed (%s); using the empirical baseline", self.rl_step, err)
-            return None
+        p = torch.as_tensor(
+            self.prior.predict(context_prompts, context_success, queries), dtype=torch.float32
+        )
+        p = p.flatten()  # [P]
+        if p.shape != (len(prompts),) or not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+            raise ValueError(f"prior returned {tuple(p.shape)} values, non-finite or outside [0, 1]")
         return p  # [P]
 
     def advantages(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
@@ -961,7 +1004,7 @@ class PolicyTrainer(L.LightningModule):
             "v05/rollouts_per_prompt": float(counts.float().mean()),
             "v05/rollouts_per_prompt_max": float(counts.max()),
             # the step time spent waiting for V0 (its query overlaps the first rollout round) ...
-            "v05/prior_time_frac": timings["prior"] / max(sum(timings.values()), 1e-9),
+            "v05/prior_time_frac": timings.get("prior", 0.0) / max(sum(timings.values()), 1e-9),
         }
         if self._prior_query_seconds is not None:  # ... and the query's own run time
             metrics["v05/prior_query_seconds"] = self._prior_query_seconds

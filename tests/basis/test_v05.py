@@ -257,6 +257,46 @@ def test_a_failing_prior_falls_back_for_that_step(
     assert all(np.isfinite(history("train/advantage_std", logger.run_id)))
 
 
+class HangingPrior(ConstantPrior):
+    """Test double for a prior that hangs: its first query blocks until `release` is set."""
+
+    def __init__(self, p: float, release: threading.Event) -> None:
+        super().__init__(p)
+        self.release = release
+
+    def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+        if self.calls == 0:
+            self.release.wait(timeout=60)
+        return super().predict(context_prompts, context_success, query_prompts)
+
+
+def test_a_hung_prior_falls_back_until_it_answers_again(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    release = threading.Event()
+    prior = HangingPrior(0.0, release)
+    module = primed(module_for(tiny_lm_path, tmp_path, prior=prior, osla=OslaSettings(), prior_timeout_s=0.2))
+    generate = module.engine.generate
+
+    def generate_then_release(*args):
+        if module.rl_step == 2 and not release.is_set():  # step 2 found step 1's query still running
+            release.set()
+            module._prior_pending.result(timeout=60)
+        return generate(*args)
+
+    module.engine.generate = generate_then_release
+    logger = MLflowLogger(experiment_name="v05-test")
+    fit(module, task_dir, tmp_path, steps=3, logger=logger)
+    assert history("v05/prior_used", logger.run_id) == [0.0, 0.0, 1.0]
+    assert history("v05/prior_failures", logger.run_id) == [1.0, 2.0, 2.0]
+    assert prior.calls == 2  # step 2 did not queue a second query behind the hung one
+
+
+def test_a_prior_timeout_must_be_positive(tiny_lm_path: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="prior_timeout_s=0"):
+        module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.5), prior_timeout_s=0)
+
+
 def test_basis_single_rollout_estimator_runs_with_the_prior(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
