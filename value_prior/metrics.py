@@ -23,7 +23,7 @@ between two predictors on the same items (much tighter than comparing two separa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 
 import numpy as np
 import torch
@@ -45,10 +45,17 @@ def _groups_as_ids(groups: Sequence[object] | np.ndarray | Tensor) -> np.ndarray
     return ids
 
 
+def _check_length(name: str, values: Sized, n: int) -> None:
+    """Refuse per-item values (groups, clusters, success rates) that do not match the `n` predictions:
+    the bootstrap would otherwise draw from a prefix of the items and report its interval silently."""
+    if len(values) != n:
+        raise ValueError(f"{len(values)} {name} for {n} predictions")
+
+
 def _check(prob: Tensor, success: Tensor) -> None:
     """Reject inputs no metric can score honestly.
 
-    Non-finite values are refused rather than scored: `binary_auroc` ranks a NaN prediction as if it
+    Values outside [0, 1] and non-finite values are refused rather than scored: `binary_auroc` ranks a NaN prediction as if it
     were a perfect one (a NaN-only model scores AUC 1.0), and a NaN in the ECE or Brier sums would pass
     through as a NaN metric that early stopping and checkpointing then compare against.
     """
@@ -65,6 +72,13 @@ def _check(prob: Tensor, success: Tensor) -> None:
             raise ValueError(
                 f"{name} hold {bad.numel()} non-finite value(s) (first: item {i} = {float(values[i])}): "
                 "metrics need finite values; check the model or the data that produced them"
+            )
+        outside = torch.nonzero((values < 0) | (values > 1)).flatten()  # [n_out]
+        if outside.numel():  # a logit or a ±1 score: torchmetrics would squash logits by a sigmoid, silently
+            i = int(outside[0])
+            raise ValueError(
+                f"{name} hold {outside.numel()} value(s) outside [0, 1] (first: item {i} = {float(values[i])}): "
+                "metrics score probabilities and success rates, not logits or ±1 rewards"
             )
 
 
@@ -85,8 +99,7 @@ def grouped_auc(
     p, y = _as_tensor(prob), _as_tensor(success)
     _check(p, y)
     ids = _groups_as_ids(groups)
-    if len(ids) != len(p):
-        raise ValueError(f"{len(ids)} group ids for {len(p)} predictions")
+    _check_length("group ids", ids, len(p))
     total, weighted = 0, 0.0
     for group in np.unique(ids):
         mask = torch.as_tensor(ids == group)
@@ -104,6 +117,7 @@ def pair_accuracy(
     p, y = _as_tensor(prob), _as_tensor(success)
     _check(p, y)
     ids = torch.as_tensor(_groups_as_ids(groups))
+    _check_length("group ids", ids, len(p))
     correct, pairs = 0.0, 0
     for group in torch.unique(ids):  # one pool at a time: memory grows with the pool, not with N
         gp, gy = p[ids == group], y[ids == group]  # [n], [n]
@@ -181,6 +195,9 @@ def bootstrap_ci(
     """Percentile interval of `metric(prob, success, groups)` over item resamples (within each pool),
     or over resamples of whole `clusters` when given."""
     prob, success, groups = np.asarray(prob), np.asarray(success), np.asarray([str(g) for g in groups])
+    for name, values in (("success rates", success), ("group ids", groups), ("clusters", clusters)):
+        if values is not None:
+            _check_length(name, values, len(prob))
     resampler = _Resampler(groups, clusters, seed)
     values = []
     for _ in range(n_resamples):
@@ -206,6 +223,14 @@ def paired_bootstrap_diff(
     (resampling items within pools, or whole `clusters` when given)."""
     prob_a, prob_b, success = np.asarray(prob_a), np.asarray(prob_b), np.asarray(success)
     groups = np.asarray([str(g) for g in groups])
+    for name, values in (
+        ("predictions of b", prob_b),
+        ("success rates", success),
+        ("group ids", groups),
+        ("clusters", clusters),
+    ):
+        if values is not None:
+            _check_length(name, values, len(prob_a))
     resampler = _Resampler(groups, clusters, seed)
     diffs = []
     for _ in range(n_resamples):

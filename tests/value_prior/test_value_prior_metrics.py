@@ -124,3 +124,38 @@ def test_non_finite_values_are_refused(metric) -> None:
         metric([np.nan, 0.1, 0.8, 0.2], [1, 0, 1, 0])
     with pytest.raises(ValueError, match="success rates hold 1 non-finite"):
         metric([0.9, 0.1, 0.8, 0.2], [1, 0, np.inf, 0])
+
+
+def test_per_item_lengths_must_match_the_predictions() -> None:
+    # A short `groups` or `clusters` used to make the bootstrap draw from the first items only, silently
+    # (a paired point estimate outside its own interval), and pair_accuracy failed with an IndexError.
+    rng = np.random.default_rng(4)
+    success = rng.random(20)
+    prob = rng.random(20)
+    groups = np.repeat(["a", "b"], 10)
+    prompts = [f"q{i}" for i in range(10)]
+
+    def fn(p: np.ndarray, s: np.ndarray, g: np.ndarray) -> float:
+        return brier(p, s)
+
+    with pytest.raises(ValueError, match="15 group ids for 20 predictions"):
+        pair_accuracy(prob, success, list(groups[:15]))
+    with pytest.raises(ValueError, match="10 group ids for 20 predictions"):
+        bootstrap_ci(fn, prob, success, groups[:10], n_resamples=5)
+    with pytest.raises(ValueError, match="19 success rates for 20 predictions"):
+        bootstrap_ci(fn, prob, success[:19], groups, n_resamples=5)
+    with pytest.raises(ValueError, match="10 clusters for 20 predictions"):
+        bootstrap_ci(fn, prob, success, groups, n_resamples=5, clusters=prompts)
+    with pytest.raises(ValueError, match="10 clusters for 20 predictions"):
+        paired_bootstrap_diff(fn, prob, np.full(20, 0.5), success, groups, n_resamples=5, clusters=prompts)
+    with pytest.raises(ValueError, match="19 predictions of b for 20 predictions"):
+        paired_bootstrap_diff(fn, prob, np.full(19, 0.5), success, groups, n_resamples=5)
+
+
+@pytest.mark.parametrize("metric", [auc, brier, expected_calibration_error])
+def test_values_outside_the_unit_interval_are_refused(metric) -> None:
+    # torchmetrics squashed logits by a sigmoid: AUC 0.75 for [40, 39, 38, -3] where sklearn says 0.5
+    with pytest.raises(ValueError, match=r"predictions hold 4 value.*outside \[0, 1\]"):
+        metric([40.0, 39.0, 38.0, -3.0], [0, 1, 1, 0])
+    with pytest.raises(ValueError, match=r"success rates hold 2 value.*item 1 = -1\.0"):
+        metric([0.9, 0.1, 0.8, 0.2], [1, -1, 1, -1])
