@@ -135,7 +135,8 @@ def load_prior(prior: str | SuccessPrior) -> SuccessPrior:
     if not isinstance(prior, str):
         if not isinstance(prior, SuccessPrior):
             raise ValueError(
-                f"model.prior must be a path or an object with predict(...); got {type(prior).__name__}"
+                "model.prior must be a path or an object with predict(...) and prepare(...) "
+                f"(basis.v05.SuccessPrior); got {type(prior).__name__}"
             )
         return prior
     from pathlib import Path
@@ -152,24 +153,39 @@ def fit_platt(
 ) -> tuple[float, float]:
     """Platt scaling `p' = sigmoid(a * logit + b)`: the MAP fit of `successes` out of `trials` (all `[M]`)
     under a binomial likelihood and a Gaussian prior of precision `ridge` around the identity
-    (a, b) = (1, 0), by damped Newton steps. The prior keeps the fit sane when outcomes are one-sided
-    (all failures would otherwise send b to -inf)."""
+    (a, b) = (1, 0), by damped Newton steps, constrained to a >= 0. The prior keeps the fit sane when
+    outcomes are one-sided (all failures would otherwise send b to -inf). The constraint keeps the map
+    monotone: a one-class window whose logits lie on one side of 0 (an optimistic V0, a policy that
+    fails everything) barely identifies the slope, and its unconstrained MAP can have a < 0, which maps
+    the prompts V0 rates hardest to near-certain success. The objective is convex, so when the
+    unconstrained optimum has a < 0 the constrained one lies on a = 0: the shift alone is refitted."""
     x = logits.double()  # [M]
     k, n = successes.double(), trials.double()  # [M], [M]
-    identity = torch.tensor([1.0, 0.0], dtype=torch.float64)
     design = torch.stack([x, torch.ones_like(x)], dim=1)  # [M, 2]
-    theta = identity.clone()  # (a, b)
+    identity = torch.tensor([1.0, 0.0], dtype=torch.float64)  # [2]
+    theta = _platt_newton(design, k, n, identity, ridge, iters)  # (a, b)
+    if float(theta[0]) >= 0:
+        return float(theta[0]), float(theta[1])
+    # a = 0: a * logit drops out and the prior's (a - 1)^2 term is a constant
+    shift = _platt_newton(design[:, 1:], k, n, identity[1:], ridge, iters)  # [1]
+    return 0.0, float(shift[0])
+
+
+def _platt_newton(
+    design: torch.Tensor, k: torch.Tensor, n: torch.Tensor, identity: torch.Tensor, ridge: float, iters: int
+) -> torch.Tensor:
+    """Damped Newton MAP of `sigmoid(design @ theta)` (`design` `[M, D]`) with prior N(identity, 1/ridge)."""
+    theta = identity.clone()  # [D]
+    eye = torch.eye(design.shape[1], dtype=torch.float64)  # [D, D]
     for _ in range(iters):
         p = torch.sigmoid(design @ theta)  # [M]
-        grad = design.T @ (n * p - k) + ridge * (theta - identity)  # [2]
-        hess = design.T @ (design * (n * p * (1 - p)).unsqueeze(1)) + ridge * torch.eye(
-            2, dtype=torch.float64
-        )
-        step = torch.linalg.solve(hess, grad).clamp(-1.0, 1.0)  # [2], damped
+        grad = design.T @ (n * p - k) + ridge * (theta - identity)  # [D]
+        hess = design.T @ (design * (n * p * (1 - p)).unsqueeze(1)) + ridge * eye  # [D, D]
+        step = torch.linalg.solve(hess, grad).clamp(-1.0, 1.0)  # [D], damped
         theta = theta - step
         if float(step.abs().max()) < 1e-8:
             break
-    return float(theta[0]), float(theta[1])
+    return theta  # [D]
 
 
 class PriorCalibrator:
