@@ -496,7 +496,9 @@ def _loo_logit_shift(y: Tensor, logit0: Tensor, inverse: Tensor, num_groups: int
     """Leave-one-group-out least-squares logit shift per group on a dense grid, `[G]` (float64)."""
     steps = round(2 * SHIFT_MAX / SHIFT_STEP) + 1
     grid = torch.linspace(-SHIFT_MAX, SHIFT_MAX, steps, dtype=torch.float64, device=y.device)  # [T]
-    pred = torch.sigmoid(logit0[None, :] + grid[:, None]).clamp(PROB_CLAMP, 1 - PROB_CLAMP)  # [T, N]
+    # Unclamped: clamping here made the objective flat once every other prediction hit a clamp (a batch
+    # that failed everywhere), and float rounding then picked the shift; the limit (b -> -1) is the fit.
+    pred = torch.sigmoid(logit0[None, :] + grid[:, None])  # [T, N]
     sq = (y[None, :] - pred) ** 2  # [T, N]
     own = torch.zeros(steps, num_groups, dtype=torch.float64, device=y.device)  # [T, G]
     own.index_add_(1, inverse, sq)  # [T, G]

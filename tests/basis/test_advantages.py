@@ -160,7 +160,7 @@ def test_v05_matches_python_loop(seed: int, scale: str) -> None:
 def basis_shift_reference(y: torch.Tensor, logit0: torch.Tensor, keep: torch.Tensor) -> float:
     """Brute-force least-squares logit shift over the kept responses on a 0.001-step grid."""
     grid = torch.arange(-20.0, 20.0005, 0.001, dtype=torch.float64)
-    pred = torch.sigmoid(logit0[keep][None, :] + grid[:, None]).clamp(1e-4, 1 - 1e-4)
+    pred = torch.sigmoid(logit0[keep][None, :] + grid[:, None])
     return float(grid[((y[keep][None, :] - pred) ** 2).sum(dim=1).argmin()])
 
 
@@ -199,6 +199,17 @@ def test_basis_own_reward_does_not_enter_own_baseline() -> None:
     flipped = rewards.clone()
     flipped[2] = -1.0
     assert basis_baseline(rewards, index, prior)[2] == basis_baseline(flipped, index, prior)[2]
+
+
+@pytest.mark.parametrize("outcome", [-1.0, 1.0])
+def test_basis_on_a_one_outcome_batch_takes_the_fits_limit(outcome: float) -> None:
+    # Every rollout failed (or succeeded): the least-squares shift runs to the grid's end, so every
+    # baseline sits at the outcome and no advantage pushes on noise. Clamping the fit's predictions made
+    # the objective flat there and float rounding picked b = -0.866 for the prompt V0 rated 0.98.
+    p = torch.tensor([0.98] + [0.02] * 15, dtype=torch.float64)
+    prior = -outcome * (2 * p - 1)  # group 0's prior bets on the other outcome
+    baseline = basis_baseline(torch.full((16,), outcome, dtype=torch.float64), torch.arange(16), prior)
+    torch.testing.assert_close(baseline, torch.full((16,), outcome * (1 - 2e-4), dtype=torch.float64))
 
 
 def test_basis_single_group_uses_the_prior() -> None:
