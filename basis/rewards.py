@@ -47,8 +47,9 @@ NUMBER = re.compile(_NUMBER)
 FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
 
 
-# A boxed answer: `\\boxed{` (content up to the balancing brace) or `\\boxed 5` (content up to the next space).
-BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>[^\s{]\S*))")
+# A boxed answer: `\\boxed{` (content up to the balancing brace) or `\\boxed 5` (content up to the next space
+# or the closing `$` of its math: MATH writes `our answer is $\\boxed 2$.`).
+BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>(?:\\\$|[^\s{$])(?:\\\$|[^\s$])*))")
 # DAPO's final line, `Answer: ...`: at the start of a line (markdown `**`, `#`, `>` allowed; "Final answer:"
 # too), its value on the same line or the next. Mid-sentence ("the answer: it is right") is prose.
 ANSWER_LINE = re.compile(
@@ -71,14 +72,14 @@ ANCHORED_ONLY = [
 
 def last_boxed(text: str) -> str:
     """Content of the last boxed answer in `text`: `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or
-    `\\boxed 5` up to the next space. The last one to start wins, so a bare `\\boxed 5` written after a braced
-    answer (a correction) is the answer."""
+    `\\boxed 5` up to the next space or unescaped `$`, without a closing `.,;:`. The last one to start
+    wins, so a bare `\\boxed 5` written after a braced answer (a correction) is the answer."""
     found = list(BOXED.finditer(text))
     if not found:
         raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
     last = found[-1]
     if last["bare"]:
-        return last["bare"]
+        return last["bare"].rstrip(".,;:")  # `$\\boxed 9$, done` and `\\boxed 9.` answer 9
     start = last.end()
     depth = 1
     for pos in range(start, len(text)):

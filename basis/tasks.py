@@ -243,6 +243,18 @@ def _local_file(path: Path, split: str) -> Path:
     return found[0]
 
 
+def _has_no_rows(file: Path) -> bool:
+    """Whether a local prompt file holds no rows (an empty or blank jsonl, a parquet of 0 rows)."""
+    if file.suffix != ".parquet":
+        return not file.read_text(errors="replace").strip()
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(file).num_rows == 0
+    except Exception:  # not a parquet file at all: the caller reports the read error
+        return False
+
+
 def _load_raw(
     path_or_hub_name: str, split: str, preset: PromptPreset | None, column_map: Mapping[str, str] | None
 ) -> tuple[datasets.Dataset, str]:
@@ -255,6 +267,8 @@ def _load_raw(
         try:
             raw = datasets.load_dataset(builder, data_files=str(file), split="train", keep_in_memory=True)
         except Exception as error:  # datasets wraps Arrow parse errors in its own types
+            if _has_no_rows(file):  # datasets' own message names neither the file nor the cause
+                raise ValueError(f"{file}: no rows (empty {builder} file)") from None
             raise ValueError(f"{file}: could not be read as {builder}: {error}") from error
         return raw, str(file)
     if preset is not None:
@@ -410,6 +424,14 @@ def load_prompts(
         _convert_row(raw_row, index, source, column_map, resolved, data_source, split)
         for index, raw_row in enumerate(raw)
     ]
+    kinds = [isinstance(row["prompt"], str) for row in rows]  # one Arrow column holds one kind
+    if not all(kind == kinds[0] for kind in kinds):
+        index = kinds.index(not kinds[0])
+        names = {True: "a string", False: "a chat list"}
+        raise ValueError(
+            f"{source}: row {index}, field 'prompt': {names[kinds[index]]} where row 0 has "
+            f"{names[kinds[0]]}; one source holds prompts of one kind"
+        )
     dataset = (
         datasets.Dataset.from_list(rows)
         if rows
@@ -491,6 +513,15 @@ DEFAULT_LEVELS: dict[int, ArithmeticLevel] = {
 }
 
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+
+# Column types of the arithmetic task's rows (what `Dataset.from_list` infers from a non-empty split).
+ARITHMETIC_FEATURES = datasets.Features(
+    {
+        **{name: datasets.Value("string") for name in ("prompt_id", "prompt", "answer", "data_source")},
+        "difficulty": datasets.Value("int64"),
+        "solution": datasets.Value("string"),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -687,7 +718,14 @@ def write_arithmetic_task(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
-        dataset = datasets.Dataset.from_list(rows)
+        # An empty split keeps the columns (from_list([]) has none and fails validation as "missing").
+        dataset = (
+            datasets.Dataset.from_list(rows)
+            if rows
+            else datasets.Dataset.from_dict(
+                {name: [] for name in ARITHMETIC_FEATURES}, features=ARITHMETIC_FEATURES
+            )
+        )
         validate_prompts(dataset, f"arithmetic[{split}]")
         paths[split] = out_dir / f"{split}.parquet"
         dataset.to_parquet(str(paths[split]))

@@ -170,6 +170,10 @@ BARE_BOX_CORRECTED = "\\boxed{3}. Wait, mistake. The answer is \\boxed 5"
         # A bare `\boxed 5` after a braced box is the corrected answer.
         pytest.param(BARE_BOX_CORRECTED, "5", 1.0, id="bare-box-after-braced-box"),
         pytest.param(BARE_BOX_CORRECTED, "3", 0.0, id="braced-box-before-bare-box"),
+        # A bare box ends at its closing `$` and drops a closing comma or full stop (MATH's own golds).
+        pytest.param("Then $y=\\boxed 9$, done.", "9", 1.0, id="bare-box-in-math-then-comma"),
+        pytest.param("So our answer is $\\boxed 2$.", "2", 1.0, id="bare-box-in-math-then-stop"),
+        pytest.param("So our answer is $\\boxed 2$.", "3", 0.0, id="bare-box-in-math-wrong"),
         # A LaTeX space between digit groups separates thousands.
         pytest.param("\\boxed{1\\,000}", "1000", 1.0, id="thin-space-thousands"),
         pytest.param("\\boxed{1\\,000}", "0", 0.0, id="thin-space-is-no-product"),

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 
 from basis.tasks import (
@@ -110,6 +111,18 @@ def test_math_schema_through_preset(tmp_path: Path) -> None:
     assert ds["data_source"] == ["math", "math"]
 
 
+def test_math_bare_boxed_gold_ends_at_the_math_delimiter(tmp_path: Path) -> None:
+    """MATH train/algebra/24014 ends `... our answer is $\\boxed 2$.`: the gold is `2`, not `2$.` (which
+    the math verifier then matched to no correct response)."""
+    rows = [
+        {"problem": "a", "level": "Level 1", "solution": "We find x = 2. So our answer is $\\boxed 2$."},
+        {"problem": "b", "level": "Level 1", "solution": "Then $y=\\boxed 9$, done."},
+        {"problem": "c", "level": "Level 1", "solution": "So $\\boxed{\\$18.90}$."},
+    ]
+    path = write_jsonl(tmp_path / "math.jsonl", rows)
+    assert load_prompts(str(path), preset="math")["answer"] == ["2", "9", "\\$18.90"]
+
+
 def test_local_folder_with_column_map(tmp_path: Path) -> None:
     write_jsonl(
         tmp_path / "train.jsonl", [{"q": "2+2", "a": "4", "lvl": 1}, {"q": "3*3", "a": "9", "lvl": 2}]
@@ -159,6 +172,28 @@ def test_non_string_answer_names_file_row_field(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"bad\.parquet: row 0, field 'answer': expected a string, got int 2"
     ):
+        load_prompts(str(path))
+
+
+def test_mixed_prompt_kinds_name_file_row_field(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [{"prompt": "1+1", "answer": "2"}, {"prompt": [{"role": "user", "content": "2+2"}], "answer": "4"}],
+    )
+    with pytest.raises(
+        ValueError, match=r"mixed\.jsonl: row 1, field 'prompt': a chat list where row 0 has a string"
+    ):
+        load_prompts(str(path))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_empty_file_names_file(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("")
+    else:
+        datasets.Dataset.from_dict({"prompt": [], "answer": []}).to_parquet(str(path))
+    with pytest.raises(ValueError, match=rf"empty\{suffix}: no rows"):
         load_prompts(str(path))
 
 
@@ -295,6 +330,15 @@ def test_write_arithmetic_task_round_trips_through_load_prompts(tmp_path: Path) 
     assert len(test) == 10 and set(test["data_source"]) == {"arithmetic"}
     assert all(isinstance(d, int) for d in test["difficulty"])
     assert "solution" in datasets.Dataset.from_parquet(str(paths["train"])).column_names
+
+
+def test_write_arithmetic_task_with_an_empty_split(tmp_path: Path) -> None:
+    """`python -m basis.tasks OUT SEED --n_val 0` used to fail: an empty split was written without columns."""
+    paths = write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=0, n_test=5)
+    empty = pq.read_table(paths["validation"])  # datasets cannot read a parquet of 0 rows
+    assert empty.num_rows == 0 and empty.schema == pq.read_table(paths["train"]).schema
+    with pytest.raises(ValueError, match=r"validation\.parquet: no rows"):
+        load_prompts(str(tmp_path), split="validation")
 
 
 # ---------------------------------------------------------------------------- rendering
