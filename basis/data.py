@@ -7,7 +7,9 @@ slice. The loader starts at the module's `rl_step`, which Lightning restores fro
 before it asks for the loader, so a resumed run continues with exactly the prompts the
 uninterrupted run would have seen – no sampler state to save.
 
-Validation prompts are a fixed, seeded subset of the validation split, sharded across ranks.
+Validation prompts are a fixed, seeded subset of the validation split, sharded across ranks. Its seed is
+`val_seed`, not `seed` (which `seed_everything` sets): runs with different training seeds are measured on
+the same held-out prompts.
 
 Run it through the trainer's CLI: `basis fit --config configs/policy/grpo_tiny.yaml`.
 """
@@ -113,7 +115,9 @@ class PromptDataModule(L.LightningDataModule):
         prompts_per_step: Prompts per RL step on each rank (the global batch is this times the ranks).
         val_prompts: Validation prompts used (a fixed seeded subset; 0 means all).
         val_batch_size: Validation prompts per validation batch.
-        seed: Seed of the prompt order and of the validation subset.
+        seed: Seed of the training prompt order.
+        val_seed: Seed of the validation subset; kept apart from `seed` (set by `seed_everything`) so
+            that every training seed is measured on the same held-out prompts.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class PromptDataModule(L.LightningDataModule):
         val_prompts: int = 256,
         val_batch_size: int = 64,
         seed: int = 0,
+        val_seed: int = 0,
     ) -> None:
         super().__init__()
         if prompts_per_step < 1:
@@ -138,7 +143,7 @@ class PromptDataModule(L.LightningDataModule):
         self.column_map = column_map
         self.prompts_per_step = prompts_per_step
         self.val_prompts, self.val_batch_size = val_prompts, val_batch_size
-        self.seed = seed
+        self.seed, self.val_seed = seed, val_seed
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
 
@@ -163,7 +168,7 @@ class PromptDataModule(L.LightningDataModule):
             )
             if self.val_prompts and self.val_prompts < len(rows):
                 keep = np.sort(
-                    np.random.default_rng(self.seed).choice(len(rows), self.val_prompts, replace=False)
+                    np.random.default_rng(self.val_seed).choice(len(rows), self.val_prompts, replace=False)
                 )
                 rows = [rows[i] for i in keep]
             self.val_rows = rows
