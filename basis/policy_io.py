@@ -61,7 +61,10 @@ def merged_lora_weight(layer: LoraLayer) -> torch.Tensor:
         return base
     merged = base.float()  # [out, in]
     for adapter in layer.active_adapters:
-        if adapter in layer.merged_adapters or adapter not in layer.lora_A:
+        # peft keeps an Embedding layer's adapter in lora_embedding_A, a Linear's in lora_A
+        if adapter in layer.merged_adapters or (
+            adapter not in layer.lora_A and adapter not in layer.lora_embedding_A
+        ):
             continue
         if layer.use_dora.get(adapter, False):
             raise ValueError(f"adapter {adapter!r} uses DoRA; merge-and-push supports plain LoRA only")
@@ -89,8 +92,25 @@ def load_policy(model_path: str, lora: LoraSettings | None) -> tuple[torch.nn.Mo
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or saved_as:
         kind = saved_as[0] if saved_as else f"{config.model_type!r} model"
         raise ValueError(f"model.model_path {model_path!r} holds a {kind}, not a causal LM")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    # transformers only logs missing weights and initialises them randomly: a truncated or mismatched
+    # checkpoint would load as a partly random policy
+    model, loading = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, output_loading_info=True
+    )
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"model.model_path {model_path!r} lacks {len(missing)} weight(s) of its {config.model_type!r} "
+            f"model (they would be randomly initialised), e.g. {missing[:3]}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # without tokenizer files transformers 5 builds an empty tokenizer of the config's model type, which
+    # encodes every prompt to no tokens
+    if not tokenizer.encode("1 + 1 =", add_special_tokens=False):
+        raise ValueError(
+            f"model.model_path {model_path!r} has no usable tokenizer ({type(tokenizer).__name__} with "
+            f"{len(tokenizer)} token(s) encodes text to nothing): save the tokenizer beside the model"
+        )
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -173,15 +193,24 @@ def export_policy(
     base = policy.get_base_model() if isinstance(policy, PeftModel) else policy
     tied = getattr(base, "all_tied_weights_keys", None) or {}  # {copy: source}, empty unless the config ties
     state = merged_state_dict(policy) if state_dict is None else state_dict
+    # LoRA on a tied layer (lm_head or embed_tokens) merges into one side only: the pair is no longer
+    # tied, so both are stored and the config unties them, or the loader would overwrite one with the other
+    untie = any(
+        copy_key in state and source in state and not torch.equal(state[copy_key], state[source])
+        for copy_key, source in tied.items()
+    )
     state = {
         key: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         for key, tensor in state.items()
-        if key not in tied
+        if untie or key not in tied
     }
     base.save_pretrained(tmp, state_dict=state)
-    if dtype is not None:  # save_pretrained writes the dtype the live model holds
+    if dtype is not None or untie:  # save_pretrained writes the live model's dtype and tying
         config = copy.deepcopy(base.config)
-        config.dtype = dtype
+        if dtype is not None:
+            config.dtype = dtype
+        if untie:
+            config.tie_word_embeddings = False
         config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if isinstance(policy, PeftModel):

@@ -3,15 +3,18 @@ gathered from every rank. Real tiny Qwen3 through the Auto* loaders, real 2-proc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from basis.policy_io import export_policy, load_policy, saved_dtype
+from basis.policy_io import LoraSettings, export_policy, load_policy, merged_lora_weight, saved_dtype
 
 
 def saved_tensors(folder: Path) -> dict[str, str]:
@@ -41,6 +44,61 @@ def test_export_keeps_the_starting_dtype_and_stores_tied_weights_once(
 
     as_held = saved_tensors(export_policy(policy, tokenizer, tmp_path / "step_000002"))
     assert "lm_head.weight" not in as_held and set(as_held.values()) == {"F32"}
+
+
+def test_a_checkpoint_missing_weights_is_refused(tiny_lm_path: str, tmp_path: Path) -> None:
+    """transformers would initialise the missing layer randomly and only log it."""
+    folder = Path(shutil.copytree(tiny_lm_path, tmp_path / "truncated"))
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1." not in k}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"lacks \d+ weight\(s\).*model\.layers\.1\."):
+        load_policy(str(folder), None)
+
+
+def test_a_checkpoint_without_tokenizer_is_refused(tiny_lm_path: str, tmp_path: Path) -> None:
+    """Without tokenizer files transformers 5 builds an empty tokenizer that encodes everything to []."""
+    folder = Path(shutil.copytree(tiny_lm_path, tmp_path / "no-tokenizer"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        load_policy(str(folder), None)
+
+
+def trained_lora_policy(model_path: str, target_modules: list[str]) -> tuple[torch.nn.Module, object]:
+    """A LoRA policy whose adapters are non-zero (a stand-in for training: peft zero-inits one side)."""
+    torch.manual_seed(0)
+    policy, tokenizer = load_policy(model_path, LoraSettings(r=4, alpha=8, target_modules=target_modules))
+    for name, param in policy.named_parameters():
+        if "lora_" in name:
+            param.data.normal_(0, 0.05)
+    return policy.eval(), tokenizer
+
+
+def test_merged_lora_weight_includes_embedding_adapters(tiny_lm_path: str) -> None:
+    """peft keeps an Embedding layer's adapter in `lora_embedding_A/B`, not `lora_A/B`."""
+    policy, _ = trained_lora_policy(tiny_lm_path, ["embed_tokens"])
+    layer = policy.get_base_model().model.embed_tokens
+    want = layer.get_base_layer().weight + layer.get_delta_weight("default")  # [V, D]
+    assert layer.get_delta_weight("default").abs().max() > 0
+    torch.testing.assert_close(merged_lora_weight(layer), want)
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
+@pytest.mark.parametrize("tied_layer", ["lm_head", "embed_tokens"])
+def test_lora_on_a_tied_layer_exports_the_in_memory_policy(
+    tiny_lm_path: str, tmp_path: Path, tied_layer: str
+) -> None:
+    """The tiny policy ties lm_head to embed_tokens; a LoRA on either one unties them, so the export must
+    store both (and say so in its config) for `AutoModelForCausalLM` to load the trained policy."""
+    policy, tokenizer = trained_lora_policy(tiny_lm_path, ["q_proj", tied_layer])
+    out = export_policy(policy, tokenizer, tmp_path / "step_000001")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])  # [1, T]
+    with torch.no_grad():
+        want = policy(input_ids=ids).logits  # [1, T, V]
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits  # [1, T, V]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= saved_tensors(out).keys()
 
 
 def _sharded_export(rank: int, world: int, model_path: str, run_dir: str, rendezvous: str) -> None:
