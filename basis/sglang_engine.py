@@ -258,6 +258,16 @@ def plan_full_push(
         else:
             load = partial(full_tensor, param)
         hf_name = hf_parameter_name(raw_name, layout, module_prefixes)
+        if (
+            load.func is merged_lora_weight
+            and layout.tie_word_embeddings
+            and hf_name.endswith("embed_tokens.weight")
+        ):
+            raise UnmappedParameterError(
+                f"LoRA on {raw_name!r}: the checkpoint at {layout.source} ties lm_head to the embedding, so "
+                "SGLang would load the merged embedding into lm_head too while the policy's lm_head stays "
+                "unmerged; leave embed_tokens out of the LoRA target modules"
+            )
         if hf_name in sources:
             raise UnmappedParameterError(
                 f"parameters {sources[hf_name]!r} and {raw_name!r} both map to {hf_name!r}"

@@ -206,6 +206,13 @@ def test_plan_refuses_duplicates_missing_and_shape_mismatches(tiny_lm_path: str,
         plan_full_push(untied, layout)
 
 
+def test_plan_refuses_lora_on_the_embedding_of_a_tied_checkpoint(tiny_lm_path: str, layout) -> None:
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]))
+    with pytest.raises(UnmappedParameterError, match="ties lm_head to the embedding"):
+        plan_full_push(model, layout)
+
+
 def test_bucketing_keeps_order_and_bounds_size(layout: CheckpointLayout, policy) -> None:
     plan = plan_full_push(policy, layout)
     largest = max(item.nbytes for item in plan)
