@@ -227,9 +227,19 @@ class InContextHead(nn.Module):
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write the checkpoint to `path` atomically: a failed or interrupted save keeps the old file.
+
+        Prior-fit saves over its `--out` after every evaluation, so writing in place would turn a full
+        disk or a stop mid-write into a truncated file in place of the last good head.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.checkpoint(), path)
+        partial = path.with_name(f"{path.name}.partial")  # same folder, so the rename is atomic
+        try:
+            torch.save(self.checkpoint(), partial)
+            partial.replace(path)
+        finally:
+            partial.unlink(missing_ok=True)
         return path
 
 
@@ -294,8 +304,19 @@ def load_head(path: str | Path) -> InContextHead:
             f"head checkpoint {path}: architecture {name!r} is not supported as a differentiable head "
             f"(use one of {SUPPORTED_ARCHITECTURES})"
         )
+    raw_config = checkpoint["config"]
+    if not isinstance(raw_config, dict) or "max_num_classes" not in raw_config:
+        found = sorted(raw_config)[:8] if isinstance(raw_config, dict) else type(raw_config).__name__
+        raise HeadCheckpointError(
+            f"head checkpoint {path}: its 'config' is not a TabPFN classifier's (no 'max_num_classes', found {found})"
+        )
     architecture = ARCHITECTURES[name]
-    config, _ = architecture.parse_config(checkpoint["config"])
+    try:
+        config, _ = architecture.parse_config(raw_config)
+    except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
+        raise HeadCheckpointError(
+            f"head checkpoint {path}: its config is not a valid {name} config ({err})"
+        ) from err
     if config.max_num_classes < 2:
         raise HeadCheckpointError(
             f"head checkpoint {path}: a TabPFN regressor (max_num_classes={config.max_num_classes}); "

@@ -191,6 +191,36 @@ def test_bad_checkpoints_are_named(tmp_path: Path, tiny_head: Path) -> None:
     torch.save(checkpoint | {"architecture_name": "tabpfn_v3"}, v3)
     with pytest.raises(HeadCheckpointError, match="'tabpfn_v3' is not supported"):
         load_head(v3)
+    # Another model's {"state_dict", "config"} is not a "regressor", and a config that does not parse
+    # is refused with the file's name rather than a bare pydantic / attribute error.
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"linear.weight": torch.zeros(2, 2)}, "config": {"hidden_size": 128}}, other)
+    with pytest.raises(HeadCheckpointError, match=r"other\.ckpt: its 'config' is not a TabPFN classifier's"):
+        load_head(other)
+    invalid = tmp_path / "invalid.ckpt"
+    torch.save(checkpoint | {"config": checkpoint["config"] | {"features_per_group": 3}}, invalid)
+    with pytest.raises(
+        HeadCheckpointError, match=r"invalid\.ckpt: its config is not a valid tabpfn_v2 config"
+    ):
+        load_head(invalid)
+    torch.save(checkpoint | {"config": "tabpfn_v2"}, invalid)
+    with pytest.raises(HeadCheckpointError, match=r"invalid\.ckpt: its 'config' is not"):
+        load_head(invalid)
+
+
+def test_a_failed_save_keeps_the_previous_head(tiny_head: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    head = load_head(tiny_head)
+
+    def full_disk(checkpoint: dict, f: str | Path) -> None:
+        Path(f).write_bytes(b"partial")  # what a write cut short leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        head.save(tiny_head)
+    monkeypatch.undo()
+    assert load_head(tiny_head).config == head.config  # the earlier head is intact
+    assert sorted(p.name for p in tiny_head.parent.iterdir()) == [tiny_head.name]  # no partial file left
 
 
 def test_capability_prior_shapes_and_bayes() -> None:
