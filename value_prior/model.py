@@ -146,24 +146,26 @@ class ResidualQueryAdapter(nn.Module):
 def prompt_features(
     adapter: ResidualQueryAdapter, backbone: TextBackbone, prompts: Sequence[str], chunk_size: int = 128
 ) -> Tensor:
-    """Adapter features `[len(prompts), K*d]`, padding each length-sorted chunk only to its own longest prompt."""
+    """Adapter features `[len(prompts), K*d]`, padding each length-sorted chunk only to its own longest prompt.
+
+    The float32 hidden states are cast to the adapter's dtype (a `bf16-true` / `16-true` run casts the
+    module, never the backbone), and the chunks are put back in prompt order by indexing their
+    concatenation, which keeps the dtype the adapter returns (bfloat16 / float16 under a `*-mixed`
+    autocast; a preallocated float32 buffer would refuse it).
+    """
+    weight = next(adapter.parameters())
+    if not prompts:
+        return torch.empty(0, adapter.num_features, device=weight.device, dtype=weight.dtype)  # [0, F]
     hidden = backbone.hidden_states(prompts)
-    device = next(adapter.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: hidden[i].shape[0])
-    features = torch.empty(len(prompts), adapter.num_features, device=device)  # [U, F]
     chunks = []
     for start in range(0, len(order), chunk_size):
         index = order[start : start + chunk_size]
-        batch, mask = pad_left([hidden[i].to(device) for i in index])  # [C, T, D], [C, T]
-        chunks.append((index, adapter(batch, mask)))  # [C, F]
-    if torch.is_grad_enabled():
-        features = torch.cat([z for _, z in chunks])[
-            torch.argsort(torch.tensor([i for idx, _ in chunks for i in idx]))
-        ]
-    else:
-        for index, z in chunks:
-            features[index] = z
-    return features  # [U, F]
+        states = [hidden[i].to(weight.device, weight.dtype) for i in index]  # C x [T_i, D]
+        batch, mask = pad_left(states)  # [C, T, D], [C, T]
+        chunks.append(adapter(batch, mask))  # [C, F]
+    position = torch.argsort(torch.tensor(order, device=weight.device))  # [U] row of prompt u in the chunks
+    return torch.cat(chunks)[position]  # [U, F]
 
 
 # ----------------------------------------------------------------------------------------------

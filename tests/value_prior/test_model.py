@@ -186,3 +186,25 @@ def test_training_step_with_aux_and_shuffled_context_losses(
     assert {"train/loss_aux", "train/loss_shuffled_context", "train/loss"} <= set(logged)
     assert module.difficulty_probe.weight.grad.abs().sum() > 0
     assert loss.item() > logged["train/loss_pair"].item()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fit_and_validation_under_half_precision(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path, precision: str
+) -> None:
+    # `*-mixed`: the adapter returns bfloat16 features under autocast (validation once wrote them into a
+    # float32 buffer); `*-true`: the adapter is bfloat16 while the backbone's states stay float32.
+    module = make_module(tiny_backbone, shipped_head)
+    dm = PairsDataModule(tiny_pairs_path, support_size=24, query_pairs=4, episodes_per_batch=2,
+                         batches_per_epoch=1, val_fraction=0.3, test_fraction=0.2)  # fmt: skip
+    trainer = L.Trainer(max_epochs=1, precision=precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        accelerator="cpu", default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    assert math.isfinite(float(trainer.callback_metrics["val/gauc"]))
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_prompt_features_of_no_prompts_is_an_empty_block() -> None:
+    adapter = ResidualQueryAdapter(8, num_queries=2, query_dim=2, num_heads=1, bottleneck=4)
+    assert prompt_features(adapter, None, []).shape == (0, 4)  # the backbone is never asked
