@@ -14,7 +14,10 @@ A cache file is trusted only after a check: it must load, hold one float16 `[T, 
 the file's safetensors metadata. A file that fails is reported (`CorruptCacheWarning`, naming the
 path), deleted and re-embedded, so a damaged cache costs time, never wrong predictions. Files written
 before the checksum existed carry none and are checked on the rest only. Files are written to a
-temporary name, fsynced, then renamed, so a crash leaves either no file or a complete one.
+temporary name, fsynced, then renamed, so a crash leaves either no file or a complete one. A cache
+folder that cannot be written (a read-only mount of a shared cache, a full disk) is reported once
+(`CacheWriteWarning`) and new states are then kept in memory only: the cache saves time, it is never
+a reason to fail.
 
 Prompts are padded on the right and truncated on the right (keeping the start) whatever the
 tokenizer's own config says: with right padding every real token sees exactly what it would see
@@ -31,9 +34,11 @@ Run: `HFBackbone().hidden_states(["Q: 23+45*2="])` -> `[tensor[T, 384]]`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -84,6 +89,10 @@ def backbone_id(name_or_path: str) -> str:
 
 class CorruptCacheWarning(UserWarning):
     """A hidden-state cache file failed its check; it was deleted and the prompt is re-embedded."""
+
+
+class CacheWriteWarning(UserWarning):
+    """The on-disk cache could not be written; new hidden states are kept in memory only."""
 
 
 def _checksum(hidden: Tensor) -> str:
@@ -141,6 +150,7 @@ class HFBackbone:
         self.device = device
         self.cache_dir = Path(cache_dir) / f"{self.backbone_id}-len{max_length}" if cache_dir else None
         self._memory: dict[str, Tensor] = {}
+        self._writable = True  # cleared (with one warning) when a write to `cache_dir` fails
         self._encoder: torch.nn.Module | None = None
         self._tokenizer = None
 
@@ -202,7 +212,8 @@ class HFBackbone:
             CorruptCacheWarning,
             stacklevel=4,
         )
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache: the file stays, re-embedded into memory
+            path.unlink(missing_ok=True)
         return None
 
     def _cache_problem(self, hidden: Tensor, checksum: str | None) -> str | None:
@@ -237,21 +248,39 @@ class HFBackbone:
     def _store(self, key: str, hidden: Tensor) -> None:
         self._memory[key] = hidden
         path = self._disk_path(key)
-        if path is None:
+        if path is None or not self._writable:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as file:
-            file.write(save({"hidden": hidden}, metadata={"sha256": _checksum(hidden)}))
-            file.flush()
-            os.fsync(file.fileno())  # data on disk before the rename: a crash never leaves a torn file
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")  # one per writer
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as file:
+                file.write(save({"hidden": hidden}, metadata={"sha256": _checksum(hidden)}))
+                file.flush()
+                os.fsync(file.fileno())  # data on disk before the rename: a crash never leaves a torn file
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        except OSError as err:  # read-only or full: the states are in memory, only the disk copy failed
+            self._writable = False
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            warnings.warn(
+                f"hidden-state cache {self.cache_dir} cannot be written ({err}): new prompts are kept in "
+                "memory only from now on",
+                CacheWriteWarning,
+                stacklevel=3,
+            )
 
     def hidden_states(self, texts: Sequence[str]) -> list[Tensor]:
         """One float32 `[T_i, D]` tensor per text; computed once per text, then served from the cache."""
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"prompt {i} is {text!r}: every prompt must be a non-empty string")
+            if not text.isascii():
+                try:
+                    text.encode()  # the cache key and the tokenizer both need UTF-8
+                except UnicodeEncodeError as err:
+                    raise ValueError(
+                        f"prompt {i} {text[:80]!r} is not valid Unicode ({err.reason} at character {err.start})"
+                    ) from None
         keys = [text_key(self.backbone_id, self.max_length, t) for t in texts]
         missing: dict[str, str] = {}
         for key, text in zip(keys, texts):

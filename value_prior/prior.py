@@ -14,18 +14,22 @@ prompt text in memory (the adapter is frozen, so they never change) and backbone
 on disk when a cache folder is configured, so repeated prompts cost only the head.
 
 Behaviour at the edges (documented fallbacks and errors):
-- context larger than `max_context`: a fixed-seed uniform subsample of `max_context` pairs is used; if
-  that draw holds one class only while the whole context holds both, one drawn pair is swapped for a
-  random pair of the missing class (`value_prior.model.draw_support`), so the head sees both classes
-  whenever the context has them;
+- context larger than `max_context`: a fixed-seed uniform subsample of `max_context` pairs is used, drawn
+  from the pairs sorted by (prompt, success) so that it depends on the context as a set, not on the
+  order it was given in; if that draw holds one class only while the whole context holds both, one
+  drawn pair is swapped for a random pair of the missing class (`value_prior.model.draw_support`), so
+  the head sees both classes whenever the context has them;
 - single-class context (checked on the pairs given to the head): returns the mean success of the whole
   context for every query and warns (`SingleClassContextWarning`);
-- empty context, mismatched lengths, success rates outside [0, 1], empty prompts: `ValueError`;
+- empty context, mismatched lengths, success rates outside [0, 1], empty prompts or prompts that are not
+  valid Unicode (a lone surrogate, e.g. from a cut emoji): `ValueError` naming the input;
 - a prompt whose adapter features are not finite (NaN or inf): `ValueError` naming the prompt, never a
   silent prediction (TabPFN would impute the NaN);
 - artifact with a missing file, a backbone other than the one it was trained on (`backbone_id`
   differs) or whose width differs from the adapter's, or a head checkpoint that is not a TabPFN
   classifier or whose feature count does not fit: `ValueError`.
+
+Results are float32 CPU tensors whatever `torch.set_default_device` says (also the fallback's).
 
 Run: `python -c "from value_prior import ValuePrior; p = ValuePrior.load('artifacts/priors/v0-release-minilm'); print(p.predict(['Q: 1+1='] * 2, [1.0, 0.0], ['Q: 23+45*2=']))"`.
 """
@@ -44,7 +48,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import move_data_to_device
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from value_prior.backbone import HFBackbone, TextBackbone
@@ -59,6 +63,21 @@ FILES = ("config.json", "backbone.json", "adapter.safetensors", "head.ckpt")
 
 class SingleClassContextWarning(UserWarning):
     """The context had one class only; V0 returned the context mean instead of a head prediction."""
+
+
+def _check_prompts(name: str, prompts: Sequence[str]) -> None:
+    """`ValueError` naming the first prompt that is not a non-empty, UTF-8-encodable string."""
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{name}[{i}] is {prompt!r}: prompts must be non-empty strings")
+        if not prompt.isascii():
+            try:
+                prompt.encode()
+            except UnicodeEncodeError as err:  # a lone surrogate: no tokenizer or cache key can encode it
+                raise ValueError(
+                    f"{name}[{i}] = {prompt[:80]!r} is not valid Unicode ({err.reason} at character "
+                    f"{err.start}): fix the prompt text"
+                ) from None
 
 
 class ValuePrior:
@@ -140,9 +159,7 @@ class ValuePrior:
     def prepare(self, prompts: Sequence[str]) -> None:
         """Compute and cache the features of `prompts` now (e.g. every prompt a training run will
         query), so later `predict` calls pay only for the head."""
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"prompts[{i}] is {prompt!r}: prompts must be non-empty strings")
+        _check_prompts("prompts", prompts)
         if prompts:
             self.features(list(dict.fromkeys(prompts)))
 
@@ -163,6 +180,7 @@ class ValuePrior:
             if isinstance(context_success, Tensor)
             else np.asarray(context_success, dtype=np.float64),
             dtype=torch.float32,
+            device="cpu",  # not the default device: the checks, labels and fallback below run here
         ).flatten()
         if success.numel() != len(context_prompts):
             raise ValueError(
@@ -172,10 +190,8 @@ class ValuePrior:
         if bad.numel():
             i = int(bad[0])
             raise ValueError(f"context_success[{i}] = {float(success[i])} is not a success rate in [0, 1]")
-        for name, prompts in (("context_prompts", context_prompts), ("query_prompts", query_prompts)):
-            for i, prompt in enumerate(prompts):
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValueError(f"{name}[{i}] is {prompt!r}: prompts must be non-empty strings")
+        _check_prompts("context_prompts", context_prompts)
+        _check_prompts("query_prompts", query_prompts)
         return success
 
     @torch.no_grad()
@@ -188,12 +204,16 @@ class ValuePrior:
         """V0(x): float32 `[Q]` success probabilities of `query_prompts` given the policy's context."""
         success = self._check_inputs(context_prompts, context_success, query_prompts)
         if len(query_prompts) == 0:
-            return torch.zeros(0, dtype=torch.float32)
+            return torch.zeros(0, dtype=torch.float32, device="cpu")
         labels = success >= self.label_threshold  # [N]
         index = np.arange(len(context_prompts))
         if len(index) > self.max_context:
-            index = np.sort(draw_support(np.random.default_rng(0), labels.numpy(), self.max_context))
-            labels = labels[torch.as_tensor(index)]  # [max_context]
+            # Draw from the pairs in a canonical order: the same context in another order gives the same V0.
+            rates = success.tolist()
+            order = np.array(sorted(index, key=lambda i: (context_prompts[i], rates[i])))  # [N]
+            drawn = draw_support(np.random.default_rng(0), labels.numpy()[order], self.max_context)
+            index = np.sort(order[drawn])
+            labels = labels[torch.from_numpy(index)]  # [max_context]
         if labels.min() == labels.max():  # the support the head would see has one class
             mean = float(success.mean())
             warnings.warn(
@@ -202,7 +222,7 @@ class ValuePrior:
                 SingleClassContextWarning,
                 stacklevel=2,
             )
-            return torch.full((len(query_prompts),), mean, dtype=torch.float32)
+            return torch.full((len(query_prompts),), mean, dtype=torch.float32, device="cpu")
         support_z = self.features([context_prompts[i] for i in index])[None]  # [1, N, F]
         support_y = labels.float().to(self.device)[None]  # [1, N]
         probs = []
@@ -218,6 +238,9 @@ class ValuePrior:
         """Write the artifact folder (config, backbone reference, adapter weights, head checkpoint)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        # config.json marks a complete artifact: remove an old one first, so that a re-save that fails
+        # midway leaves a folder `load` reports incomplete, not old config + new weights.
+        (path / "config.json").unlink(missing_ok=True)
         backbone = {
             "model": getattr(self.backbone, "model_name", self.backbone.backbone_id),
             "backbone_id": self.backbone.backbone_id,
@@ -234,9 +257,10 @@ class ValuePrior:
             "info": self.info,
         }
         (path / "backbone.json").write_text(json.dumps(backbone, indent=2) + "\n")
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()},
-            str(path / "adapter.safetensors"),
+        # `save` + `write_bytes`, not `save_file`: safetensors' `save_file` creates the file with mode 0600
+        # whatever the umask, so another user could not load the artifact.
+        (path / "adapter.safetensors").write_bytes(
+            save({k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()})
         )
         self.head.save(path / "head.ckpt")
         (path / "config.json").write_text(

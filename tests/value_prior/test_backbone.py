@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, BertModel
 
 from value_prior.backbone import (
     DEFAULT_BACKBONE,
+    CacheWriteWarning,
     CorruptCacheWarning,
     HFBackbone,
     TextBackbone,
@@ -130,6 +131,29 @@ def test_cache_files_without_a_checksum_are_still_served(
     assert second._encoder is None and path.is_file()
 
 
+def test_unwritable_cache_keeps_new_states_in_memory(
+    tiny_encoder_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache folder that cannot be written (full disk, read-only mount) costs the disk copy, never the
+    call: one warning, the states are served from memory, no temporary file is left behind."""
+    cached = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=str(tmp_path))
+    cached.hidden_states(["Q: 1+1="])  # an existing, readable cache entry
+
+    def disk_full(_fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("value_prior.backbone.os.fsync", disk_full)
+    backbone = HFBackbone(tiny_encoder_dir, max_length=32, batch_size=1, cache_dir=str(tmp_path))
+    prompts = ["Q: 1+1=", "Q: 23+45*2=", "Q: 7+7*7="]
+    with pytest.warns(CacheWriteWarning, match="cannot be written .*No space left") as record:
+        states = backbone.hidden_states(prompts)
+    assert len([w for w in record if w.category is CacheWriteWarning]) == 1
+    fresh = HFBackbone(tiny_encoder_dir, max_length=32, cache_dir=None).hidden_states(prompts)
+    for a, b in zip(states, fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sorted(p.suffix for p in tmp_path.rglob("*") if p.is_file()) == [".safetensors"]
+
+
 def test_cache_key_depends_on_text_length_and_backbone() -> None:
     base = text_key("m", 256, "Q: 1+1=")
     assert base == text_key("m", 256, "Q: 1+1=")
@@ -149,6 +173,8 @@ def test_cache_key_depends_on_text_length_and_backbone() -> None:
 def test_bad_inputs(tiny_backbone: HFBackbone, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prompt 1 is ''"):
         tiny_backbone.hidden_states(["Q: 1+1=", ""])
+    with pytest.raises(ValueError, match=r"prompt 1 'Q: \\ud83d' is not valid Unicode"):
+        tiny_backbone.hidden_states(["Q: 1+1=", "Q: \ud83d"])  # a lone surrogate: an emoji cut in half
     with pytest.raises(ValueError, match="does not exist"):
         HFBackbone(str(tmp_path / "no-model"))
     with pytest.raises(ValueError, match="max_length"):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -94,6 +96,8 @@ def test_single_class_context_falls_back_to_the_mean(prior: ValuePrior) -> None:
         (CONTEXT, [*SUCCESS[:-1], 1.5], QUERIES, r"context_success\[7\] = 1.5"),
         (CONTEXT, [*SUCCESS[:-1], float("nan")], QUERIES, r"context_success\[7\] = nan"),
         (CONTEXT, SUCCESS, [*QUERIES, ""], r"query_prompts\[4\] is ''"),
+        (CONTEXT, SUCCESS, [*QUERIES, "Q: 1+1= \ud83d"], r"query_prompts\[4\] = .* is not valid Unicode"),
+        ([*CONTEXT[:-1], "\udc80"], SUCCESS, QUERIES, r"context_prompts\[7\] = .* is not valid Unicode"),
         (CONTEXT, SUCCESS, "Q: 1+1=", "not one string"),
     ],
 )
@@ -153,6 +157,66 @@ def test_subsampled_context_gives_the_head_both_classes(
         prior.predict(CONTEXT, [0.0] * len(CONTEXT), QUERIES)  # single-class as a whole: the fallback
     with pytest.raises(ValueError, match="max_context must be >= 2"):
         ValuePrior(prior.backbone, prior.adapter, prior.head, max_context=1)
+
+
+def test_subsampled_context_does_not_depend_on_its_order(prior: ValuePrior) -> None:
+    """A context larger than `max_context` is the same context in any order: the subsample is drawn from
+    a canonical order, not by position."""
+    prior.max_context = 4
+    forward = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    for order in (list(range(len(CONTEXT)))[::-1], [3, 6, 0, 7, 2, 5, 1, 4]):
+        shuffled = prior.predict([CONTEXT[i] for i in order], [SUCCESS[i] for i in order], QUERIES)
+        torch.testing.assert_close(shuffled, forward)
+
+
+def test_results_are_cpu_tensors_whatever_the_default_device(prior: ValuePrior) -> None:
+    """`meta` stands in for `torch.set_default_device("cuda")`: the successes, the subsample, the fallback
+    and the empty result must not be created on the default device."""
+    prior.prepare([*CONTEXT, *QUERIES])
+    expected = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    prior.max_context = 4
+    expected_subsampled = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingleClassContextWarning)
+        subsampled = prior.predict(CONTEXT, SUCCESS, QUERIES)
+        fallback = prior.predict(CONTEXT[:2], [1.0, 0.7], QUERIES)
+        empty = prior.predict(CONTEXT, SUCCESS, [])
+        prior.max_context = 512
+        full = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    assert {t.device.type for t in (full, subsampled, fallback, empty)} == {"cpu"}
+    torch.testing.assert_close(full, expected)
+    torch.testing.assert_close(subsampled, expected_subsampled)
+    torch.testing.assert_close(fallback, torch.full((4,), 0.85))
+
+
+def test_saved_artifact_files_follow_the_umask(prior: ValuePrior, tmp_path: Path) -> None:
+    """Another user must be able to load an exported prior: no file may be private (safetensors'
+    `save_file` creates 0600 files whatever the umask)."""
+    umask = os.umask(0o022)
+    try:
+        path = prior.save(tmp_path / "prior")
+    finally:
+        os.umask(umask)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o644) and len(modes) == 4
+
+
+def test_failed_re_save_leaves_an_artifact_that_load_rejects(
+    prior: ValuePrior, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Re-saving into an old artifact and failing midway (disk full) must not leave the old config.json
+    beside the new weights: `load` would accept the mix silently."""
+    path = prior.save(tmp_path / "prior")
+    prior.calibration = (3.0, -1.0)
+
+    def disk_full(_path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prior.head, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prior.save(path)
+    with pytest.raises(ValueError, match=r"missing \['config.json'\]"):
+        ValuePrior.load(path)
 
 
 def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_encoder_dir: str) -> None:
