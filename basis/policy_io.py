@@ -167,6 +167,15 @@ def gathered_state_dict(root: torch.nn.Module, prefix: str) -> dict[str, torch.T
     return {k.removeprefix(f"{prefix}."): v for k, v in full.items() if k.startswith(f"{prefix}.")}
 
 
+def share_safetensors(folder: Path, like: Path) -> None:
+    """Give every `*.safetensors` under `folder` the mode of `like` (a file written with the umask).
+    safetensors' `save_file`, which `save_pretrained` uses, creates its files with mode 0600 whatever
+    the umask, so another user (an inference server, a colleague) could not read an export."""
+    mode = like.stat().st_mode & 0o777
+    for file in folder.rglob("*.safetensors"):
+        file.chmod(mode)
+
+
 def export_policy(
     policy: torch.nn.Module,
     tokenizer: Any,
@@ -216,6 +225,7 @@ def export_policy(
     if isinstance(policy, PeftModel):
         policy.save_pretrained(tmp / "adapter")
     (tmp / "basis_export.json").write_text(json.dumps(metadata or {}, indent=2))
+    share_safetensors(tmp, like=tmp / "basis_export.json")
     replaced = out_dir.with_name(f".{out_dir.name}.replaced")
     if replaced.exists():
         shutil.rmtree(replaced)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from basis.metrics import mean_at_k, pass_at_k
+from basis.policy_io import share_safetensors
 from basis.rewards import ArithmeticVerifier
 from basis.tasks import ArithmeticLevel, write_arithmetic_task
 
@@ -181,6 +182,7 @@ def save_policy(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, pat
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    share_safetensors(path, like=path / "config.json")
     return path
 
 

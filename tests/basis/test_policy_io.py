@@ -137,3 +137,18 @@ def test_sharded_policy_exports_its_full_weights_from_rank_zero(tiny_lm_path: st
     for name, tensor in reference.items():
         assert torch.equal(exported[name], tensor), name
     assert "lm_head.weight" not in saved_tensors(out)
+
+
+def test_exported_weights_are_as_readable_as_the_rest_of_the_export(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    """safetensors' save_file creates model.safetensors with mode 0600 whatever the umask."""
+    policy, tokenizer = trained_lora_policy(tiny_lm_path, ["q_proj"])
+    out = export_policy(policy, tokenizer, tmp_path / "step_000001")
+    config_mode = (out / "config.json").stat().st_mode & 0o777
+    weights = sorted(out.rglob("*.safetensors"))
+    assert [p.relative_to(out).as_posix() for p in weights] == [
+        "adapter/adapter_model.safetensors",
+        "model.safetensors",
+    ]
+    assert {p.stat().st_mode & 0o777 for p in weights} == {config_mode}
