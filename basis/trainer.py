@@ -82,6 +82,9 @@ OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimize
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
+DEFAULT_GROUP_SIZE = {"v05": 4, "basis": 1}  # model.group_size when not set; 8 for every other estimator
+
+
 def _adamw(params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
 
@@ -115,7 +118,8 @@ class PolicyTrainer(L.LightningModule):
         lora: LoRA settings; None trains all parameters (full fine-tuning).
         advantage: Estimator name in `basis.advantages.ESTIMATORS` (grpo, dr_grpo, rloo, ...).
         advantage_options: Extra keyword options of the estimator (e.g. `{"norm_by_std": false}`).
-        group_size: Responses sampled per prompt.
+        group_size: Responses sampled per prompt; for `v05` the k_init every prompt starts at. None: 4
+            for `v05` (the paper's k_init), 1 for `basis` (one rollout per prompt), 8 otherwise.
         verifier: Reward function name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
         ppo_epochs: Passes over each step's responses.
         mini_batches: Optimizer updates per pass (the step's responses are split evenly).
@@ -177,7 +181,7 @@ class PolicyTrainer(L.LightningModule):
         lora: LoraSettings | None = None,
         advantage: str = "grpo",
         advantage_options: dict[str, Any] | None = None,
-        group_size: int = 8,
+        group_size: int | None = None,
         verifier: str = "arithmetic",
         ppo_epochs: int = 1,
         mini_batches: int = 1,
@@ -218,6 +222,8 @@ class PolicyTrainer(L.LightningModule):
         torch_threads: int | None = 1,
     ) -> None:
         super().__init__()
+        if group_size is None:  # resolved before it is saved, so checkpoints and MLflow hold the number
+            group_size = DEFAULT_GROUP_SIZE.get(advantage, 8)
         self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler", "prior"])
         _validate_prior_settings(advantage, prior, osla, group_size)
         _validate_settings(
@@ -321,10 +327,13 @@ class PolicyTrainer(L.LightningModule):
             if isinstance(self.engine, HFEngine):
                 self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
         datamodule = self.trainer.datamodule
-        if datamodule is not None and stage == "fit":
+        if datamodule is not None and stage in ("fit", "validate"):
             datamodule.setup(stage)
-            self._check_prompt_lengths(datamodule.train_rows)
-            self._check_divisibility(datamodule.prompts_per_step)
+            if stage == "fit":
+                self._check_prompt_lengths(datamodule.train_rows, "training")
+                self._check_divisibility(datamodule.prompts_per_step)
+            if datamodule.val_rows:  # validating past the context would report a meaningless mean@k
+                self._check_prompt_lengths(datamodule.val_rows, "validation")
 
     def on_fit_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -1106,7 +1115,7 @@ class PolicyTrainer(L.LightningModule):
 
     # ----------------------------------------------------------------- setup checks
 
-    def _check_prompt_lengths(self, rows: list[PromptRow]) -> None:
+    def _check_prompt_lengths(self, rows: list[PromptRow], split: str) -> None:
         context = getattr(self.policy.config, "max_position_embeddings", None)
         max_new = self.hparams.max_new_tokens
         limit = self.hparams.max_prompt_tokens
@@ -1128,7 +1137,7 @@ class PolicyTrainer(L.LightningModule):
                 else "the model's context minus model.max_new_tokens"
             )
             raise ValueError(
-                f"prompt {longest.prompt_id!r} has {length} tokens, more than {setting}={limit}; "
+                f"{split} prompt {longest.prompt_id!r} has {length} tokens, more than {setting}={limit}; "
                 "filter long prompts or shorten responses"
             )
 

@@ -149,6 +149,19 @@ def test_batch_shape_and_prompt_length_checks(tiny_lm_path: str, task_dir: Path,
         make_trainer(tmp_path, steps=1, plugins=[fp16]).fit(module, datamodule=data(task_dir))
 
 
+def test_a_validation_prompt_past_the_context_fails_before_training(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt_id": "long", "prompt": "1+" * 200 + "1=", "answer": "201"}) + "\n")
+    for stage in ("fit", "validate"):
+        module = make_module(tiny_lm_path, tmp_path, max_prompt_tokens=40)
+        with pytest.raises(ValueError, match=r"validation prompt 'long' has \d+ tokens, more than model"):
+            getattr(make_trainer(tmp_path, steps=1), stage)(
+                module, datamodule=data(task_dir, val_path=str(val))
+            )
+
+
 def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:

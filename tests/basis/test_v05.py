@@ -295,6 +295,18 @@ def test_a_hung_prior_falls_back_until_it_answers_again(
     assert prior.calls == 2  # step 2 did not queue a second query behind the hung one
 
 
+@pytest.mark.parametrize(("advantage", "k"), [("v05", 4), ("basis", 1), ("grpo", 8)])
+def test_group_size_defaults_to_each_estimators_k(
+    tiny_lm_path: str, tmp_path: Path, advantage: str, k: int
+) -> None:
+    module = module_for(
+        tiny_lm_path, tmp_path, advantage=advantage, group_size=None, prior=ConstantPrior(0.5)
+    )
+    assert (
+        module.hparams.group_size == module.hparams_initial.group_size == k
+    )  # what MLflow and checkpoints get
+
+
 def test_a_prior_timeout_must_be_positive(tiny_lm_path: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prior_timeout_s=0"):
         module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.5), prior_timeout_s=0)
