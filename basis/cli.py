@@ -30,14 +30,25 @@ from basis.trainer import PolicyTrainer
 log = logging.getLogger(__name__)
 
 
+# Model arguments the module does not save as hyperparameters (objects, not settings); logged from the config.
+UNSAVED_MODEL_ARGS = ("optimizer", "lr_scheduler", "prior", "engine")
+
+
 class MLflowConfigCallback(SaveConfigCallback):
-    """Store the resolved config as `config.yaml` in the MLflow run (no file next to the logger)."""
+    """Store the resolved config as `config.yaml` in the MLflow run (no file next to the logger), and
+    as parameters everything the module's own hyperparameters lack: the data module's and trainer's
+    settings, seed_everything, and the optimizer, scheduler, prior and engine (`data/prompts_per_step`,
+    `model/optimizer/init_args/lr`, `trainer/max_steps`, ...), so runs compare on them in the UI."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:  # type: ignore[no-untyped-def]
         logger = trainer.logger
         if trainer.is_global_zero and logger is not None and getattr(logger, "run_id", None):
             text = self.parser.dump(self.config, skip_none=False)
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
+            config = self.config.as_dict()
+            params = {key: config[key] for key in ("seed_everything", "data", "trainer") if key in config}
+            params["model"] = {key: config["model"].get(key) for key in UNSAVED_MODEL_ARGS}
+            logger.log_hyperparams(params)
 
 
 class PolicyCLI(LightningCLI):

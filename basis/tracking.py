@@ -172,21 +172,21 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
         """Lightning's, except on a run that already holds parameters (a resumed run continues its
         MLflow run): MLflow refuses to change a logged value, so only parameters the run lacks are
-        written, and each changed one is kept as tag `changed_on_resume.<name>` ("old -> new") with a
+        written, and each changed one is kept as tag `changed_on_resume.<name>` ("first -> ... -> now") with a
         warning, so a flag given on resume (say a larger `max_rollouts`) neither crashes nor goes unseen."""
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 
-        existing = self.experiment.get_run(self.run_id).data.params  # empty for a new run
+        run = self.experiment.get_run(self.run_id).data
+        existing, tags = run.params, run.tags  # empty for a new run
         flat = {key: str(value)[:250] for key, value in _flatten_dict(_convert_params(params)).items()}
         new = {key: value for key, value in flat.items() if key not in existing}
         for key, value in flat.items():
-            if key in existing and existing[key] != value:
+            history = tags.get(f"changed_on_resume.{key}", existing.get(key))  # "a -> b" after a change
+            if key in existing and history.rsplit(" -> ", 1)[-1] != value:
                 log.warning(
                     "continued MLflow run %s: %s was %r, now %r", self.run_id, key, existing[key], value
                 )
-                self.experiment.set_tag(
-                    self.run_id, f"changed_on_resume.{key}", f"{existing[key]} -> {value}"
-                )
+                self.experiment.set_tag(self.run_id, f"changed_on_resume.{key}", f"{history} -> {value}")
         if new:
             super().log_hyperparams(new)
 

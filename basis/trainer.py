@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from basis.advantages import (
     ESTIMATORS,
@@ -353,6 +354,13 @@ class PolicyTrainer(L.LightningModule):
         if self.rl_step > 0:  # resumed: an engine with its own copy (SGLang) still holds model_path's
             self.engine.update_weights(self.policy)
         if self._budget_spent():  # resumed after the last step, e.g. killed in the final validation
+            log.warning(
+                "resumed at step %d with the rollout budget already spent (%d >= model.max_rollouts=%d): "
+                "no step to train; raise model.max_rollouts to train on",
+                self.rl_step,
+                self.rollouts_total,
+                self.hparams.max_rollouts,
+            )
             self.trainer.should_stop = True  # no further step; on_train_end validates and exports
             return
         if self.prior is not None and self.trainer.datamodule is not None:
@@ -503,8 +511,11 @@ class PolicyTrainer(L.LightningModule):
     def _budget_spent(self) -> bool:
         budget = self.hparams.max_rollouts
         spent = budget is not None and self.rollouts_total >= budget
-        if spent:
-            log.info("rollout budget spent: %d rollouts >= max_rollouts=%d", self.rollouts_total, budget)
+        if spent:  # through Lightning's console logger: the `basis` command configures no other
+            rank_zero_info(
+                f"rollout budget spent at step {self.rl_step}: {self.rollouts_total} rollouts >= "
+                f"model.max_rollouts={budget}; stopping"
+            )
         return spent
 
     def collect_rollouts(

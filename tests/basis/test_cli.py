@@ -156,7 +156,30 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     resumed = client.get_run(run_id)
     assert resumed.data.params["max_rollouts"] == "None"  # MLflow keeps the first value ...
     assert resumed.data.tags["changed_on_resume.max_rollouts"] == "None -> 100000"  # ... and the change
+    # the settings the module does not save itself are parameters too, from the config
+    assert resumed.data.params["data/prompts_per_step"] == "4"
+    assert resumed.data.params["model/optimizer/init_args/lr"] == "0.5"
+    assert resumed.data.params["seed_everything"] == "0"
+    assert resumed.data.tags["changed_on_resume.trainer/max_steps"] == "3 -> 4"
     assert metric_steps(workdir, run_dir, "train/reward_mean") == [1, 2, 3, 4]
+
+
+def test_every_change_on_resume_stays_in_its_tag(mlflow_store: str) -> None:
+    """A second change used to overwrite the first: after 300 then 2000 only "None -> 2000" remained."""
+    from basis.tracking import MLflowLogger
+
+    first = MLflowLogger(experiment_name="resume-tags")
+    first.log_hyperparams({"max_rollouts": None, "lr": 0.5})
+    for value in (300, 300, 2000):  # one resume per value; the repeated 300 is no change
+        MLflowLogger(experiment_name="resume-tags", run_id=first.run_id).log_hyperparams(
+            {"max_rollouts": value, "lr": 0.5}
+        )
+    data = MlflowClient().get_run(first.run_id).data
+    assert (
+        data.params["max_rollouts"] == "None"
+        and data.tags["changed_on_resume.max_rollouts"] == "None -> 300 -> 2000"
+    )
+    assert not any(tag.endswith(".lr") for tag in data.tags)
 
 
 def test_seed_everything_seeds_the_trainer_and_the_data(workdir: Path) -> None:

@@ -177,7 +177,7 @@ def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
 
 
 def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
-    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 4 prompts x 4 rollouts = 16 per step: a budget of 40 is spent by step 3, long before max_steps
     module = make_module(tiny_lm_path, tmp_path, max_rollouts=40, export_every_n_steps=1, val_every_n_steps=3)
@@ -201,6 +201,9 @@ def test_a_rollout_budget_stops_the_run_after_the_step_that_spends_it(
         resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
     )
     assert (resumed.rl_step, resumed.rollouts_total) == (3, 48)
+    assert (
+        "resumed at step 3 with the rollout budget already spent (48 >= model.max_rollouts=40)" in caplog.text
+    )
     assert list(resumed._pass_curves) == [0, 3]  # the end-of-run pass@k plot keeps the earlier curves
     assert module.trainer.global_step == 3
     assert sorted(p.name for p in (tmp_path / "exports").glob("step_*")) == [
