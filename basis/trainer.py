@@ -943,6 +943,17 @@ class PolicyTrainer(L.LightningModule):
             self.validation_step(prompts, batch_idx)
         self.on_validation_epoch_end()
         self.policy.train(was_training)
+        if self.trainer.state.fn == "fit":
+            self.log_v05_histograms()  # so far: a run killed before its end still has them
+
+    def log_v05_histograms(self) -> None:
+        """Histograms of V0.5's rollouts per prompt and fusion weights over the run so far (rank 0)."""
+        if self.global_rank != 0 or self.logger is None or not getattr(self.logger, "run_id", None):
+            return
+        for name, values in self._v05_history.items():
+            if values:
+                figure = histogram_figure(values, name.replace("_", " "))
+                self.logger.experiment.log_figure(self.logger.run_id, figure, f"v05_{name}_hist.png")
 
     def on_train_end(self) -> None:
         if self._has_val_prompts() and self.rl_step not in self._pass_curves:
@@ -954,10 +965,7 @@ class PolicyTrainer(L.LightningModule):
             client.log_artifacts(run_id, str(self.run_dir / "exports" / f"step_{self.rl_step:06d}"), "policy")
             if self._pass_curves:
                 client.log_figure(run_id, pass_at_k_figure(self._pass_curves), "pass_at_k_vs_k.png")
-            for name, values in self._v05_history.items():
-                if values:
-                    figure = histogram_figure(values, name.replace("_", " "))
-                    client.log_figure(run_id, figure, f"v05_{name}_hist.png")
+        self.log_v05_histograms()
 
     # ----------------------------------------------------------------- records, exports, logging
 
@@ -1023,6 +1031,10 @@ class PolicyTrainer(L.LightningModule):
             "v05/support_size": float(len(self.support)),
             "v05/rollouts_per_prompt": float(counts.float().mean()),
             "v05/rollouts_per_prompt_max": float(counts.max()),
+            # the step's distribution, for a histogram over training (the figure pools every step)
+            "v05/rollouts_per_prompt_p50": float(counts.float().quantile(0.5)),
+            "v05/rollouts_per_prompt_p90": float(counts.float().quantile(0.9)),
+            "v05/rollouts_at_k_init_frac": float((counts == self.hparams.group_size).float().mean()),
             # the step time spent waiting for V0 (its query overlaps the first rollout round) ...
             "v05/prior_time_frac": timings.get("prior", 0.0) / max(sum(timings.values()), 1e-9),
         }
@@ -1196,12 +1208,10 @@ def empirical_prior(rewards: torch.Tensor, index: torch.Tensor, pooled: bool = F
 
 
 def histogram_figure(values: list[float], label: str) -> Any:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: figures logged every validation are never kept open
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     ax.hist(values, bins=min(32, max(4, len(set(values)))), color="tab:blue", alpha=0.8)
     ax.set_xlabel(label)
     ax.set_ylabel("prompts")
@@ -1224,12 +1234,10 @@ def last_logged_step(logger: Any, metric: str) -> int:
 
 
 def pass_at_k_figure(curves: dict[int, dict[int, float]]) -> Any:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: figures logged every validation are never kept open
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for step, curve in sorted(curves.items()):
         ks = sorted(curve)
         ax.plot(ks, [curve[k] for k in ks], marker="o", label=f"step {step}")

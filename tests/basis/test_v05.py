@@ -143,6 +143,8 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
     assert history("v05/prior_rejected_frac", adversarial) == [1.0, 1.0]
     assert history("v05/prior_rejected_frac_k_init", adversarial) == [1.0, 1.0]
     assert history("v05/prior_rejected_frac_k_init", perfect) == [0.0, 0.0]
+    assert history("v05/rollouts_at_k_init_frac", perfect) == [1.0, 1.0]  # per step, not only pooled
+    assert history("v05/rollouts_per_prompt_p90", adversarial) == [16.0, 16.0]
     assert history("train/rollouts_total", adversarial) == [64.0, 128.0]
     # The untrained policy always fails, so r̄ = held-out mean = -1 and |b - r̄| <= 1/sqrt(k) = 1/4 holds
     # pointwise (design.md §4). For a stochastic policy only the bias |E b - mu| is bounded: the MSE of b
