@@ -222,6 +222,8 @@ def test_the_prior_query_overlaps_the_first_rollout_round(
     assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
     assert history("v05/prior_failures", logger.run_id) == [0.0, 0.0]
     assert len(history("v05/prior_query_seconds", logger.run_id)) == 2
+    logged = {f.path for f in MlflowClient().list_artifacts(logger.run_id)}
+    assert {"v05_rollouts_per_prompt_hist.png", "v05_fusion_weight_hist.png"} <= logged
 
 
 def test_a_one_class_draw_from_a_two_class_buffer_falls_back(tiny_lm_path: str, tmp_path: Path) -> None:
