@@ -8,9 +8,11 @@
 Defaults added here: MLflow logging into the local store (`basis.tracking.MLflowLogger`), no
 sanity-check validation (the trainer validates the starting policy itself), and checkpoints loaded
 with `weights_only=True`. When resuming (`fit --ckpt_path`), the MLflow run recorded in
-`<run_dir>/mlflow_run_id` is continued, so a resumed run stays one MLflow run; `validate` logs into a
-run of its own, so its numbers never land between the training run's. `seed_everything` seeds
-everything: the trainer's and the data module's `seed` follow it.
+`<run_dir>/mlflow_run_id` is continued from its `last.ckpt`, so a resumed run stays one MLflow run;
+resuming from any other checkpoint branches off into a new run tagged `resumed_from_run`, so the
+earlier attempt's later steps never mask this one's. `validate` logs into a run of its own, so its
+numbers never land between the training run's. `seed_everything` seeds everything: the trainer's and
+the data module's `seed` follow it.
 """
 
 from __future__ import annotations
@@ -84,8 +86,26 @@ class PolicyCLI(LightningCLI):
             return
         logger = config.trainer.get("logger")
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
-        if isinstance(logger, Namespace) and run_file.exists() and not logger.init_args.get("run_id"):
-            logger.init_args.run_id = run_file.read_text().strip()  # continue the same MLflow run
+        if not isinstance(logger, Namespace) or not run_file.exists() or logger.init_args.get("run_id"):
+            return
+        earlier_run = run_file.read_text().strip()
+        last = Path(config.model.run_dir) / "checkpoints" / "last.ckpt"
+        if last.is_file() and Path(config.ckpt_path).resolve() == last.resolve():
+            logger.init_args.run_id = earlier_run  # continue the same MLflow run
+            return
+        # Another checkpoint branches off: the earlier run keeps its steps after it (their files are set
+        # aside as superseded), and this attempt gets a run of its own that says where it came from.
+        logger.init_args.tags = {
+            **(logger.init_args.get("tags") or {}),
+            "resumed_from_run": earlier_run,
+            "resumed_from_checkpoint": str(config.ckpt_path),
+        }
+        log.warning(
+            "--ckpt_path %s is not %s: this attempt logs into a new MLflow run (tag resumed_from_run=%s)",
+            config.ckpt_path,
+            last,
+            earlier_run,
+        )
 
 
 def _seed_of(seed_everything: bool | int | None) -> int:

@@ -164,6 +164,32 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     assert metric_steps(workdir, run_dir, "train/reward_mean") == [1, 2, 3, 4]
 
 
+def test_resuming_from_an_earlier_checkpoint_branches_into_a_new_run(workdir: Path) -> None:
+    """Continuing the run from an earlier checkpoint kept the abandoned attempt's later steps as the
+    run's numbers and dropped the new attempt's (MLflow already held those steps)."""
+    import shutil
+
+    run_dir = workdir / "branch"
+    first = ("--trainer.max_steps=2", "--model.val_every_n_steps=0")
+    subprocess.run(basis_cmd(workdir, run_dir, *first), env=env(workdir), check=True, capture_output=True)
+    earlier = shutil.copy(run_dir / "checkpoints" / "last.ckpt", workdir / "step2.ckpt")
+    original = (run_dir / "mlflow_run_id").read_text()
+    more = ("--ckpt_path=last", "--trainer.max_steps=4", "--model.val_every_n_steps=0")
+    subprocess.run(basis_cmd(workdir, run_dir, *more), env=env(workdir), check=True, capture_output=True)
+    assert (run_dir / "mlflow_run_id").read_text() == original  # last.ckpt continues the run
+    branch = (f"--ckpt_path={earlier}", "--trainer.max_steps=3", "--model.temperature=0.5")
+    done = subprocess.run(
+        basis_cmd(workdir, run_dir, *branch), env=env(workdir), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    branched = (run_dir / "mlflow_run_id").read_text()
+    client = MlflowClient(env(workdir)["MLFLOW_TRACKING_URI"])
+    assert branched != original and client.get_run(branched).data.tags["resumed_from_run"] == original
+    assert client.get_run(branched).data.params["temperature"] == "0.5"
+    assert metric_steps(workdir, run_dir, "train/reward_mean") == [3]  # this attempt's step, logged
+    assert sorted(m.step for m in client.get_metric_history(original, "train/reward_mean")) == [1, 2, 3, 4]
+
+
 def test_every_change_on_resume_stays_in_its_tag(mlflow_store: str) -> None:
     """A second change used to overwrite the first: after 300 then 2000 only "None -> 2000" remained."""
     from basis.tracking import MLflowLogger
