@@ -4,7 +4,10 @@
   `lightning.pytorch.cli.LightningCLI` over `V0Module` and `PairsDataModule` (their constructor
   signatures are the config; `--print_config` shows the resolved YAML). `fit` early-stops and keeps
   the best checkpoint on the prompt-level hold-out gAUC (`val/gauc`, set in the YAML), then exports
-  the frozen prior artifact to `model.export_dir` (see `value_prior.prior.ExportPrior`).
+  the frozen prior artifact to `model.export_dir` (see `value_prior.prior.ExportPrior`). `predict`
+  writes `predictions.parquet` beside its `--ckpt_path` (else in `trainer.default_root_dir`;
+  `value_prior.model.PredictionsWriter`) unless the config names a prediction writer, and prints the path. `seed_everything` also sets
+  `model.seed` and `data.seed` (which are not set on their own).
 - `value-prior prior-fit [--config prior_fit.yaml] [--max_steps ...]` prior-fits a small TabPFN head
   on synthetic capability tasks (`value_prior.head.PriorFitConfig`); it is dispatched before
   LightningCLI and parsed by jsonargparse from the dataclass.
@@ -60,10 +63,15 @@ class LogConfigToMLflow(SaveConfigCallback):
 
 
 class V0CLI(LightningCLI):
-    """LightningCLI with the data module's pool/hold-out settings echoed into the exported prior."""
+    """LightningCLI with the data module's pool/hold-out settings echoed into the exported prior, one seed
+    for everything, and `predict` writing its predictions even when no `PredictionsWriter` is configured."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.link_arguments("data.label_threshold", "model.label_threshold")
+        # One seed, as in `basis fit`: model.seed (adapter init) and data.seed (episodes, eval
+        # subsamples) used to stay 0 whatever seed_everything said, so a config's seed changed nothing.
+        for target in ("model.seed", "data.seed"):
+            parser.link_arguments("seed_everything", target, compute_fn=_seed_of)
 
     def before_instantiate_classes(self) -> None:
         """`fit --ckpt_path ...` continues the MLflow run recorded beside the checkpoints (one run per fit,
@@ -84,6 +92,41 @@ class V0CLI(LightningCLI):
             if run_file is not None and run_file.is_file():
                 logger.init_args.run_id = run_file.read_text().strip()
                 return
+
+    def before_predict(self) -> None:
+        """Without a configured prediction writer `predict` computed its predictions and dropped them;
+        add a `PredictionsWriter` to `predictions.parquet` beside the checkpoint (else in
+        `trainer.default_root_dir`; a configured writer wins)."""
+        from pathlib import Path
+
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from value_prior.model import PredictionsWriter
+
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            ckpt_path = self.config.get("predict", {}).get("ckpt_path")
+            folder = Path(ckpt_path).parent if ckpt_path else Path(self.trainer.default_root_dir)
+            self.trainer.callbacks.append(PredictionsWriter(str(folder / "predictions.parquet")))
+
+    def after_predict(self) -> None:
+        from value_prior.model import PredictionsWriter
+
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionsWriter) and self.trainer.is_global_zero:
+                print(f"predictions written to {callback.output}")
+
+
+def _seed_of(seed_everything: bool | int | None) -> int:
+    """The integer seed `seed_everything` stands for (`true`: the one Lightning draws and exports as
+    PL_GLOBAL_SEED; `false`/null: 0, the seeds' default). As `basis.cli._seed_of`, which this module
+    does not import: it would load the policy trainer."""
+    if isinstance(seed_everything, bool) or seed_everything is None:
+        if seed_everything:
+            from lightning.fabric.utilities.seed import seed_everything as draw
+
+            return draw(workers=True)
+        return 0
+    return int(seed_everything)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

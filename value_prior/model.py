@@ -546,8 +546,9 @@ def log_eval_plots(logger: Any, stage: str, epoch: int, prob: np.ndarray, succes
 class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
     """Write `value-prior predict` outputs (pool, prompt_id, prob, success) as one parquet file.
 
-    Use: `value-prior predict --config CFG --ckpt_path BEST --trainer.callbacks+=value_prior.model.PredictionsWriter
-    --trainer.callbacks.output artifacts/predictions.parquet`.
+    `value-prior predict --config CFG --ckpt_path BEST` adds one writing `predictions.parquet` beside
+    BEST; for another file, configure it:
+    `--trainer.callbacks+=value_prior.model.PredictionsWriter --trainer.callbacks.output F.parquet`.
 
     Args:
         output: Parquet file to write.

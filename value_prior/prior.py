@@ -92,8 +92,8 @@ class ValuePrior:
             with a fixed seed, keeping both classes when the context has both).
         query_chunk: Queries per head call (query rows are independent given the support).
         calibration: `(scale, bias)` of the output `sigmoid(scale * s + bias)` on the head score `s`
-            (Platt scaling fitted on the hold-out at export; `(1, 0)` is the raw head). Monotone, so it
-            never changes a ranking (AUC, gAUC).
+            (Platt scaling fitted on the hold-out at export; `(1, 0)` is the raw head). Monotone (the fit
+            keeps `scale >= 0`), so it never changes a ranking (AUC, gAUC); `scale = 0` makes it flat.
         info: Provenance saved with the artifact (training run, metrics, data split).
         device: `"cpu"` or a CUDA device.
     """
@@ -406,7 +406,7 @@ def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 @torch.no_grad()
 def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, float]:
-    """`(scale, bias)` minimising the cross-entropy of `sigmoid(scale * s + bias)` against success rates.
+    """`platt_scaling` of the module's head scores on `batches` against their query success rates.
 
     `batches` come straight from a dataloader (on the CPU), outside the Trainer's device transfer, so
     they are moved to the module's device here.
@@ -417,6 +417,21 @@ def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, f
     scores = torch.cat([module.success_logits(batch).flatten() for batch in batches]).cpu()  # [Q]
     success = torch.cat([batch.query_success.flatten() for batch in batches]).cpu()  # [Q]
     module.train(was_training)
+    scale, bias = platt_scaling(scores, success)
+    log.info(
+        "export: Platt scaling on %d validation queries: scale %.3f, bias %.3f", len(scores), scale, bias
+    )
+    return scale, bias
+
+
+def platt_scaling(scores: Tensor, success: Tensor) -> tuple[float, float]:
+    """`(scale, bias)` minimising the cross-entropy of `sigmoid(scale * s + bias)` against success rates
+    (`scores`, `success` `[Q]`), constrained to `scale >= 0` so the calibration never reverses a ranking.
+
+    Unregularised, unlike the trainer's `basis.v05.fit_platt`, but the objective is convex all the same:
+    when the unconstrained optimum has `scale < 0`, the constrained one lies on `scale = 0`, where the
+    bias alone has the closed form `logit(mean success)`.
+    """
     params = torch.tensor([1.0, 0.0], requires_grad=True)
     optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200)
 
@@ -432,10 +447,17 @@ def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, f
     with torch.enable_grad():
         optimizer.step(closure)
     scale, bias = params.detach().tolist()
-    log.info(
-        "export: Platt scaling on %d validation queries: scale %.3f, bias %.3f", len(scores), scale, bias
+    if scale >= 0:
+        return scale, bias
+    mean = success.double().mean()  # the flat prediction that minimises the cross-entropy
+    log.warning(
+        "export: V0 ranks the %d validation queries no better than chance (unconstrained Platt scale "
+        "%.3f < 0): scale set to 0, so the calibrated prior is flat at %.3f",
+        len(scores),
+        scale,
+        float(mean),
     )
-    return scale, bias
+    return 0.0, float(torch.logit(mean, eps=1e-6))  # eps: finite for one-class outcomes
 
 
 def prior_from_module(

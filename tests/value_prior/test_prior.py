@@ -303,6 +303,35 @@ def test_export_saves_where_the_calibration_was_fitted(
     assert ValuePrior.load(tmp_path / "prior").info == config["info"]
 
 
+def test_platt_scaling_never_reverses_the_ranking(
+    tiny_backbone: HFBackbone,
+    shipped_head: str,
+    tiny_pairs_path: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Validation outcomes that fall as V0's score rises: the unconstrained fit's slope is negative (-3
+    here), which would rank the easiest prompts hardest; the fit keeps scale >= 0, so the calibrated prior
+    is flat at the mean success rate, and says so. Outcomes that rise with the score are left alone."""
+    module, data = tiny_module_and_data(tiny_backbone, shipped_head, tiny_pairs_path, tmp_path / "prior")
+    data.setup("fit")
+    module.eval()
+    with torch.no_grad():
+        scores = [module.success_logits(batch) for batch in data.val_dataloader()]  # [B, M] each
+    assert torch.cat(scores).std() > 0.1  # the scores spread enough to identify a slope
+
+    def relabelled(scale: float, bias: float) -> list:
+        batches = data.val_dataloader()
+        return [b._replace(query_success=torch.sigmoid(scale * s + bias)) for b, s in zip(batches, scores)]
+
+    with caplog.at_level("WARNING", logger="value_prior.prior"):
+        scale, bias = fit_platt_scaling(module, relabelled(-3.0, 0.5))
+    mean = torch.cat([b.query_success.flatten() for b in relabelled(-3.0, 0.5)]).mean()
+    assert scale == 0.0 and bias == pytest.approx(float(torch.logit(mean)), abs=1e-5)
+    assert "no better than chance" in caplog.text
+    assert fit_platt_scaling(module, relabelled(3.0, 0.5)) == pytest.approx((3.0, 0.5), abs=1e-2)
+
+
 @pytest.mark.gpu
 def test_platt_scaling_runs_the_validation_batches_on_the_module_device(
     tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path: Path

@@ -207,3 +207,60 @@ def test_tiny_fit_test_and_export(
     }
     plots = [a.path for a in client.list_artifacts(fit_run.run_id, "plots/val")]
     assert plots and all(p.endswith(".png") for p in plots)
+
+
+def tiny_overrides(tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str) -> list[str]:
+    """Flags that shrink a shipped config to the tiny encoder and pairs, with no MLflow run."""
+    return [
+        "--model.backbone.init_args.model", tiny_encoder_dir,
+        "--model.backbone.init_args.max_length", "32",
+        "--model.backbone.init_args.cache_dir", str(tmp_path / "cache"),
+        "--data.pairs", tiny_pairs_path,
+        "--data.support_size", "16",
+        "--data.query_pairs", "2",
+        "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+
+
+def test_predict_writes_its_predictions_by_default(
+    tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, capsys: pytest.CaptureFixture
+) -> None:
+    """`predict` without a configured writer used to print and write nothing; it now writes
+    `<default_root_dir>/predictions.parquet` and prints the path. A configured writer wins. In process."""
+    from value_prior.cli import main
+
+    config = ["--config", str(REPO / "configs" / "value_prior" / "v0_pairs_minilm.yaml")]
+    overrides = tiny_overrides(tmp_path, tiny_encoder_dir, tiny_pairs_path)
+    main(["predict", *config, *overrides])
+    default = tmp_path / "run" / "predictions.parquet"
+    assert f"predictions written to {default}" in capsys.readouterr().out
+    rows = datasets.Dataset.from_parquet(str(default))
+    assert set(rows.column_names) == {"pool", "prompt_id", "prob", "success"} and len(rows) > 0
+
+    default.unlink()
+    chosen = tmp_path / "chosen.parquet"
+    writer = [
+        "--trainer.callbacks+=value_prior.model.PredictionsWriter",
+        f"--trainer.callbacks.output={chosen}",
+    ]
+    main(["predict", *config, *overrides, *writer])
+    assert f"predictions written to {chosen}" in capsys.readouterr().out
+    assert chosen.is_file() and not default.exists()
+
+
+@pytest.mark.parametrize("config", ["v0_pairs_minilm.yaml", "v0_release_minilm.yaml"])
+def test_seed_everything_seeds_the_model_and_the_data(
+    config: str, tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str
+) -> None:
+    """`model.seed` (adapter init) and `data.seed` (episodes, eval subsamples) used to stay at the YAML's
+    value (0) whatever `seed_everything` said, as in `basis fit` before."""
+    from value_prior.cli import V0CLI
+
+    args = [
+        "--config", str(REPO / "configs" / "value_prior" / config),
+        *tiny_overrides(tmp_path, tiny_encoder_dir, tiny_pairs_path),
+        "--seed_everything=7",
+    ]  # fmt: skip
+    cli = V0CLI(V0Module, PairsDataModule, run=False, args=args)
+    assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
