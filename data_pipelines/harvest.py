@@ -25,7 +25,8 @@ Interrupt and rerun (`run`): every shard is written to a temporary file and rena
 (`os.replace`), then a small checksum record `out/progress/.../shard-XXXXX.json` is written the same way:
 sha256, rows, and a fingerprint of everything that decides the shard's rows (sampling and engine
 settings, checkpoint key and folder, shard seed, a hash of its prompt ids, texts and answers, prompt
-column map, verifier and its options). A rerun whose fingerprint differs is refused. A rerun skips
+column map, verifier and its options). A rerun whose fingerprint differs is refused, and so is an `out`
+that is neither missing, empty nor such a run's output (another tool's files stay untouched). A rerun skips
 shards whose record and file agree, and redoes – after reporting it by path – a shard whose file is
 missing, unreadable or fails its checksum, that has no record (killed between the two renames), or
 whose record is of an older format (its fingerprint cannot vouch for the shard). The manifest is
@@ -50,6 +51,7 @@ from __future__ import annotations
 import datetime as _dt
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -91,6 +93,8 @@ RECORD_FORMAT = 3
 verifier / engine options to the fingerprint, 3 a hash of the checkpoint's files. A shard whose record
 has another format is harvested again."""
 DATA_DIR = "data"
+RUN_ENTRIES = frozenset({DATA_DIR, PROGRESS, MANIFEST, f".{MANIFEST}.tmp"})
+"""What `run` writes at the top of its output folder (`.manifest.json.tmp`: a manifest being written)."""
 ROLLOUT_RECORD_COLUMNS: tuple[str, ...] = ("step", "prompt_id", "prompt", "reward")
 _STEP_IN_NAME = re.compile(r"(?:step|checkpoint)[_\-=]?(\d+)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -709,12 +713,35 @@ def _prompts_sha256(rows: Sequence[Any]) -> str:
 
 
 def _check_output_folder(out: Path, plans: Sequence[ShardPlan]) -> None:
+    """Refuse an `out` that `run` would mix its files into: it may be missing, empty, or a harvest run's
+    own output (finished or interrupted: `progress/` or a rollouts manifest) of these `plans`.
+
+    Raises:
+        HarvestError: naming `out` and a few of the entries `run` did not write (another tool's files),
+            another writer's pairs output, or shards of a harvest with other checkpoints or shard sizes.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise HarvestError(f"output folder {out} is a file; choose a folder")
     manifest = out / MANIFEST
-    if manifest.is_file():
-        kind = read_json_object(manifest, HarvestError).get("kind")
-        if kind != "rollouts":
+    kind = read_json_object(manifest, HarvestError).get("kind") if manifest.is_file() else None
+    if kind not in (None, "rollouts"):
+        raise HarvestError(f"{out} holds a {kind!r} pairs dataset, not a rollout harvest; use a new folder")
+    if kind == "rollouts" or (out / PROGRESS).is_dir():  # a run's output (`progress/` comes before any shard)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES)
+        if foreign:
             raise HarvestError(
-                f"{out} holds a {kind!r} pairs dataset, not a rollout harvest; use a new folder"
+                f"output folder {out} holds a harvest run and entries it did not write ({foreign[:3]}); move "
+                "them out (or choose a new folder)"
+            )
+    else:  # name a few of its files (or empty folders) without listing a large tree
+        leaves = (p for p in out.rglob("*") if not p.is_dir() or not any(p.iterdir()))
+        found = sorted(str(p.relative_to(out)) for p in itertools.islice(leaves, 3))
+        if found:
+            raise HarvestError(
+                f"output folder {out} is not empty and not a harvest run's output (it holds {found}, no "
+                f"{PROGRESS}/); choose a new folder (or delete this one): `run` resumes only its own output"
             )
     planned = {plan.relative_path for plan in plans}
     strays = sorted(
@@ -917,7 +944,8 @@ def run(
 
     Raises:
         HarvestError: bad checkpoints, prompts without answers, an output folder holding another
-            harvest; `ValueError` from `basis.tasks.load_prompts` for bad prompt rows.
+            harvest or anything but this harvest's (resumable) output; `ValueError` from
+            `basis.tasks.load_prompts` for bad prompt rows.
     """
     start = time.perf_counter()
     _check_run_arguments(rollouts_per_prompt, num_prompts, sampling, batch_size, engine, engine_options)

@@ -314,6 +314,55 @@ def test_rerun_with_other_settings_into_the_same_folder_is_refused(
         harvest(workdir, out, prompts_per_shard=12)
 
 
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "found",
+    ["notes.txt", "data/readme.txt", "data/train-00000-of-00001.parquet"],
+    ids=["file", "data", "parquet"],
+)
+def test_a_folder_the_harvest_did_not_write_is_refused_and_left_as_it_was(
+    workdir: Path, tmp_path: Path, found: str
+) -> None:
+    """As `from-logs`, `run` writes into no other tool's folder, and says so (not "a different harvest")."""
+    out = tmp_path / "mine"
+    (out / found).parent.mkdir(parents=True)
+    shutil.copy(workdir / "digits.parquet", out / found)
+    with pytest.raises(
+        HarvestError,
+        match=rf"output folder {out} is not empty and not a harvest run's output \(it holds \['{found}'\]",
+    ):
+        harvest(workdir, out)
+    assert files_in(out) == {found: (workdir / "digits.parquet").read_bytes()}
+    assert sorted(p.name for p in out.iterdir()) == [found.split("/")[0]]  # no progress/ either
+
+
+def test_an_empty_folder_is_harvested_and_a_harvest_with_foreign_files_is_refused(
+    workdir: Path, reference: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    harvest_from(
+        empty, [str(workdir / "run" / "exports" / "step_000005")], workdir / "digits.parquet", num_prompts=6
+    )
+    assert len(load_valid_pairs(empty)) == 6
+    out = tmp_path / "resumable"
+    shutil.copytree(reference, out)
+    (out / "progress" / "run" / "step_000010" / "shard-00003.json").unlink()  # interrupted before a record
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(
+        HarvestError, match=rf"{out} holds a harvest run and entries it did not write \(\['notes.txt'\]\)"
+    ):
+        harvest(workdir, out)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    summary = harvest(workdir, out)  # its own interrupted output still resumes
+    assert summary.skipped_shards == 7 and len(summary.redone_shards) == 1
+    assert shard_bytes(out) == shard_bytes(reference)
+
+
 def harvest_from(out: Path, checkpoints: list, prompts: Path, **overrides) -> object:
     """`run` with SMALL settings on any checkpoints and prompt file."""
     config = {**SMALL, **overrides}
