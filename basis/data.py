@@ -111,7 +111,8 @@ class PromptDataModule(L.LightningDataModule):
         val_path: Held-out prompts for validation (mean@k / pass@k). None disables validation.
         train_split: Split to read from `train_path` when it is a hub dataset or a multi-split folder.
         val_split: Split to read from `val_path`.
-        column_map: Maps contract columns to the source's columns, e.g. `{"prompt": "question"}`.
+        column_map: Maps contract columns to the source's columns, e.g. `{"prompt": "question"}`; the
+            columns it does not name keep their contract names.
         prompts_per_step: Prompts per RL step on each rank (the global batch is this times the ranks).
         val_prompts: Validation prompts used (a fixed seeded subset; 0 means all).
         val_batch_size: Validation prompts per validation batch.

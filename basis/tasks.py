@@ -12,8 +12,8 @@ Loaders (`load_prompts`):
   MATH (`DigitalLearningGmbH/MATH-lighteval`, answer = last `\\boxed{}` of the solution, difficulty from
   `level`). The hub name of each preset is a field of `PromptPreset`; pass your own preset to change it.
 - Any local parquet/jsonl file (or a folder of `{split}.parquet|jsonl` files) with a `column_map` from
-  contract field to source column (dotted paths reach into structs: `reward_model.ground_truth`), or
-  with `preset=` to read a local copy of a preset's schema.
+  contract field to source column for the fields whose column is named otherwise (dotted paths reach
+  into structs: `reward_model.ground_truth`), or with `preset=` to read a local copy of a preset's schema.
 
 Bad rows raise `ValueError` naming the file, the row and the field.
 
@@ -255,6 +255,51 @@ def _has_no_rows(file: Path) -> bool:
         return False
 
 
+def _holds_json(feature: Any) -> bool:
+    """Whether a column's feature has a `datasets.Json` part: `datasets` found values of several types there."""
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, Mapping):
+        return any(_holds_json(part) for part in feature.values())
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _holds_json(feature.feature)
+    return False
+
+
+def _json_encoded(value: Any, feature: Any) -> Any:
+    """`value` with every part under a `datasets.Json` feature as its JSON text, which `datasets` stores as is."""
+    if isinstance(feature, datasets.Json):
+        return json.dumps(value)
+    if isinstance(feature, Mapping) and isinstance(value, Mapping):
+        return {key: _json_encoded(value.get(key), part) for key, part in feature.items()}
+    if isinstance(feature, (datasets.List, datasets.LargeList)) and isinstance(value, list):
+        return [_json_encoded(item, feature.feature) for item in value]
+    return value
+
+
+def _reread_mixed_columns(raw: datasets.Dataset, file: Path) -> datasets.Dataset:
+    """`raw` with its columns of mixed value types read again from the JSON `file`, each value as written.
+
+    `datasets` reads such a column as JSON and stores each string of it that parses as JSON as that JSON
+    value, so the string `"2"` next to the number `4` comes back as the number 2 and a row check would blame
+    the row holding the string. Only a file with such a column is read a second time.
+    """
+    mixed = {name: feature for name, feature in raw.features.items() if _holds_json(feature)}
+    if not mixed:
+        return raw
+    text = file.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):  # a .json file holding one array of rows
+        records = json.loads(text)
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    columns = {
+        name: [_json_encoded(row.get(name), feature) for row in records] for name, feature in mixed.items()
+    }
+    reread = datasets.Dataset.from_dict(columns, features=datasets.Features(mixed))
+    kept = raw.remove_columns(list(mixed))
+    return datasets.concatenate_datasets([kept, reread], axis=1).select_columns(raw.column_names)
+
+
 def _load_raw(
     path_or_hub_name: str, split: str, preset: PromptPreset | None, column_map: Mapping[str, str] | None
 ) -> tuple[datasets.Dataset, str]:
@@ -270,6 +315,8 @@ def _load_raw(
             if _has_no_rows(file):  # datasets' own message names neither the file nor the cause
                 raise ValueError(f"{file}: no rows (empty {builder} file)") from None
             raise ValueError(f"{file}: could not be read as {builder}: {error}") from error
+        if builder == "json":
+            raw = _reread_mixed_columns(raw, file)
         return raw, str(file)
     if preset is not None:
         raw = datasets.load_dataset(preset.hub_name, preset.hub_config, split=split)
@@ -377,8 +424,9 @@ def load_prompts(
             preset name (`dapo-math-17k`, `gsm8k`, `math`), a preset's hub id, or any hub dataset id
             together with `column_map`.
         split: Split to load (hub split name, or the file stem inside a folder).
-        column_map: Contract field -> source column (dotted for struct fields). Default: the preset's
-            map, else identity on `PROMPT_COLUMNS`.
+        column_map: Contract field -> source column (dotted for struct fields), for the fields whose
+            column differs: every field it does not name keeps the preset's column, else its own name
+            (`{"prompt": "question"}` reads `question` as the prompt and `answer` as the answer).
         preset: A preset name or `PromptPreset` whose schema the source has (needed for a local copy of
             a hub dataset; inferred from `path_or_hub_name` when it names one).
         data_source: `data_source` value when the source has none; default the preset's, else the
@@ -397,11 +445,10 @@ def load_prompts(
     if resolved is None and not Path(path_or_hub_name).exists():
         resolved = _find_preset(path_or_hub_name)
     raw, source = _load_raw(path_or_hub_name, split, resolved, column_map)
-    if column_map is None:
-        # Identity on the contract: required fields always (so a missing one is reported), optional
-        # ones when present.
-        identity = {c: c for c in PROMPT_COLUMNS if c in REQUIRED_COLUMNS or c in raw.column_names}
-        column_map = dict(resolved.column_map) if resolved else identity
+    # Identity on the contract: required fields always (so a missing one is reported), optional ones
+    # when present. A given map renames only the fields it names: the others keep their columns.
+    identity = {c: c for c in PROMPT_COLUMNS if c in REQUIRED_COLUMNS or c in raw.column_names}
+    column_map = {**(resolved.column_map if resolved else identity), **(column_map or {})}
     for name in REQUIRED_COLUMNS:
         if name not in column_map:
             raise ValueError(

@@ -135,6 +135,23 @@ def test_local_folder_with_column_map(tmp_path: Path) -> None:
     assert ds["prompt_id"] == ["train/train/0", "train/train/1"]
 
 
+def test_partial_column_map_renames_only_the_fields_it_names(tmp_path: Path) -> None:
+    """The `--data.column_map` help example: the fields a map does not name keep their own columns (or
+    the preset's)."""
+    rows = [{"id": "a", "question": "2+2", "answer": "4", "prompt_id": "q0"}]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    ds = load_prompts(str(path), column_map={"prompt": "question"})
+    assert ds.to_list() == [
+        {"prompt_id": "q0", "prompt": "2+2", "answer": "4", "data_source": "qa", "difficulty": None}
+    ]
+    gsm8k = write_jsonl(tmp_path / "gsm.jsonl", [{"q": "2+2?", "answer": "2+2=4 #### 4"}])
+    ds = load_prompts(str(gsm8k), preset="gsm8k", column_map={"prompt": "q"})
+    assert ds["prompt"] == ["2+2?"] and ds["answer"] == ["4"]  # the preset's answer column and extractor
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "2+2", "a": "4"}])
+    with pytest.raises(ValueError, match=r"renamed\.jsonl: missing column 'answer' for field 'answer'"):
+        load_prompts(str(renamed), column_map={"prompt": "question"})
+
+
 def test_answer_extractors() -> None:
     assert gsm8k_final_answer("blah #### 1,234 ") == "1234"
     assert last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b^{2}}} end") == "\\frac{a}{b^{2}}"
@@ -173,6 +190,23 @@ def test_non_string_answer_names_file_row_field(tmp_path: Path) -> None:
         ValueError, match=r"bad\.parquet: row 0, field 'answer': expected a string, got int 2"
     ):
         load_prompts(str(path))
+
+
+def test_mixed_answer_types_in_jsonl_name_the_row_holding_the_non_string(tmp_path: Path) -> None:
+    """`datasets` reads a jsonl column of mixed types as JSON, turning the string "2" into the number 2;
+    the error must still blame row 1 (the int), not row 0 (the string), also under a struct."""
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": 4}]
+    )
+    with pytest.raises(
+        ValueError, match=r"mixed\.jsonl: row 1, field 'answer': expected a string, got int 4"
+    ):
+        load_prompts(str(path))
+    rows = dapo_rows()
+    rows[2]["reward_model"]["ground_truth"] = 6
+    path = write_jsonl(tmp_path / "dapo.jsonl", rows)
+    with pytest.raises(ValueError, match=r"dapo\.jsonl: row 2, field 'answer': expected a string, got int 6"):
+        load_prompts(str(path), preset="dapo-math-17k")
 
 
 def test_mixed_prompt_kinds_name_file_row_field(tmp_path: Path) -> None:
