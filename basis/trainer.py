@@ -147,7 +147,7 @@ class PolicyTrainer(L.LightningModule):
         engine: Rollout engine; None samples in-process with `HFEngine` on the policy itself.
         engine_batch_size: Most sequences per `generate` call of the in-process HF engine.
         prior: Value prior for `v05` / `basis`: an exported prior folder (`value-prior fit` writes
-            one) or an object with `predict(context_prompts, context_success, query_prompts)`.
+            one), or in Python an object implementing `basis.v05.SuccessPrior` (`predict`, `prepare`).
         osla: OSLA adaptive budget for `v05` (extra rollouts where prior and rollouts disagree);
             None keeps every prompt at `group_size` (= k_init) rollouts.
         support_capacity: Recent (prompt, success) pairs kept as the prior's context (design.md: 512).
