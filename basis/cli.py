@@ -49,7 +49,10 @@ class MLflowConfigCallback(SaveConfigCallback):
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
             config = self.config.as_dict()
             params = {key: config[key] for key in ("seed_everything", "data", "trainer") if key in config}
-            params["model"] = {key: config["model"].get(key) for key in UNSAVED_MODEL_ARGS}
+            params["trainer"] = {
+                k: v for k, v in params.get("trainer", {}).items() if k != "logger"
+            }  # run id
+            params["model"] = {key: _param(config["model"].get(key)) for key in UNSAVED_MODEL_ARGS}
             logger.log_hyperparams(params)
 
 
@@ -66,9 +69,9 @@ class PolicyCLI(LightningCLI):
         if config is None or config.get("ckpt_path") != "last":
             return
         last = Path(config.model.run_dir) / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():  # a file, or a folder (a sharded FSDP checkpoint)
             log.warning("--ckpt_path last: %s does not exist, so the run starts from step 0", last)
-        config.ckpt_path = str(last) if last.is_file() else None
+        config.ckpt_path = str(last) if last.exists() else None
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         # One seed: model.seed (rollouts, OSLA, context draws) and data.seed (prompt order) used to stay
@@ -90,7 +93,7 @@ class PolicyCLI(LightningCLI):
             return
         earlier_run = run_file.read_text().strip()
         last = Path(config.model.run_dir) / "checkpoints" / "last.ckpt"
-        if last.is_file() and Path(config.ckpt_path).resolve() == last.resolve():
+        if last.exists() and Path(config.ckpt_path).resolve() == last.resolve():
             logger.init_args.run_id = earlier_run  # continue the same MLflow run
             return
         # Another checkpoint branches off: the earlier run keeps its steps after it (their files are set
@@ -106,6 +109,14 @@ class PolicyCLI(LightningCLI):
             last,
             earlier_run,
         )
+
+
+def _param(value: object) -> object:
+    """A config value as a parameter: a function (the default optimizer factory) by its qualified name,
+    not its repr, whose address changes between processes (a resume would record it as changed)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return value
 
 
 def _seed_of(seed_everything: bool | int | None) -> int:

@@ -186,7 +186,10 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
                 log.warning(
                     "continued MLflow run %s: %s was %r, now %r", self.run_id, key, existing[key], value
                 )
-                self.experiment.set_tag(self.run_id, f"changed_on_resume.{key}", f"{history} -> {value}")
+                chain = f"{history} -> {value}"
+                if len(chain) > 5000:  # MLflow caps tag values; keep the latest changes
+                    chain = "... -> " + chain[-4990:]
+                self.experiment.set_tag(self.run_id, f"changed_on_resume.{key}", chain)
         if new:
             super().log_hyperparams(new)
 

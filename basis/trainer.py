@@ -159,7 +159,8 @@ class PolicyTrainer(L.LightningModule):
             the paper; it helps when V0 ranks prompts well but is miscalibrated for this policy.
         prior_timeout_s: Longest wait for the prior's answer once the first rollout round is done
             (our choice; the paper has no timeout). Past it the step uses the empirical baseline, and
-            later steps do too until the hung query returns; None waits forever.
+            later steps do too until the hung query returns; None waits forever. A timeout makes a
+            step's baseline depend on wall-clock time, so only runs without one replay exactly.
         heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
             held-out success estimate to score the baseline's squared error (0 disables it).
         max_rollouts: Rollout budget: stop after the RL step at which the rollouts consumed (all
@@ -271,6 +272,7 @@ class PolicyTrainer(L.LightningModule):
         self._prior_failures = 0
         self._prior_query_seconds: float | None = None  # the last served query's run time
         self._prior_pending: Future | None = None  # the last query, which may still be running
+        self._checkpointed = False  # whether this attempt has saved a checkpoint
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -339,7 +341,6 @@ class PolicyTrainer(L.LightningModule):
     def on_fit_start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
-            (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
             self._last_logged = {
                 series: last_logged_step(self.logger, name) for series, name in _SERIES_SENTINEL.items()
             }
@@ -399,7 +400,18 @@ class PolicyTrainer(L.LightningModule):
                 step=self.rl_step,
             )
 
+    def record_mlflow_run(self) -> None:
+        """Write `<run_dir>/mlflow_run_id`, the run `basis fit --ckpt_path last` continues, with each
+        checkpoint: the file names the run that `last.ckpt` belongs to, so an attempt that branched off
+        and stopped before its first checkpoint leaves both to the run it branched from. At the end it
+        is written too unless `last.ckpt` is another attempt's (a run that never checkpoints)."""
+        if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "mlflow_run_id").write_text(self.logger.run_id)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._checkpointed = True
+        self.record_mlflow_run()
         checkpoint["basis_state"] = {
             "format": 1,
             "rl_step": self.rl_step,
@@ -584,7 +596,7 @@ class PolicyTrainer(L.LightningModule):
                 start = time.perf_counter()
                 p = self.query_prior(prompts)
                 future.set_result((p, time.perf_counter() - start))
-            except Exception as err:
+            except BaseException as err:  # anything: an unresolved future would hang a step with no timeout
                 future.set_exception(err)
 
         threading.Thread(target=run, name=f"value-prior-step-{self.rl_step}", daemon=True).start()
@@ -596,9 +608,12 @@ class PolicyTrainer(L.LightningModule):
         raised, answered out of range, or did not answer within `prior_timeout_s`."""
         try:
             p, seconds = query.result(timeout=self.hparams.prior_timeout_s)
-        except FutureTimeout:
-            err: Exception = TimeoutError(f"no answer within prior_timeout_s={self.hparams.prior_timeout_s}")
-        except Exception as raised:  # a failing prior must never take the run down
+        except FutureTimeout as raised:  # the same class as a TimeoutError the prior raises itself
+            timeout = f"no answer within prior_timeout_s={self.hparams.prior_timeout_s}"
+            err: BaseException = raised if query.done() else TimeoutError(timeout)
+        except BaseException as raised:  # a failing prior must never take the run down
+            if isinstance(raised, KeyboardInterrupt):
+                raise
             err = raised
         else:
             if p is not None:
@@ -956,6 +971,8 @@ class PolicyTrainer(L.LightningModule):
                 self.logger.experiment.log_figure(self.logger.run_id, figure, f"v05_{name}_hist.png")
 
     def on_train_end(self) -> None:
+        if self._checkpointed or not (self.run_dir / "checkpoints" / "last.ckpt").exists():
+            self.record_mlflow_run()
         if self._has_val_prompts() and self.rl_step not in self._pass_curves:
             self.run_validation()  # the final policy's held-out numbers
         if not self._periodic_export(self.rl_step):  # record_step has exported it already

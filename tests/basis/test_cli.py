@@ -161,6 +161,7 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     assert resumed.data.params["model/optimizer/init_args/lr"] == "0.5"
     assert resumed.data.params["seed_everything"] == "0"
     assert resumed.data.tags["changed_on_resume.trainer/max_steps"] == "3 -> 4"
+    assert not any("run_id" in tag or "optimizer" in tag for tag in resumed.data.tags)  # nothing else changed
     assert metric_steps(workdir, run_dir, "train/reward_mean") == [1, 2, 3, 4]
 
 
@@ -188,6 +189,39 @@ def test_resuming_from_an_earlier_checkpoint_branches_into_a_new_run(workdir: Pa
     assert client.get_run(branched).data.params["temperature"] == "0.5"
     assert metric_steps(workdir, run_dir, "train/reward_mean") == [3]  # this attempt's step, logged
     assert sorted(m.step for m in client.get_metric_history(original, "train/reward_mean")) == [1, 2, 3, 4]
+    # a branch that stops before its first checkpoint leaves last.ckpt and the run id to each other
+    idle = (f"--ckpt_path={earlier}", "--trainer.max_steps=2")
+    subprocess.run(basis_cmd(workdir, run_dir, *idle), env=env(workdir), check=True, capture_output=True)
+    assert (run_dir / "mlflow_run_id").read_text() == branched
+
+
+def test_a_sharded_last_checkpoint_folder_is_resumed_and_continues_its_run(tmp_path: Path) -> None:
+    """FSDP's sharded `last.ckpt` is a folder: `--ckpt_path last` restarted from step 0 and an explicit
+    path to it branched into a new MLflow run, both because the check was `is_file()`."""
+    from jsonargparse import Namespace
+
+    from basis.cli import PolicyCLI
+
+    (tmp_path / "checkpoints" / "last.ckpt").mkdir(parents=True)
+    (tmp_path / "mlflow_run_id").write_text("abc123")
+    logger = Namespace(class_path="basis.tracking.MLflowLogger", init_args=Namespace(run_id=None))
+    fit = Namespace(ckpt_path="last", weights_only=None, model=Namespace(run_dir=str(tmp_path)),
+                    trainer=Namespace(logger=logger))  # fmt: skip
+    cli = PolicyCLI.__new__(PolicyCLI)  # the two hooks only read and write the parsed config
+    cli.config, cli.subcommand = Namespace(subcommand="fit", fit=fit), "fit"
+    cli._parse_ckpt_path()
+    assert fit.ckpt_path == str(tmp_path / "checkpoints" / "last.ckpt")
+    cli.before_instantiate_classes()
+    assert logger.init_args.run_id == "abc123" and not logger.init_args.get("tags")
+
+
+def test_a_function_setting_is_logged_by_name() -> None:
+    """The default optimizer factory was logged as its repr, '<function _adamw at 0x7fd9...>', whose
+    address differs in every process: each resume recorded it as changed."""
+    from basis.cli import _param
+    from basis.trainer import _adamw
+
+    assert _param(_adamw) == "basis.trainer._adamw" and _param({"lr": 0.5}) == {"lr": 0.5}
 
 
 def test_every_change_on_resume_stays_in_its_tag(mlflow_store: str) -> None:
