@@ -127,7 +127,7 @@ class PromptDataModule(L.LightningDataModule):
         val_path: str | None = None,
         train_split: str = "train",
         val_split: str = "validation",
-        column_map: dict[str, str] | None = None,
+        column_map: dict[str, str | None] | None = None,
         prompts_per_step: int = 16,
         val_prompts: int = 256,
         val_batch_size: int = 64,

@@ -47,9 +47,12 @@ NUMBER = re.compile(_NUMBER)
 FINAL_ANSWER = re.compile(rf"####\s*({_NUMBER})")
 
 
-# A boxed answer: `\\boxed{` (content up to the balancing brace) or `\\boxed 5` (content up to the next space
-# or the closing `$` of its math: MATH writes `our answer is $\\boxed 2$.`).
-BOXED = re.compile(r"\\(?:boxed|fbox)(?:\s*\{|\s+(?P<bare>(?:\\\$|[^\s{$])(?:\\\$|[^\s$])*))")
+# A boxed answer: `\\boxed{` (content up to the balancing brace), `\\boxed $-2$` (the math span) or
+# `\\boxed 5` (content up to the next space or the closing `$` of its math: MATH writes `our answer is
+# $\\boxed 2$.`).
+BOXED = re.compile(
+    r"\\(?:boxed|fbox)(?:\s*\{|\s+(?:\$(?P<span>[^$]*)\$|(?P<bare>(?:\\\$|[^\s{$])(?:\\\$|[^\s$])*)))"
+)
 # DAPO's final line, `Answer: ...`: at the start of a line (markdown `**`, `#`, `>` allowed; "Final answer:"
 # too), its value on the same line or the next. Mid-sentence ("the answer: it is right") is prose.
 ANSWER_LINE = re.compile(
@@ -71,15 +74,19 @@ ANCHORED_ONLY = [
 
 
 def last_boxed(text: str) -> str:
-    """Content of the last boxed answer in `text`: `\\boxed{...}` (or `\\fbox{...}`) with balanced braces, or
-    `\\boxed 5` up to the next space or unescaped `$`, without a closing `.,;:`. The last one to start
-    wins, so a bare `\\boxed 5` written after a braced answer (a correction) is the answer."""
+    """Content of the last boxed answer in `text`: `\\boxed{...}` (or `\\fbox{...}`) with balanced braces,
+    `\\boxed $...$` (the math span), or `\\boxed 5` up to the next space or unescaped `$`, without a
+    closing `.,;:`. The last one to start wins, so a bare `\\boxed 5` written after a braced answer (a
+    correction) is the answer. An empty one (`\\boxed ...`) is a `ValueError`, like a missing one."""
     found = list(BOXED.finditer(text))
     if not found:
         raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
     last = found[-1]
-    if last["bare"]:
-        return last["bare"].rstrip(".,;:")  # `$\\boxed 9$, done` and `\\boxed 9.` answer 9
+    if last["span"] is not None or last["bare"] is not None:
+        answer = last["span"] if last["span"] is not None else last["bare"].rstrip(".,;:")  # `\\boxed 9.` is 9
+        if not answer.strip():
+            raise ValueError(f"empty \\boxed answer in {text[last.start() :][:60]!r}")
+        return answer.strip()
     start = last.end()
     depth = 1
     for pos in range(start, len(text)):

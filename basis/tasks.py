@@ -287,11 +287,14 @@ def _reread_mixed_columns(raw: datasets.Dataset, file: Path) -> datasets.Dataset
     mixed = {name: feature for name, feature in raw.features.items() if _holds_json(feature)}
     if not mixed:
         return raw
-    text = file.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):  # a .json file holding one array of rows
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    text = file.read_text(encoding="utf-8-sig")  # as `datasets` reads it: a byte-order mark is allowed
+    try:
+        if text.lstrip().startswith("["):  # a .json file holding one array of rows
+            records = json.loads(text)
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: could not be read as json: {err}") from err
     columns = {
         name: [_json_encoded(row.get(name), feature) for row in records] for name, feature in mixed.items()
     }
@@ -301,7 +304,10 @@ def _reread_mixed_columns(raw: datasets.Dataset, file: Path) -> datasets.Dataset
 
 
 def _load_raw(
-    path_or_hub_name: str, split: str, preset: PromptPreset | None, column_map: Mapping[str, str] | None
+    path_or_hub_name: str,
+    split: str,
+    preset: PromptPreset | None,
+    column_map: Mapping[str, str | None] | None,
 ) -> tuple[datasets.Dataset, str]:
     path = Path(path_or_hub_name)
     if path.exists():
@@ -412,7 +418,7 @@ def load_prompts(
     path_or_hub_name: str,
     *,
     split: str = "train",
-    column_map: Mapping[str, str] | None = None,
+    column_map: Mapping[str, str | None] | None = None,
     preset: str | PromptPreset | None = None,
     data_source: str | None = None,
     limit: int | None = None,
@@ -426,7 +432,8 @@ def load_prompts(
         split: Split to load (hub split name, or the file stem inside a folder).
         column_map: Contract field -> source column (dotted for struct fields), for the fields whose
             column differs: every field it does not name keeps the preset's column, else its own name
-            (`{"prompt": "question"}` reads `question` as the prompt and `answer` as the answer).
+            (`{"prompt": "question"}` reads `question` as the prompt and `answer` as the answer); `None`
+            leaves an optional field unread (`{"difficulty": None}` with a preset whose column differs).
         preset: A preset name or `PromptPreset` whose schema the source has (needed for a local copy of
             a hub dataset; inferred from `path_or_hub_name` when it names one).
         data_source: `data_source` value when the source has none; default the preset's, else the
@@ -448,7 +455,8 @@ def load_prompts(
     # Identity on the contract: required fields always (so a missing one is reported), optional ones
     # when present. A given map renames only the fields it names: the others keep their columns.
     identity = {c: c for c in PROMPT_COLUMNS if c in REQUIRED_COLUMNS or c in raw.column_names}
-    column_map = {**(resolved.column_map if resolved else identity), **(column_map or {})}
+    merged = {**(resolved.column_map if resolved else identity), **(column_map or {})}
+    column_map = {name: column for name, column in merged.items() if column is not None}  # None: not read
     for name in REQUIRED_COLUMNS:
         if name not in column_map:
             raise ValueError(

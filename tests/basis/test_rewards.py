@@ -174,6 +174,9 @@ BARE_BOX_CORRECTED = "\\boxed{3}. Wait, mistake. The answer is \\boxed 5"
         pytest.param("Then $y=\\boxed 9$, done.", "9", 1.0, id="bare-box-in-math-then-comma"),
         pytest.param("So our answer is $\\boxed 2$.", "2", 1.0, id="bare-box-in-math-then-stop"),
         pytest.param("So our answer is $\\boxed 2$.", "3", 0.0, id="bare-box-in-math-wrong"),
+        pytest.param("\\boxed{5}. Wait, I erred: \\boxed $-2$", "-2", 1.0, id="bare-box-then-math-span"),
+        pytest.param("\\boxed{5}. Wait, I erred: \\boxed $-2$", "5", 0.0, id="math-span-box-corrects"),
+        pytest.param("So \\boxed ...", "5", 0.0, id="empty-bare-box"),
         # A LaTeX space between digit groups separates thousands.
         pytest.param("\\boxed{1\\,000}", "1000", 1.0, id="thin-space-thousands"),
         pytest.param("\\boxed{1\\,000}", "0", 0.0, id="thin-space-is-no-product"),

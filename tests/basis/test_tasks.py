@@ -150,6 +150,23 @@ def test_partial_column_map_renames_only_the_fields_it_names(tmp_path: Path) -> 
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "2+2", "a": "4"}])
     with pytest.raises(ValueError, match=r"renamed\.jsonl: missing column 'answer' for field 'answer'"):
         load_prompts(str(renamed), column_map={"prompt": "question"})
+    # None leaves a preset's optional field unread: MATH-500 copies keep `level` as an int
+    math500 = write_jsonl(
+        tmp_path / "math500.jsonl", [{"problem": "1+1", "solution": "\\boxed{2}", "level": 3}]
+    )
+    ds = load_prompts(str(math500), preset="math", column_map={"difficulty": None})
+    assert ds["answer"] == ["2"] and ds["difficulty"] == [None]
+
+
+def test_a_jsonl_with_a_byte_order_mark_and_mixed_columns_loads(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    rows = [
+        {"prompt": "1+1=", "answer": "2", "difficulty": 1},
+        {"prompt": "2+2=", "answer": "4", "difficulty": "hard"},
+    ]
+    path.write_text("\ufeff" + "\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bom\.jsonl.*row 1.*difficulty"):  # read as written, then named
+        load_prompts(str(path))
 
 
 def test_answer_extractors() -> None:
