@@ -105,7 +105,12 @@ class V0CLI(LightningCLI):
 
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             ckpt_path = self.config.get("predict", {}).get("ckpt_path")
-            folder = Path(ckpt_path).parent if ckpt_path else Path(self.trainer.default_root_dir)
+            folder = Path(self.trainer.default_root_dir)
+            if ckpt_path in ("last", "best"):  # Lightning finds those in its checkpoint callbacks' folder
+                dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+                folder = Path(dirs[0]) if dirs else folder
+            elif ckpt_path:
+                folder = Path(ckpt_path).parent
             self.trainer.callbacks.append(PredictionsWriter(str(folder / "predictions.parquet")))
 
     def after_predict(self) -> None:

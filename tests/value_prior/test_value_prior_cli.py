@@ -117,6 +117,9 @@ def test_a_resumed_fit_continues_its_mlflow_run(
         0,
         1,
     ]
+    # `predict --ckpt_path last` writes beside the checkpoint it resolves to, not in the working folder
+    main(["predict", *overrides, "--ckpt_path", "last", "--trainer.logger", "false"])
+    assert (tmp_path / "checkpoints" / "predictions.parquet").is_file()
 
 
 @pytest.mark.slow  # three CLI subprocesses: about a minute on an idle 2-core machine
