@@ -83,7 +83,8 @@ def last_boxed(text: str) -> str:
         raise ValueError(f"no \\boxed{{}} answer in {text[-60:]!r}")
     last = found[-1]
     if last["span"] is not None or last["bare"] is not None:
-        answer = last["span"] if last["span"] is not None else last["bare"].rstrip(".,;:")  # `\\boxed 9.` is 9
+        # a bare answer drops a closing `.,;:` (`\\boxed 9.` is 9)
+        answer = last["span"] if last["span"] is not None else last["bare"].rstrip(".,;:")
         if not answer.strip():
             raise ValueError(f"empty \\boxed answer in {text[last.start() :][:60]!r}")
         return answer.strip()
