@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from basis.data import PromptDataModule
+from basis.data import PromptDataModule, seed_of
 from basis.trainer import PolicyTrainer
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class PolicyCLI(LightningCLI):
         # One seed: model.seed (rollouts, OSLA, context draws) and data.seed (prompt order) used to stay
         # 0 whatever seed_everything said, so a config's seed changed nothing.
         for target in ("model.seed", "data.seed"):
-            parser.link_arguments("seed_everything", target, compute_fn=_seed_of)
+            parser.link_arguments("seed_everything", target, compute_fn=seed_of)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -117,18 +117,6 @@ def _param(value: object) -> object:
     if callable(value) and hasattr(value, "__qualname__"):
         return f"{value.__module__}.{value.__qualname__}"
     return value
-
-
-def _seed_of(seed_everything: bool | int | None) -> int:
-    """The integer seed `seed_everything` stands for (`true`: the one Lightning draws and exports as
-    PL_GLOBAL_SEED; `false`/null: 0, the seeds' default)."""
-    if isinstance(seed_everything, bool) or seed_everything is None:
-        if seed_everything:
-            from lightning.fabric.utilities.seed import seed_everything as draw
-
-            return draw(workers=True)
-        return 0
-    return int(seed_everything)
 
 
 def main(args: list[str] | None = None) -> None:

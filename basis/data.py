@@ -213,3 +213,16 @@ def seed_for(*parts: int) -> int:
 
 def as_long(values: list[int]) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.long)
+
+
+def seed_of(seed_everything: bool | int | None) -> int:
+    """The integer seed a CLI's `seed_everything` stands for (`true`: the one Lightning draws and exports
+    as PL_GLOBAL_SEED; `false`/null: 0, the seeds' default). Both CLIs link it to `model.seed` and
+    `data.seed`."""
+    if isinstance(seed_everything, bool) or seed_everything is None:
+        if seed_everything:
+            from lightning.fabric.utilities.seed import seed_everything as draw
+
+            return draw(workers=True)
+        return 0
+    return int(seed_everything)

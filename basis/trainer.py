@@ -982,7 +982,8 @@ class PolicyTrainer(L.LightningModule):
             client.log_artifacts(run_id, str(self.run_dir / "exports" / f"step_{self.rl_step:06d}"), "policy")
             if self._pass_curves:
                 client.log_figure(run_id, pass_at_k_figure(self._pass_curves), "pass_at_k_vs_k.png")
-        self.log_v05_histograms()
+        if not self._has_val_prompts():  # else the last validation (this step's) has logged them
+            self.log_v05_histograms()
 
     # ----------------------------------------------------------------- records, exports, logging
 

@@ -95,6 +95,17 @@ class CacheWriteWarning(UserWarning):
     """The on-disk cache could not be written; new hidden states are kept in memory only."""
 
 
+def utf8_error(text: str) -> UnicodeEncodeError | None:
+    """Why `text` cannot be encoded as UTF-8 (a lone surrogate, e.g. from a cut emoji), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as err:
+        return err
+    return None
+
+
 def _checksum(hidden: Tensor) -> str:
     """sha256 of a cached tensor's raw bytes (stored in, and checked against, the file's metadata)."""
     return hashlib.sha256(hidden.numpy().tobytes()).hexdigest()
@@ -274,13 +285,10 @@ class HFBackbone:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text:
                 raise ValueError(f"prompt {i} is {text!r}: every prompt must be a non-empty string")
-            if not text.isascii():
-                try:
-                    text.encode()  # the cache key and the tokenizer both need UTF-8
-                except UnicodeEncodeError as err:
-                    raise ValueError(
-                        f"prompt {i} {text[:80]!r} is not valid Unicode ({err.reason} at character {err.start})"
-                    ) from None
+            if err := utf8_error(text):  # the cache key and the tokenizer both need UTF-8
+                raise ValueError(
+                    f"prompt {i} {text[:80]!r} is not valid Unicode ({err.reason} at character {err.start})"
+                )
         keys = [text_key(self.backbone_id, self.max_length, t) for t in texts]
         missing: dict[str, str] = {}
         for key, text in zip(keys, texts):

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from basis.data import seed_of
+
 
 def prior_fit_main(argv: Sequence[str]) -> None:
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -71,7 +73,7 @@ class V0CLI(LightningCLI):
         # One seed, as in `basis fit`: model.seed (adapter init) and data.seed (episodes, eval
         # subsamples) used to stay 0 whatever seed_everything said, so a config's seed changed nothing.
         for target in ("model.seed", "data.seed"):
-            parser.link_arguments("seed_everything", target, compute_fn=_seed_of)
+            parser.link_arguments("seed_everything", target, compute_fn=seed_of)
 
     def before_instantiate_classes(self) -> None:
         """`fit --ckpt_path ...` continues the MLflow run recorded beside the checkpoints (one run per fit,
@@ -119,19 +121,6 @@ class V0CLI(LightningCLI):
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionsWriter) and self.trainer.is_global_zero:
                 print(f"predictions written to {callback.output}")
-
-
-def _seed_of(seed_everything: bool | int | None) -> int:
-    """The integer seed `seed_everything` stands for (`true`: the one Lightning draws and exports as
-    PL_GLOBAL_SEED; `false`/null: 0, the seeds' default). As `basis.cli._seed_of`, which this module
-    does not import: it would load the policy trainer."""
-    if isinstance(seed_everything, bool) or seed_everything is None:
-        if seed_everything:
-            from lightning.fabric.utilities.seed import seed_everything as draw
-
-            return draw(workers=True)
-        return 0
-    return int(seed_everything)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -51,7 +51,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from value_prior.backbone import HFBackbone, TextBackbone
+from value_prior.backbone import HFBackbone, TextBackbone, utf8_error
 from value_prior.head import HeadCheckpointError, InContextHead, load_head
 from value_prior.model import ResidualQueryAdapter, draw_support, prompt_features
 
@@ -70,14 +70,11 @@ def _check_prompts(name: str, prompts: Sequence[str]) -> None:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"{name}[{i}] is {prompt!r}: prompts must be non-empty strings")
-        if not prompt.isascii():
-            try:
-                prompt.encode()
-            except UnicodeEncodeError as err:  # a lone surrogate: no tokenizer or cache key can encode it
-                raise ValueError(
-                    f"{name}[{i}] = {prompt[:80]!r} is not valid Unicode ({err.reason} at character "
-                    f"{err.start}): fix the prompt text"
-                ) from None
+        if err := utf8_error(prompt):  # no tokenizer or cache key can encode it
+            raise ValueError(
+                f"{name}[{i}] = {prompt[:80]!r} is not valid Unicode ({err.reason} at character "
+                f"{err.start}): fix the prompt text"
+            )
 
 
 class ValuePrior:
