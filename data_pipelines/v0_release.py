@@ -5,9 +5,10 @@ Release rows are jsonl `{id, score, type, model, step, dataset}`; prompt text li
 `prompt_id = f"{dataset}_{id}"`, `n = 10` rollouts, `successes = round((score + 1) / 2 * 10)`, and
 `score` is rewritten as `2 * successes / n - 1` so it matches the successes exactly (release scores
 are multiples of 0.2 up to float rounding). A bad row (a prompt id without text, a score that is not
-a number, a non-integer step, a null or empty model) is a `PairsError` naming the file, the line
-(1-based) and the field. The release has two files: `context.jsonl` (the context pools, 512 pairs per
-key) and `train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
+a number, a non-integer step, a null or empty model, a (model, step, prompt id) already in this file or
+the other one) is a `PairsError` naming the file, the line (1-based) and the field. The release has two
+files: `context.jsonl` (the context pools, 512 pairs per key) and `train.jsonl` (32 query pairs per key
+on prompts disjoint from the pools).
 
 Run: `python -m data_pipelines.v0_release ../shared/data/v0-release artifacts/pairs/v0-release`
 writes `context/` and `train/` parquet shards and `manifest.json` (listing both with rows and sha256, so
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -35,6 +35,7 @@ from data_pipelines.pairs import (
     MANIFEST,
     PAIR_FEATURES,
     PairsError,
+    RowLocator,
     ShardRecord,
     is_legacy_import,
     json_lines,
@@ -69,7 +70,7 @@ def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
         raise PairsError(f"{where} field 'step': must be an integer >= 0, got {step!r}")
     if not isinstance(score, (int, float)) or isinstance(score, bool):
         raise PairsError(f"{where} field 'score': must be a number, got {score!r}")
-    if not math.isfinite(score) or not -1.0 <= score <= 1.0:
+    if not -1.0 <= score <= 1.0:  # also refuses nan and inf, and never converts a huge int to float
         raise PairsError(f"{where} field 'score': must lie in [-1, 1], got {score!r}")
     prompt_id = f"{row['dataset']}_{row['id']}"
     if prompt_id not in prompts:
@@ -121,7 +122,8 @@ def read_v0_release(
     if not pairs:
         raise PairsError(f"{rows_file}: no rows")
     dataset = datasets.Dataset.from_list(pairs, features=PAIR_FEATURES)
-    raise_on_errors(validate_pairs(dataset, str(rows_file)), str(rows_file))
+    locate = RowLocator(str(rows_file), [str(rows_file)])  # duplicates named by line, like the errors above
+    raise_on_errors(validate_pairs(dataset, str(rows_file), locate), str(rows_file))
     return dataset
 
 
@@ -177,6 +179,10 @@ def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
     check_import_folder(out)
     prompts = read_prompts(folder)
     splits = {split: read_v0_release(folder, split, prompts) for split in RELEASE_FILES}  # type: ignore[arg-type]
+    # `out` is read back as one pairs folder, so a pair in both files would be a duplicate there.
+    files = [str(Path(folder) / name) for name in RELEASE_FILES.values()]
+    both = datasets.concatenate_datasets(list(splits.values()))
+    raise_on_errors(validate_pairs(both, str(folder), RowLocator(str(folder), files)), str(folder))
     with staging_folder(out, "import") as staging:
         shards = []
         for split, dataset in splits.items():

@@ -317,6 +317,8 @@ class PairsDataModule(L.LightningDataModule):
                 "support_size >= 2, query_pairs >= 1, episodes_per_batch >= 1 and batches_per_epoch >= 1 "
                 f"required, got {support_size}, {query_pairs}, {episodes_per_batch}, {batches_per_epoch}"
             )
+        if eval_context_size < 2:  # a smaller context cannot hold both classes (design.md §3)
+            raise ValueError(f"eval_context_size >= 2 required, got {eval_context_size}")
         self.pairs = pairs
         self.format = format
         self.split = PromptSplit(val_fraction, test_fraction, split_salt)
