@@ -1163,6 +1163,8 @@ def pairs_from_records(
 
 
 def _require_empty(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise HarvestError(f"output folder {out} is a file; choose a folder")
     if out.exists() and any(out.iterdir()):
         raise HarvestError(f"output folder {out} is not empty; choose a new folder (or delete this one)")
 

@@ -218,8 +218,10 @@ def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> 
         raise error(f"{folder}: no {MANIFEST}: an unfinished harvest, rerun the same command to resume")
     manifest = read_json_object(manifest_path, error)
     if is_legacy_import(manifest):  # its files are the parquet shards under it, as it was read then
-        return sorted(
-            p for p in folder.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts)
+        return sorted(  # hidden names below `folder` only: the folder's own path may hold `..` or `.x`
+            p
+            for p in folder.rglob("*.parquet")
+            if not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
     shards = manifest_shards(manifest, manifest_path, error)
     if not shards:
@@ -246,18 +248,34 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
+def _enclosing_output(path: Path) -> Path | None:
+    """The pairs output that `path` lies inside (not `path` itself), or None. Only the writers' own
+    depth is searched (`data/<policy>/step_<n>/shard-*.parquet`), not every ancestor up to `/`."""
+    return next((folder for folder in path.resolve().parents[:4] if is_pairs_output(folder)), None)
+
+
 def pair_files(path: str | Path) -> list[Path]:
     """The files a pairs path stands for: a `.parquet` / `.jsonl` (JSON lines, also as `.json`) file;
     a pairs output folder's manifest-listed files; or the pair files of any other folder and its
-    sub-folders (pairs outputs among them by their manifests).
+    sub-folders (pairs outputs among them by their manifests). A file or folder inside a pairs output
+    (`out/data/<policy>`, `out/context`) stands for the files under it that the output's manifest lists.
 
     Raises:
-        PairsError: no such path, an unknown format, an unfinished or damaged pairs output, a folder
-            without pair files or with both parquet and jsonl files.
+        PairsError: no such path, an unknown format, an unfinished or damaged pairs output (also when
+            `path` lies inside one), a folder without pair files or with both parquet and jsonl files.
     """
     path = Path(path)
     if not path.exists():
         raise PairsError(f"{path}: no such pairs file or folder")
+    output = _enclosing_output(path)
+    if output is not None:  # shards of an unfinished run, or unlisted, are never pairs
+        inside = path.resolve()
+        files = [file for file in manifest_files(output) if file.resolve().is_relative_to(inside)]
+        if not files:
+            raise PairsError(
+                f"{path}: lies inside the pairs output {output}, whose {MANIFEST} lists no file here"
+            )
+        return files
     if not path.is_dir():
         if path.suffix not in (".parquet", ".jsonl", ".json"):
             raise PairsError(f"{path}: unknown pairs format (expected .parquet, .jsonl or a folder of them)")
@@ -313,6 +331,8 @@ def _value_problem(column: str, value: Any) -> str | None:
 
 def _type_fits(column: str, arrow_type: pa.DataType) -> bool:
     """Whether a parquet column of `arrow_type` holds `column` values without reinterpretation."""
+    if pa.types.is_dictionary(arrow_type):  # e.g. a pandas categorical: judged by the values it holds
+        arrow_type = arrow_type.value_type
     if column in _STRING_COLUMNS:
         fits = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
     elif column == "score":
