@@ -58,6 +58,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -606,6 +607,7 @@ class HarvestSummary:
     checkpoints: list[CheckpointSummary] = field(default_factory=list)
     skipped_shards: int = 0
     redone_shards: list[str] = field(default_factory=list)
+    verifier_timeouts: int = 0
     mlflow_run_id: str | None = None
 
     def __str__(self) -> str:
@@ -615,6 +617,8 @@ class HarvestSummary:
             lines.append(
                 f"resumed: {self.skipped_shards} shards verified and kept, {len(self.redone_shards)} redone"
             )
+        if self.verifier_timeouts:
+            lines.append(_timeouts_message(self.verifier_timeouts, self.rollouts))
         lines.append(f"{'policy':<24} {'step':>7} {'pairs':>6} {'mean success':>12}")
         lines += [
             f"{c.policy:<24} {c.step:>7} {c.pairs:>6} {c.mean_success:>12.3f}" for c in self.checkpoints
@@ -786,6 +790,21 @@ class ShardWork:
     rollouts: int = 0
     tokens: int = 0
     generate_seconds: float = 0.0
+    verifier_timeouts: int = 0
+
+
+def _verifier_timeouts(verifier: Any) -> int:
+    """Items the verifier gave up on so far (timed out or crashed), all scored 0; 0 for in-process ones."""
+    failures = getattr(verifier, "failures", None)  # MathVerifier's cumulative counts
+    return 0 if failures is None else failures.timeouts + failures.crashed
+
+
+def _timeouts_message(timeouts: int, rollouts: int) -> str:
+    return (
+        f"verifier: {timeouts} of {rollouts} new rollouts timed out or crashed and scored 0, so their "
+        "pairs undercount successes; raise verifier_options.timeout_s in a new --out folder if this is "
+        "more than a handful"
+    )
 
 
 def _produce_shards(
@@ -807,6 +826,7 @@ def _produce_shards(
 
     statuses = [shard_status(out, plan) for plan in plans]  # raises before any work on a settings mismatch
     work = ShardWork()
+    timeouts_before = _verifier_timeouts(verifier)
     finished = {
         plan.relative_path: record for plan, (record, _) in zip(plans, statuses) if record is not None
     }
@@ -858,6 +878,9 @@ def _produce_shards(
                 rollout_engine.close()  # type: ignore[attr-defined]  # SGLangEngine owns server processes
     bar.close()
     work.records = [finished[plan.relative_path] for plan in plans]
+    work.verifier_timeouts = _verifier_timeouts(verifier) - timeouts_before
+    if work.verifier_timeouts:
+        warnings.warn(_timeouts_message(work.verifier_timeouts, work.rollouts), stacklevel=2)
     return work
 
 
@@ -1033,6 +1056,7 @@ def run(
         checkpoints=summaries,
         skipped_shards=work.skipped,
         redone_shards=work.redone,
+        verifier_timeouts=work.verifier_timeouts,
     )
     if experiment is not None:
         summary.mlflow_run_id = _log_to_mlflow(
@@ -1060,6 +1084,7 @@ def run(
                 "seconds": seconds,
                 "shards_skipped": float(summary.skipped_shards),
                 "shards_redone": float(len(work.redone)),
+                "verifier_timeouts": float(work.verifier_timeouts),
             },
             summaries,
             pairs,

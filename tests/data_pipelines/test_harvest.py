@@ -758,3 +758,19 @@ def test_tiny_config_parses_into_the_run_signature() -> None:
                                                                ("grpo-tiny", None)]  # fmt: skip
     assert config.num_prompts == 200 and config.rollouts_per_prompt == 10
     assert config.sampling.max_new_tokens == 48 and config.sampling.seed is None
+
+
+def test_verifier_timeouts_are_counted_and_warned_about(workdir: Path, tmp_path: Path) -> None:
+    """Items the math verifier gives up on score 0 like wrong answers; the harvest says how many there were."""
+    checkpoints = [str(workdir / "run" / "exports" / "step_000005")]
+    options = {"verifier": "math", "num_prompts": 2, "verifier_options": {"timeout_s": 1e-4}}
+    with pytest.warns(
+        UserWarning, match=r"verifier: \d+ of 8 new rollouts timed out or crashed and scored 0"
+    ):
+        summary = harvest_from(tmp_path / "math", checkpoints, workdir / "digits.parquet", **options)
+    assert 0 < summary.verifier_timeouts <= summary.rollouts == 8
+    assert "timed out or crashed" in str(summary)
+    patient = harvest_from(
+        tmp_path / "patient", checkpoints, workdir / "digits.parquet", verifier="math", num_prompts=2
+    )
+    assert patient.verifier_timeouts == 0 and "timed out" not in str(patient)
