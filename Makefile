@@ -41,7 +41,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 # The whole chain: tiny policy (if missing) -> GRPO -> harvest -> V0 -> V0.5 + OSLA and BASIS k=1,
-# then a comparison table and the MLflow UI command (~12 minutes on 2 cores).
+# then a comparison table and the MLflow UI command (~8 minutes on 2 cores, +1-2 to build the tiny policy).
 demo: setup
 	$(PY) -m basis.demo
 

@@ -16,7 +16,7 @@ to add this run's checkpoints to pairs harvested from other ones), and its polic
 aside by the trainer. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same config, same starting
 policy, same validation protocol) instead of training GRPO twice.
 
-    python -m basis.demo              # ~12 minutes on 2 CPU cores (10 with the tiny policy built)
+    python -m basis.demo              # ~8 minutes on 2 CPU cores with the tiny policy built, +1-2 to build it
     python -m basis.demo --quick --workdir /tmp/demo
 """
 
