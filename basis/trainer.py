@@ -19,7 +19,9 @@ Deviations and choices:
 - Metrics (and the periodic validation) are written to the logger at the end of `training_step`,
   before Lightning saves the step's checkpoint; after a resume, steps already logged are not logged
   again. Validation runs inside the training step for that reason, not in Lightning's val loop
-  (which `basis validate` still uses).
+  (which `basis validate` still uses). So does the end of the run (final validation, export and their
+  MLflow artifacts) in the step that reaches `trainer.max_steps` or the rollout budget: Lightning saves
+  that step's checkpoint after it, and resumed from a checkpoint at `max_steps` it runs no training hook.
 - `trainer.max_steps` counts optimizer updates: RL steps x `ppo_epochs` x `mini_batches`.
 
 Run: `basis fit --config configs/policy/grpo_tiny.yaml` (see `basis.cli`).
@@ -273,6 +275,7 @@ class PolicyTrainer(L.LightningModule):
         self._prior_query_seconds: float | None = None  # the last served query's run time
         self._prior_pending: Future | None = None  # the last query, which may still be running
         self._checkpointed = False  # whether this attempt has saved a checkpoint
+        self._finished_step: int | None = None  # the step whose end of run this attempt has done
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -517,8 +520,16 @@ class PolicyTrainer(L.LightningModule):
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
-        if self._budget_spent():
+        budget_spent = self._budget_spent()
+        if budget_spent or self._max_steps_reached():
+            self.finish_run()  # before this step's checkpoint, which a resume would find with nothing to do
+        if budget_spent:
             self.trainer.should_stop = True  # rollouts_total is global, so every rank stops here
+
+    def _max_steps_reached(self) -> bool:
+        """Whether this step's updates reach `trainer.max_steps`, after which Lightning stops."""
+        max_steps = self.trainer.max_steps
+        return max_steps is not None and max_steps >= 0 and self.trainer.global_step >= max_steps
 
     def _budget_spent(self) -> bool:
         budget = self.hparams.max_rollouts
@@ -928,7 +939,11 @@ class PolicyTrainer(L.LightningModule):
         self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self._validated_already():
+        if self.trainer.sanity_checking:  # Lightning's check before fitting: its batches validate no step
+            self.val_pass_at_k.reset()
+            self._val_accuracy = []
+            return
+        if self._validated_already():
             return
         pass_at = {int(k): float(v) for k, v in self.val_pass_at_k.compute().items()}
         self.val_pass_at_k.reset()
@@ -973,6 +988,11 @@ class PolicyTrainer(L.LightningModule):
     def on_train_end(self) -> None:
         if self._checkpointed or not (self.run_dir / "checkpoints" / "last.ckpt").exists():
             self.record_mlflow_run()
+        if self._finished_step != self.rl_step:  # stopped otherwise than by its last step (e.g. a resume)
+            self.finish_run()
+
+    def finish_run(self) -> None:
+        """Validate and export the final policy, and log it and the pass@k curves to MLflow."""
         if self._has_val_prompts() and self.rl_step not in self._pass_curves:
             self.run_validation()  # the final policy's held-out numbers
         if not self._periodic_export(self.rl_step):  # record_step has exported it already
@@ -984,6 +1004,7 @@ class PolicyTrainer(L.LightningModule):
                 client.log_figure(run_id, pass_at_k_figure(self._pass_curves), "pass_at_k_vs_k.png")
         if not self._has_val_prompts():  # else the last validation (this step's) has logged them
             self.log_v05_histograms()
+        self._finished_step = self.rl_step
 
     # ----------------------------------------------------------------- records, exports, logging
 
