@@ -30,7 +30,9 @@ Context ablation (same queries): the true context, another policy's context (the
 same step), and the true context with its success rates shuffled (5 shuffles, averaged). The
 other-policy swap is also run for the context-reading baselines (`logreg`, `knn`): if they rank a
 policy's prompts as well from another policy's context, the data holds no policy-specific ranking
-for any context reader to find.
+for any context reader to find. The ablation's direct test of reading the context (`across_pools`):
+on a prompt queried in several pools, rank the pools that solve it above those that do not (gAUC
+grouped by prompt), which no context-free score can do (`global_logreg` ties them: 0.5).
 
 Also: predict latency with 256 context pairs + 256 queries (features cached, and backbone states
 only), and the AUC on held-out synthetic tasks of the prior's head and of every head shipped in
@@ -263,7 +265,49 @@ def evaluate_split(
             "gauc_other_policy_context": gauc_fn(other_p, y, g),
             "true_minus_this_gauc": {"diff": diff[0], "ci95": [diff[1], diff[2]]},
         }
+    ablation_scores["across_pools"] = rank_pools_per_prompt(
+        {
+            "v0_true_context": np.concatenate(ablation["true_context"]),
+            "v0_other_policy_context": np.concatenate(ablation["other_policy_context"]),
+            "v0_shuffled_context": np.concatenate(ablation["shuffled_context"]),
+            **{
+                method: np.concatenate(preds[method])
+                for method in ("context_mean", "logreg", "knn", "global_logreg")
+            },
+        },
+        y,
+        prompts,
+        boot,
+    )
     return scores, ablation_scores
+
+
+def rank_pools_per_prompt(
+    preds: dict[str, np.ndarray], success: np.ndarray, prompts: list[str], boot: dict
+) -> dict:
+    """The context ablation's direct test: on one prompt queried in several pools, does the method rank
+    the pools that solve it above those that do not? That is gAUC with the prompt, not the pool, as the
+    group (prompts with one label across their pools are skipped). Only a context reader can score
+    above 0.5 here: a context-free score such as `global_logreg` ties every pool of a prompt."""
+    groups = np.array(prompts)
+
+    def across_pools(p: np.ndarray, s: np.ndarray, gr: np.ndarray) -> float:
+        return grouped_auc(p, s, list(gr))
+
+    labels = success >= 0.5
+    informative = [key for key in set(prompts) if len(set(labels[groups == key])) == 2]
+    out: dict = {"num_prompts": len(informative), "num_items": int(np.isin(groups, informative).sum())}
+    for method, p in preds.items():
+        out[method] = {
+            "gauc": across_pools(p, success, groups),
+            "ci95": bootstrap_ci(across_pools, p, success, groups, **boot),
+        }
+    for method in ("v0_other_policy_context", "v0_shuffled_context", "context_mean"):
+        diff = paired_bootstrap_diff(
+            across_pools, preds["v0_true_context"], preds[method], success, groups, **boot
+        )
+        out[method]["v0_true_context_minus_this"] = {"diff": diff[0], "ci95": [diff[1], diff[2]]}
+    return out
 
 
 def load_split(prior: ValuePrior) -> PromptSplit:
@@ -442,8 +486,21 @@ def main() -> None:
                 f"  ablation {method} with another policy's context: gAUC {m['gauc_other_policy_context']:.3f} "
                 f"(true - this {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
             )
+        across = ablations[split_name]["across_pools"]
+        print(
+            f"  ranking the pools of one prompt ({across['num_prompts']} prompts with both labels across pools):"
+        )
+        for method, m in across.items():
+            if isinstance(m, dict):
+                d = m.get("v0_true_context_minus_this")
+                vs = (
+                    f"  (v0 true - this {d['diff']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}])"
+                    if d
+                    else ""
+                )
+                print(f"      {method:24s} gAUC {m['gauc']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]{vs}")
         for variant, m in ablations[split_name].items():
-            if variant == "baselines_other_policy_context":
+            if variant in ("baselines_other_policy_context", "across_pools"):
                 continue
             print(
                 f"  ablation {variant:22s} gAUC {m['gauc']:.3f}  AUC {m['auc']:.3f}  Brier {m['brier']:.4f}  ECE {m['ece']:.4f}"
