@@ -217,10 +217,20 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(derived)
     start = time.perf_counter()
     timings = {stage.name: run_stage(stage, workdir / "logs") for stage in stages(workdir, args.quick)}
-    table = comparison(workdir / "runs")
+    try:
+        table = comparison(workdir / "runs")
+    except Exception as err:  # the policy runs finished; their MLflow records could not be read back
+        raise SystemExit(
+            f"stage 'comparison' failed reading the runs under {workdir / 'runs'}: {err!r}"
+        ) from err
+    (workdir / "comparison.json").write_text(json.dumps(table, indent=2))  # before anything else can fail
     print_table(table)
-    log_summary(table, timings)
-    (workdir / "comparison.json").write_text(json.dumps(table, indent=2))
+    try:
+        log_summary(table, timings)
+    except Exception as err:
+        raise SystemExit(
+            f"stage 'MLflow summary' failed: {err!r}; the comparison is kept in {workdir / 'comparison.json'}"
+        ) from err
     print(
         f"\nTotal {time.perf_counter() - start:.0f} s. Stage times: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())

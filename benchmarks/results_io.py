@@ -51,17 +51,22 @@ def git_state() -> tuple[str | None, bool | None]:
 
 
 def code_fingerprint(*folders: str) -> str:
-    """sha256 over the tracked files under `folders` as they are on disk now (committed or not): a
-    cached benchmark run is reused only while the code it ran stays the same."""
+    """sha256 over the files under `folders` as they are on disk now (committed or not): a cached
+    benchmark run is reused only while the code it ran stays the same. In a git checkout these are the
+    tracked files and the untracked ones git does not ignore (a new module not yet added is code the
+    run ran); elsewhere every file but Python's bytecode caches, which the runs themselves write."""
     root = Path(__file__).resolve().parents[1]
     try:
-        names = _git("ls-files", *folders).splitlines()
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file under the folders
+        names = _git("ls-files", "--cached", "--others", "--exclude-standard", "--", *folders).splitlines()
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout
         names = [
-            str(p.relative_to(root)) for folder in folders for p in (root / folder).rglob("*") if p.is_file()
+            str(p.relative_to(root))
+            for folder in folders
+            for p in (root / folder).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
         ]
     digest = hashlib.sha256()
-    for name in sorted(names):
+    for name in sorted(set(names)):
         path = root / name
         if path.is_file():
             digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")

@@ -16,8 +16,11 @@ sample, estimated from 8 per prompt – the same expectation as mean@4), the rol
 reached the final mean@k of GRPO with the same seed (null if it never did; a budgeted run stops after
 the step that crosses GRPO's budget, so it may overshoot by less than one step; GRPO's own row shows
 how early GRPO "matches itself" by validation noise alone). Because one validation carries a standard
-error of ~0.018, it also records "final_mean_at_4_last3", the mean of the last three validations, and
-the per-step gradient-norm spread (std and coefficient of variation over steps).
+error of ~0.018, it also records "final_mean_at_4_last3", the mean of three validations at equal cost: the
+arm's validations nearest (in rollouts consumed) to the last three validations of GRPO with the same seed
+– not simply its own last three, since a budget-stopped run adds a final validation a few steps after a
+periodic one, which would narrow and shift its window – and the per-step gradient-norm spread (std and
+coefficient of variation over steps).
 
     .venv/bin/python benchmarks/rollout_efficiency.py [--seeds 0 1 2] [--steps 200]
 
@@ -157,6 +160,16 @@ def read_run(run_dir: Path) -> dict:
     }
 
 
+def last3_at_equal_cost(run: dict, grpo: dict) -> float:
+    """Mean held-out mean@k of `run`'s validations nearest, in rollouts consumed, to the last three
+    validations of `grpo` (the GRPO run of the same seed; for GRPO itself, its last three). Each
+    validation counts once, even when it is the nearest to two of GRPO's."""
+    targets = [grpo["rollouts_at"].get(step, 0.0) for step, _ in grpo["val"][-3:]]
+    points = [(run["rollouts_at"].get(step, 0.0), step, value) for step, value in run["val"]]
+    chosen = {min(points, key=lambda p: (abs(p[0] - target), -p[0]))[1:] for target in targets}
+    return statistics.mean(value for _, value in chosen)
+
+
 def rollouts_to_reach(run: dict, target: float) -> float | None:
     for step, value in run["val"]:
         if step > 0 and value >= target:
@@ -190,11 +203,10 @@ def main() -> None:
     for arm, by_seed in runs.items():
         result[arm] = {
             "final_mean_at_4": [by_seed[s]["val"][-1][1] for s in args.seeds],
-            # The last validation alone carries one standard error of ~0.018 here; the mean of the
-            # last three (steps 150-200 by default) is the steadier figure to compare arms by.
-            "final_mean_at_4_last3": [
-                statistics.mean(v for _, v in by_seed[s]["val"][-3:]) for s in args.seeds
-            ],
+            # The last validation alone carries one standard error of ~0.018 here; the mean of three
+            # (at GRPO's last three validations' rollouts, 19,200-25,600 by default) is the steadier
+            # figure to compare arms by.
+            "final_mean_at_4_last3": [last3_at_equal_cost(by_seed[s], runs["grpo"][s]) for s in args.seeds],
             "rollouts": [by_seed[s]["rollouts"] for s in args.seeds],
             "steps": [max(by_seed[s]["rollouts_at"]) for s in args.seeds],
             "rollouts_to_match_grpo": [
