@@ -408,13 +408,31 @@ def test_registry_entries_share_one_signature() -> None:
     assert ESTIMATORS["rloo"].min_group_size == 2
 
 
+# Each name's function, imported directly: comparing with `ESTIMATORS[name].fn` would pass a registry
+# that maps a name to another estimator.
+ESTIMATOR_FUNCTIONS = {
+    "grpo": grpo,
+    "dr_grpo": dr_grpo,
+    "rloo": rloo,
+    "mc_grpo": mc_grpo,
+    "reinforce_pp_baseline": reinforce_pp_baseline,
+    "reinforce_pp": reinforce_pp,
+    "v05": v05,
+    "basis": basis,
+}
+
+
+def test_every_estimator_function_is_registered() -> None:
+    assert sorted(ESTIMATOR_FUNCTIONS) == sorted(ESTIMATORS)
+
+
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_compute_advantages_dispatches_every_estimator(name: str) -> None:
     rewards = torch.tensor([1.0, -1.0, -1.0, -1.0, 1.0, 1.0, -1.0, 1.0])
     index = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     options = {"prior": torch.tensor([0.2] * 4 + [-0.3] * 4)} if ESTIMATORS[name].needs_prior else {}
     got = compute_advantages(name, rewards, index, **options)
-    torch.testing.assert_close(got, ESTIMATORS[name].fn(rewards, index, **options))
+    torch.testing.assert_close(got, ESTIMATOR_FUNCTIONS[name](rewards, index, **options))
     assert got.shape == rewards.shape and bool(torch.isfinite(got).all())
 
 

@@ -83,11 +83,18 @@ def test_saved_policy_loads_through_auto_and_samples(tiny_lm_path: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     assert model.config.model_type == "qwen3"
+    # The weights loaded are the ones built: the `tiny_lm_path` recipe (conftest.py) rebuilt in memory.
+    built = build_model(build_tokenizer(), hidden_size=64, num_layers=2, intermediate_size=128, seed=0)
+    loaded = model.state_dict()
+    assert loaded.keys() == built.state_dict().keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in built.state_dict().items())
+    assert tokenizer.get_vocab() == build_tokenizer().get_vocab()
     prompt_ids = tokenize_chat(tokenizer, ["8+73", "(17-9)*(4+6)"])
     batch = tokenizer.pad({"input_ids": prompt_ids}, return_tensors="pt")  # left padding
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=True, max_new_tokens=8, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 8  # [B, T + new]
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])  # continues the prompts
 
 
 # ---------------------------------------------------------------------------- warm start and command
@@ -171,11 +178,15 @@ def test_command_writes_policy_data_and_eval(built_policy: tuple[Path, dict, str
     ]
     assert 0.0 <= result["overall"] <= 1.0
     assert set(result["by_difficulty"]) == {"1", "2", "3", "4", "5"}
+    assert result["num_prompts"] == len(load_prompts(str(out / "data"), split="test")) == 20  # n_test
     sampled = result["sampled"]
     assert (sampled["k"], sampled["n"]) == (2, 4)
+    assert set(sampled["mean_at_k"]) == set(sampled["pass_at_n"]) == set(result["by_difficulty"])
     for level, mean in sampled["mean_at_k"].items():
         assert 0.0 <= mean <= sampled["pass_at_n"][level] <= 1.0
-    assert result["seed"] == 3 and result["num_parameters"] > 0
+    assert result["seed"] == 3
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    assert result["num_parameters"] == sum(p.numel() for p in saved.parameters())  # tied weights once
     environment = result["environment"]  # what a moved figure is traced to
     assert environment["packages"]["torch"] == torch.__version__ and environment["cpu_model"]
 
@@ -208,7 +219,7 @@ def test_command_logs_to_mlflow(built_policy: tuple[Path, dict, str]) -> None:
 
 
 def test_built_policy_loads_through_auto_and_samples(built_policy: tuple[Path, dict, str]) -> None:
-    out, _, _ = built_policy
+    out, result, _ = built_policy
     tokenizer = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert render_prompt(tokenizer, "45*2+23") == "Q: 45*2+23\nA:"
@@ -218,6 +229,10 @@ def test_built_policy_loads_through_auto_and_samples(built_policy: tuple[Path, d
     )
     assert [len(r) for r in responses] == [3, 3, 3, 3]
     assert all(isinstance(text, str) for group in responses for text in group)
+    # The loaded policy is the one the command evaluated: its greedy answers reproduce eval.json's.
+    examples = result["greedy_examples"]
+    greedy = generate_responses(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=12)
+    assert len(examples) == 10 and [g for (g,) in greedy] == [e["response"] for e in examples]
 
 
 @pytest.mark.slow

@@ -106,6 +106,9 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
     b = step_prompt_indices(100, step=7, per_step=4, seed=3, rank=1, world_size=2)
     assert len(set(a) | set(b)) == 8
     assert (a == step_prompt_indices(100, 7, 4, 3, 0, 2)).all()
+    # ... and of the step: the 12 steps of an epoch (100 // (4 x 2)) draw 96 distinct prompts
+    epoch = [step_prompt_indices(100, s, 4, 3, r, 2) for s in range(12) for r in (0, 1)]
+    assert len({int(i) for indices in epoch for i in indices}) == 96
 
 
 @pytest.mark.parametrize(

@@ -255,6 +255,7 @@ def test_harvest_writes_the_pair_contract_manifest_and_mlflow_run(
     assert manifest["shards"][0]["path"] == "data/run/step_000005/shard-00000.parquet"
     assert manifest["config"]["rollouts_per_prompt"] == 4 and "torch" in manifest["versions"]
     # Per-checkpoint means agree with the rows.
+    assert [(c.policy, c.step) for c in summary.checkpoints] == [("run", 5), ("run", 10)]
     for checkpoint in summary.checkpoints:
         rows = [r for r in loaded if r["step"] == checkpoint.step]
         assert checkpoint.mean_success == pytest.approx(

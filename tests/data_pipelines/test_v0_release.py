@@ -172,6 +172,13 @@ def test_import_replaces_an_import_from_before_manifests_listed_files(tmp_path: 
     (out / "manifest.json").write_text(json.dumps({"source": "/old", "rows": {"context": 1}}))
     write_release_pairs(release, out)
     assert json.loads((out / "manifest.json").read_text())["kind"] == "v0-release"
+    # replaced as a whole: the new rows load, and nothing of the old import is left beside it
+    assert sorted(load_valid_pairs(out / "context")["prompt_id"]) == [
+        "dapomath_1",
+        "dapomath_2",
+        "dapomath_3",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "rel"]
 
 
 # The import is SIGKILLed in a real subprocess (1) after writing its first file, with no previous output;
