@@ -467,7 +467,9 @@ def load_prompts(
             raise ValueError(f"{source}: column_map key {name!r} is not a contract field {PROMPT_COLUMNS}")
         if not _has_path(raw.features, column):
             raise ValueError(
-                f"{source}: missing column {column!r} for field {name!r} (columns: {raw.column_names})"
+                f"{source}: missing column {column!r} for field {name!r} (columns: {raw.column_names}); "
+                f"map yours with column_map={{{name!r}: '<your column>'}} (data.column_map in a policy "
+                "config, prompt_column_map in a harvest)"
             )
     if resolved is not None and resolved.distinct_prompts and column_map["prompt"] in raw.column_names:
         raw = _first_of_each_prompt(raw, column_map["prompt"])

@@ -229,8 +229,7 @@ class PolicyTrainer(L.LightningModule):
         if group_size is None:  # resolved before it is saved, so checkpoints and MLflow hold the number
             group_size = DEFAULT_GROUP_SIZE.get(advantage, 8)
         self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler", "prior"])
-        _validate_prior_settings(advantage, prior, osla, group_size)
-        _validate_settings(
+        _validate_settings(  # first: an unknown estimator is named as such, whatever else is set
             advantage,
             group_size,
             ppo_epochs,
@@ -240,6 +239,7 @@ class PolicyTrainer(L.LightningModule):
             kl_estimator,
             val_samples,
         )
+        _validate_prior_settings(advantage, prior, osla, group_size)
         if lora is not None and lora.dropout > 0:
             raise ValueError(
                 f"model.lora.dropout={lora.dropout}: every policy forward pass runs with dropout off (the PPO "
@@ -448,7 +448,8 @@ class PolicyTrainer(L.LightningModule):
         """Move rollout records and exports of steps after the resumed one (left by the attempt this
         resume abandons, or by an earlier run when a fresh one starts in the same run_dir) into
         `superseded/<time>/` beside them, so that `harvest` never pools them with this attempt's;
-        nothing is deleted."""
+        nothing is deleted. A fresh run also sets the earlier run's checkpoints aside, which it would
+        otherwise overwrite: that run stays resumable from there."""
 
         def later(folder: Path, pattern: str) -> list[Path]:
             steps = ((path, re.match(r"step_(\d+)", path.name)) for path in folder.glob(pattern))
@@ -457,6 +458,8 @@ class PolicyTrainer(L.LightningModule):
         moved = later(self.run_dir / "rollouts", f"step_*-rank{self.global_rank}.parquet")
         if self.global_rank == 0:
             moved += later(self.run_dir / "exports", "step_*")
+            if not self.rl_step:
+                moved += sorted((self.run_dir / "checkpoints").glob("*.ckpt"))
         reason = f"resumed-at-step{self.rl_step}" if self.rl_step else "restarted"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in moved:
@@ -465,10 +468,11 @@ class PolicyTrainer(L.LightningModule):
             os.replace(path, aside / path.name)
         if moved:
             log.warning(
-                "%s: moved %d rollout records / exports of later steps (from an earlier attempt) into "
-                "superseded/%s-%s folders",
+                "%s: moved %d rollout records, exports or checkpoints of an earlier attempt (steps after %d) "
+                "into superseded/%s-%s folders beside them",
                 reason,
                 len(moved),
+                self.rl_step,
                 reason,
                 stamp,
             )
@@ -826,14 +830,17 @@ class PolicyTrainer(L.LightningModule):
     # ----------------------------------------------------------------- tensors
 
     def prompt_token_ids(self, row: PromptRow) -> list[int]:
-        ids = self._prompt_ids_cache.get(row.prompt_id)
+        # Keyed by the prompt itself, not its id: split files often number their ids from 0 each, and a
+        # validation prompt must never be sampled from the training prompt that shares its id.
+        key = row.prompt if isinstance(row.prompt, str) else json.dumps(row.prompt, sort_keys=True)
+        ids = self._prompt_ids_cache.get(key)
         if ids is None:
             from basis.tasks import render_prompt
 
             ids = self.tokenizer(render_prompt(self.tokenizer, row.prompt), add_special_tokens=False)[
                 "input_ids"
             ]
-            self._prompt_ids_cache[row.prompt_id] = ids
+            self._prompt_ids_cache[key] = ids
         return ids
 
     def policy_batch(self, rollouts: Rollouts) -> PolicyBatch:
@@ -1027,7 +1034,6 @@ class PolicyTrainer(L.LightningModule):
             "train/reward_mean": float(rewards.mean()),
             "train/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
             "train/accuracy": float(rollouts.correct.mean()),
-            "train/zero_variance_groups": zero_variance_fraction(rollouts.correct, rollouts.index),
             "train/advantage_mean": float(advantages.mean()),
             "train/advantage_std": float(advantages.std()) if len(advantages) > 1 else 0.0,
             "train/advantage_abs_max": float(advantages.abs().max()),
@@ -1039,6 +1045,8 @@ class PolicyTrainer(L.LightningModule):
             **{f"train/{k}": v for k, v in update.items()},
             **{f"time/{k}": v for k, v in timings.items()},
         }
+        if self.hparams.group_size > 1:  # a group of one response has no variance to lose
+            metrics["train/zero_variance_groups"] = zero_variance_fraction(rollouts.correct, rollouts.index)
         metrics["time/step"] = sum(timings.values())
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
@@ -1193,13 +1201,13 @@ class PolicyTrainer(L.LightningModule):
         longest = max(rows, key=lambda r: len(self.prompt_token_ids(r)))
         length = len(self.prompt_token_ids(longest))
         if length > limit:
-            setting = (
-                "model.max_prompt_tokens"
+            allowed = (
+                f"model.max_prompt_tokens={limit}"
                 if self.hparams.max_prompt_tokens is not None
-                else "the model's context minus model.max_new_tokens"
+                else f"the {limit} that the model's context of {context} leaves after model.max_new_tokens={max_new}"
             )
             raise ValueError(
-                f"{split} prompt {longest.prompt_id!r} has {length} tokens, more than {setting}={limit}; "
+                f"{split} prompt {longest.prompt_id!r} has {length} tokens, more than {allowed}; "
                 "filter long prompts or shorten responses"
             )
 

@@ -13,10 +13,11 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from basis.data import PromptDataModule, step_prompt_indices
+from basis.data import PromptDataModule, PromptRow, step_prompt_indices
 from basis.policy_io import LoraSettings
 from basis.tasks import write_arithmetic_task
 from basis.trainer import PolicyTrainer
+from basis.v05 import OslaSettings
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +117,7 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
     [
         ({"advantage": "grpo", "group_size": 1}, "group_size=1"),
         ({"advantage": "nope"}, "model.advantage='nope'"),
+        ({"advantage": "v5", "osla": OslaSettings()}, "model.advantage='v5' is not a registered estimator"),
         ({"loss_agg": "sum"}, "model.loss_agg"),
         ({"micro_batch_size": 0}, "model.micro_batch_size"),
     ],
@@ -163,6 +165,25 @@ def test_a_validation_prompt_past_the_context_fails_before_training(
             getattr(make_trainer(tmp_path, steps=1), stage)(
                 module, datamodule=data(task_dir, val_path=str(val))
             )
+
+
+def test_a_validation_prompt_sharing_a_training_prompts_id_is_read_as_itself(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """Split files often number ids from 0 each: prompt tokens were cached by id, so validation sampled
+    (and length-checked) the training prompt of the same id."""
+    import datasets
+
+    train = datasets.load_dataset("parquet", data_files=str(task_dir / "train.parquet"), split="train")
+    shared_id = str(train[0]["prompt_id"])
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"prompt_id": shared_id, "prompt": "1+" * 200 + "1=", "answer": "201"}) + "\n")
+    module = make_module(tiny_lm_path, tmp_path, max_prompt_tokens=40)
+    with pytest.raises(ValueError, match=rf"validation prompt '{shared_id}' has \d+ tokens, more than model"):
+        make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir, val_path=str(val)))
+    rows = [PromptRow(shared_id, prompt, "2", "arithmetic", None) for prompt in ("1+1=", "3+4=")]
+    first, second = (module.prompt_token_ids(row) for row in rows)
+    assert first != second and second == module.prompt_token_ids(rows[1])
 
 
 def test_non_finite_updates_are_skipped_then_stop_with_checkpoint(
@@ -317,6 +338,12 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
         p for p in (tmp_path / "exports" / "superseded").iterdir() if p.name.startswith("restarted-")
     ]
     assert sorted(p.name for p in restarted[0].iterdir()) == ["step_000001", "step_000002", "step_000003"]
+    (checkpoints_aside,) = (tmp_path / "checkpoints" / "superseded").iterdir()  # the step-3 attempt's
+    earlier = torch.load(checkpoints_aside / "last.ckpt", weights_only=True)
+    assert earlier["basis_state"]["rl_step"] == 3
+    assert (
+        torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["basis_state"]["rl_step"] == 1
+    )
 
 
 def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(

@@ -327,6 +327,7 @@ def test_basis_single_rollout_estimator_runs_with_the_prior(
     fit(module, task_dir, tmp_path, steps=2, logger=logger)
     assert history("train/rollouts", logger.run_id) == [4.0, 4.0]
     assert history("v05/prior_used", logger.run_id) == [1.0, 1.0]
+    assert history("train/zero_variance_groups", logger.run_id) == []  # always 1 for groups of one
 
 
 def test_basis_diagnostics_score_the_baseline_basis_used(tiny_lm_path: str, tmp_path: Path) -> None:
