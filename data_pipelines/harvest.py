@@ -335,6 +335,27 @@ def load_checkpoint(checkpoint: Checkpoint) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _check_prompt_lengths(
+    checkpoint: Checkpoint, model: Any, tokenizer: Any, prompt_rows: Sequence[Any], max_new_tokens: int
+) -> None:
+    """Refuse a prompt that leaves the checkpoint's context no room for `max_new_tokens`, as the trainer
+    does: its rollouts would run past the context and be recorded as genuine failures."""
+    from basis.tasks import render_prompt
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        return
+    limit = context - max_new_tokens
+    for row in prompt_rows:
+        length = len(tokenizer(render_prompt(tokenizer, row.prompt), add_special_tokens=False)["input_ids"])
+        if length > limit:
+            raise HarvestError(
+                f"prompt {row.prompt_id!r} has {length} tokens, more than the {limit} that the context of "
+                f"checkpoint {str(checkpoint.path)!r} ({context}) leaves after sampling.max_new_tokens="
+                f"{max_new_tokens}; filter long prompts or lower max_new_tokens"
+            )
+
+
 # --------------------------------------------------------------------------------------------------
 # Shards: atomic writes, checksum records, verification
 
@@ -1008,8 +1029,10 @@ def run(
         ) from err
     try:
         _check_answers(score, prompt_rows, prompts)
-        for checkpoint in resolved:  # every checkpoint must load before any rollout is spent
-            load_checkpoint(checkpoint)
+        for checkpoint in resolved:  # every checkpoint must load and hold every prompt before any rollout
+            model, tokenizer = load_checkpoint(checkpoint)
+            _check_prompt_lengths(checkpoint, model, tokenizer, prompt_rows, sampling.max_new_tokens)
+            del model
         _check_output_folder(out_dir, plans)
         # before the first shard: readers then treat the folder as an unfinished harvest until the manifest
         (out_dir / PROGRESS).mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,22 @@ def test_answers_the_verifier_cannot_read_fail_before_any_rollout(workdir: Path,
             **{**SMALL, "sampling": _sampling(SMALL["sampling"])})  # fmt: skip
 
 
+def test_a_prompt_past_the_context_fails_before_any_rollout(workdir: Path, tmp_path: Path) -> None:
+    """Its rollouts would run past the context and be recorded as genuine failures (n=4, successes=0)."""
+    file = tmp_path / "long.parquet"
+    rows = [
+        {"prompt_id": "short", "prompt": "1+1", "answer": "2"},
+        {"prompt_id": "long", "prompt": "1+" * 200 + "1", "answer": "201"},
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(file))
+    with pytest.raises(
+        HarvestError, match=r"prompt 'long' has \d+ tokens, more than the \d+ that the context of checkpoint"
+    ):
+        run(checkpoints=[str(workdir / "run")], prompts=str(file), out=str(tmp_path / "out"),
+            **{**SMALL, "sampling": _sampling(SMALL["sampling"])})  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Harvest runs
 
