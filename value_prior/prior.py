@@ -47,7 +47,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from safetensors.torch import load_file, save
 from torch import Tensor
 
@@ -232,8 +232,10 @@ class ValuePrior:
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Write the artifact folder (config, backbone reference, adapter weights, head checkpoint)."""
+        """Write the artifact folder (config, backbone reference, adapter weights, head checkpoint): a new
+        or empty folder, or an earlier artifact, which is replaced (`check_export_folder`)."""
         path = Path(path)
+        check_export_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         # config.json marks a complete artifact: remove an old one first, so that a re-save that fails
         # midway leaves a folder `load` reports incomplete, not old config + new weights.
@@ -327,6 +329,35 @@ class ValuePrior:
         )
 
 
+ARTIFACT_FILES = ("config.json", "backbone.json", "adapter.safetensors", "head.ckpt")
+
+
+def check_export_folder(path: str | Path) -> bool:
+    """Whether `path` holds an earlier prior artifact (which a save replaces); False for a new or empty one.
+
+    Raises:
+        ValueError: `path` is a file, or a folder holding anything a prior artifact does not (a dataset,
+            another model): a save would mix its files in among them.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    if not path.is_dir():
+        raise ValueError(f"prior export folder {path} is a file; choose a folder")
+    foreign = sorted(
+        entry.name
+        for entry in path.iterdir()
+        if entry.name not in ARTIFACT_FILES and entry.name != "head.ckpt.partial"  # a killed head save
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ValueError(
+            f"prior export folder {path} holds files that are not a prior artifact's ({shown}); "
+            "choose a new or empty folder, or one an earlier fit exported to"
+        )
+    return any(path.iterdir())
+
+
 class ExportPrior(L.Callback):
     """At the end of `fit`, restore the best checkpoint's weights and export the frozen prior.
 
@@ -345,6 +376,11 @@ class ExportPrior(L.Callback):
         super().__init__()
         self.max_context = max_context
         self.calibrate = calibrate
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        export_dir = pl_module.hparams.get("export_dir")
+        if stage == "fit" and export_dir and check_export_folder(export_dir):  # refuses a foreign folder
+            rank_zero_warn(f"{export_dir} holds an earlier prior; this fit replaces it when it ends")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         export_dir = pl_module.hparams.get("export_dir")

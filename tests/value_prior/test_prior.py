@@ -19,7 +19,13 @@ from value_prior.backbone import HFBackbone
 from value_prior.data import PairsDataModule
 from value_prior.head import load_head
 from value_prior.model import ResidualQueryAdapter, V0Module
-from value_prior.prior import ExportPrior, SingleClassContextWarning, ValuePrior, fit_platt_scaling
+from value_prior.prior import (
+    ExportPrior,
+    SingleClassContextWarning,
+    ValuePrior,
+    check_export_folder,
+    fit_platt_scaling,
+)
 
 ADAPTER = {"num_queries": 4, "query_dim": 2, "num_heads": 1, "bottleneck": 16, "dropout": 0.2}
 CONTEXT = [f"Q: {a}+{b}*2=" for a, b in [(1, 2), (5, 7), (40, 9), (88, 3), (3, 3), (61, 20), (9, 9), (70, 1)]]
@@ -301,6 +307,27 @@ def test_export_saves_where_the_calibration_was_fitted(
     assert config["info"]["calibration_fitted_on"] == "val"
     assert config["calibration"] != {"scale": 1.0, "bias": 0.0}
     assert ValuePrior.load(tmp_path / "prior").info == config["info"]
+
+
+def test_export_refuses_a_folder_holding_other_files_before_training(
+    prior: ValuePrior, tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str, tmp_path: Path
+) -> None:
+    """An export_dir pointing at a dataset folder got the prior's files mixed in among its own."""
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "train.jsonl").write_text("{}\n")
+    module, data = tiny_module_and_data(tiny_backbone, shipped_head, tiny_pairs_path, target)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", callbacks=[ExportPrior()],
+                        default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=r"data holds files that are not a prior artifact's \(train.jsonl\)"):
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 0 and [f.name for f in target.iterdir()] == ["train.jsonl"]
+    with pytest.raises(ValueError, match="not a prior artifact's"):
+        prior.save(target)
+    earlier = prior.save(tmp_path / "prior")
+    assert check_export_folder(earlier) and not check_export_folder(tmp_path / "new")
+    prior.save(earlier)  # an earlier artifact is replaced
 
 
 def test_platt_scaling_never_reverses_the_ranking(
