@@ -204,9 +204,11 @@ def is_legacy_import(manifest: dict[str, Any]) -> bool:
     return set(manifest) == LEGACY_IMPORT_KEYS
 
 
-def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> list[Path]:
+def manifest_files(
+    folder: str | Path, error: type[ValueError] = PairsError, within: Path | None = None
+) -> list[Path]:
     """The files a finished pairs output lists in its manifest, in order, each checked against the
-    sha256 and row count recorded there.
+    sha256 and row count recorded there; with `within` (a path under `folder`), only those under it.
 
     Raises:
         `error`: when `folder` has no manifest (an unfinished run: shards may be missing or half a pool),
@@ -220,12 +222,14 @@ def manifest_files(folder: str | Path, error: type[ValueError] = PairsError) -> 
     if is_legacy_import(manifest):  # its files are the parquet shards under it, as it was read then
         return sorted(  # hidden names below `folder` only: the folder's own path may hold `..` or `.x`
             p
-            for p in folder.rglob("*.parquet")
+            for p in (within or folder).rglob("*.parquet")
             if not any(part.startswith(".") for part in p.relative_to(folder).parts)
         )
     shards = manifest_shards(manifest, manifest_path, error)
     if not shards:
         raise error(f"{manifest_path}: lists no shards")
+    if within is not None:
+        shards = [shard for shard in shards if (folder / shard.path).is_relative_to(within)]
     for shard in shards:
         problem = check_shard_file(folder / shard.path, shard.sha256, shard.rows)
         if problem is not None:
@@ -249,9 +253,37 @@ def _folder_files(folder: Path) -> list[Path]:
 
 
 def _enclosing_output(path: Path) -> Path | None:
-    """The pairs output that `path` lies inside (not `path` itself), or None. Only the writers' own
-    depth is searched (`data/<policy>/step_<n>/shard-*.parquet`), not every ancestor up to `/`."""
-    return next((folder for folder in path.resolve().parents[:4] if is_pairs_output(folder)), None)
+    """The pairs output that resolved `path` lies inside (not `path` itself), or None: an ancestor up to
+    the writers' depth (`data/<policy>/step_<n>/shard-*.parquet`) that is a pairs output, with `path`
+    in its layout: under `data/` (harvest) or `context/` / `train/` (import), and, for a harvest not
+    yet finished, with shards of its own naming (`data/<policy>/step_*/shard-*.parquet`). A folder of
+    one's own that merely sits beside a `progress/` folder or another tool's manifest is read file by
+    file."""
+    for folder in path.parents[:4]:
+        top = path.relative_to(folder).parts[0]
+        if top not in ("data", "context", "train") or not is_pairs_output(folder):
+            continue
+        if (folder / MANIFEST).is_file():
+            if _lists_files_under(folder / MANIFEST, top):
+                return folder
+        elif next(folder.glob("data/*/step_*/shard-*.parquet"), None) is not None:
+            return folder
+    return None
+
+
+def _lists_files_under(manifest_path: Path, top: str) -> bool:
+    """Whether our manifest at `manifest_path` lists files under its folder's `top` (a damaged one: True,
+    so that reading it names the damage)."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return True
+    if set(manifest) == LEGACY_IMPORT_KEYS:
+        return True
+    shards = manifest.get("shards")
+    return isinstance(shards, list) and any(
+        isinstance(entry, dict) and str(entry.get("path", "")).split("/")[0] == top for entry in shards
+    )
 
 
 def pair_files(path: str | Path) -> list[Path]:
@@ -267,10 +299,9 @@ def pair_files(path: str | Path) -> list[Path]:
     path = Path(path)
     if not path.exists():
         raise PairsError(f"{path}: no such pairs file or folder")
-    output = _enclosing_output(path)
+    output = _enclosing_output(path.resolve())
     if output is not None:  # shards of an unfinished run, or unlisted, are never pairs
-        inside = path.resolve()
-        files = [file for file in manifest_files(output) if file.resolve().is_relative_to(inside)]
+        files = manifest_files(output, within=path.resolve())
         if not files:
             raise PairsError(
                 f"{path}: lies inside the pairs output {output}, whose {MANIFEST} lists no file here"

@@ -81,6 +81,19 @@ def test_a_folder_or_file_inside_a_pairs_output_is_read_through_its_manifest(tmp
         load_pairs(stray)
 
 
+def test_a_pairs_folder_beside_a_progress_folder_or_another_tools_manifest_is_read_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """Only a pairs output's own layout makes a path part of it, not any ancestor with `progress/`."""
+    project = tmp_path / "myproject"
+    (project / "progress").mkdir(parents=True)  # e.g. a notebook's progress logs
+    (project / MANIFEST).write_text(json.dumps({"kind": "notes", "shards": []}))  # another tool's
+    own = project / "data/pairs/pairs.parquet"
+    write_parquet(own, ROWS)
+    for path in (project / "data/pairs", own):
+        assert sorted(load_valid_pairs(path)["prompt_id"]) == ["a", "b", "c"]
+
+
 def test_a_string_column_stored_as_a_dictionary_loads(tmp_path: Path) -> None:
     """pandas writes a categorical column as a parquet dictionary of strings: still strings."""
     frame = pd.DataFrame(ROWS)
