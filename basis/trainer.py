@@ -19,9 +19,10 @@ Deviations and choices:
 - Metrics (and the periodic validation) are written to the logger at the end of `training_step`,
   before Lightning saves the step's checkpoint; after a resume, steps already logged are not logged
   again. Validation runs inside the training step for that reason, not in Lightning's val loop
-  (which `basis validate` still uses). So does the end of the run (final validation, export and their
-  MLflow artifacts) in the step that reaches `trainer.max_steps` or the rollout budget: Lightning saves
-  that step's checkpoint after it, and resumed from a checkpoint at `max_steps` it runs no training hook.
+  (which `basis validate` still uses). Exports, and the end of the run (final validation, export and
+  their MLflow artifacts) after the step that reaches `trainer.max_steps` or the rollout budget, run
+  right after the step (`_AfterStep`, outside the FSDP forward that wraps `training_step`) and before
+  Lightning saves its checkpoint: resumed from a checkpoint at `max_steps`, Lightning runs no hook.
 - `trainer.max_steps` counts optimizer updates: RL steps x `ppo_epochs` x `mini_batches`.
 
 Run: `basis fit --config configs/policy/grpo_tiny.yaml` (see `basis.cli`).
@@ -276,6 +277,7 @@ class PolicyTrainer(L.LightningModule):
         self._prior_pending: Future | None = None  # the last query, which may still be running
         self._checkpointed = False  # whether this attempt has saved a checkpoint
         self._finished_step: int | None = None  # the step whose end of run this attempt has done
+        self._finishing = False  # whether this step ends the run (max_steps or the rollout budget)
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -301,13 +303,14 @@ class PolicyTrainer(L.LightningModule):
     def configure_callbacks(self) -> list[L.Callback]:
         every = self.hparams.checkpoint_every_n_steps * self.updates_per_step
         return [
+            _AfterStep(),
             ModelCheckpoint(
                 dirpath=self.run_dir / "checkpoints",
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=every,
                 enable_version_counter=False,  # last.ckpt is always this run's newest (what resume loads)
-            )
+            ),
         ]
 
     def setup(self, stage: str) -> None:
@@ -525,10 +528,16 @@ class PolicyTrainer(L.LightningModule):
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
         budget_spent = self._budget_spent()
-        if budget_spent or self._max_steps_reached():
-            self.finish_run()  # before this step's checkpoint, which a resume would find with nothing to do
+        self._finishing = budget_spent or self._max_steps_reached()  # `after_step` ends the run
         if budget_spent:
             self.trainer.should_stop = True  # rollouts_total is global, so every rank stops here
+
+    def after_step(self) -> None:
+        """The step's export and, after the last step, the end of the run (`_AfterStep`)."""
+        if self._periodic_export(self.rl_step):
+            self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
+        if self._finishing:
+            self.finish_run()  # before this step's checkpoint, which a resume would find with nothing to do
 
     def _max_steps_reached(self) -> bool:
         """Whether this step's updates reach `trainer.max_steps`, after which Lightning stops."""
@@ -1054,8 +1063,6 @@ class PolicyTrainer(L.LightningModule):
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
         self.write_rollout_records(rollouts)
-        if self._periodic_export(self.rl_step):
-            self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
 
     def prior_diagnostics(
         self,
@@ -1419,6 +1426,18 @@ def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:
 def _append(stats: dict[str, list[float]], **values: float) -> None:
     for key, value in values.items():
         stats.setdefault(key, []).append(value)
+
+
+class _AfterStep(L.Callback):
+    """Runs `PolicyTrainer.after_step` (exports, the end of the run) once a step is done, outside
+    `training_step`: Lightning's FSDP strategy runs `training_step` inside the root module's forward, where
+    FSDP1 refuses to gather the full weights. Lightning orders ModelCheckpoint after every other callback,
+    so this still runs before the step's checkpoint is saved."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        pl_module.after_step()
 
 
 class _timer:

@@ -119,3 +119,29 @@ def test_a_run_killed_in_its_final_validation_finishes_when_resumed(
     # the checkpoint of the final step holds its validation: the end-of-run plot keeps its curve
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert sorted(checkpoint["basis_state"]["pass_curves"]) == [0, 3]
+
+
+def test_exports_run_after_the_step_and_before_its_checkpoint(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning's FSDP runs `training_step` inside the root module's forward, where FSDP1 cannot gather
+    full weights, so no export may run inside the step (checked here on CPU by the call stack); each
+    must still precede its step's checkpoint."""
+    import inspect
+
+    events: list[tuple[str, int]] = []
+    export = PolicyTrainer.export
+
+    def spying_export(self: PolicyTrainer, out_dir: Path) -> None:
+        assert "training_step" not in {frame.function for frame in inspect.stack()}
+        events.append(("export", self.rl_step))
+        export(self, out_dir)
+
+    monkeypatch.setattr(PolicyTrainer, "export", spying_export)
+    module = make_module(tiny_lm_path, tmp_path, export_every_n_steps=2)
+    save = module.on_save_checkpoint
+    monkeypatch.setattr(
+        module, "on_save_checkpoint", lambda c: (events.append(("ckpt", module.rl_step)), save(c))
+    )
+    make_trainer(tmp_path, 3).fit(module, datamodule=data(task_dir, val_path=None))
+    assert events == [("ckpt", 1), ("export", 2), ("ckpt", 2), ("export", 3), ("ckpt", 3)]
