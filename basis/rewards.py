@@ -242,11 +242,13 @@ class _Worker:
 
 @dataclass
 class FailureCounts:
-    """Cumulative failures of one `MathVerifier` (all scored 0)."""
+    """Cumulative failures of one `MathVerifier` (timed-out, unparseable and crashed items, all scored 0),
+    and restarts of workers that died while idle."""
 
     timeouts: int = 0
     unparseable: int = 0
     crashed: int = 0
+    restarts: int = 0  # workers found dead while idle and replaced; their next item was scored as usual
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
@@ -332,7 +334,7 @@ class MathVerifier:
                         worker.connection.send((index, responses[index], answers[index]))
                     except OSError:  # died while idle (killed from outside): retry the item elsewhere
                         pending.appendleft(index)
-                        self.failures.crashed += 1
+                        self.failures.restarts += 1
                         self._replace(worker)
                         continue
                     worker.job = (index, now)

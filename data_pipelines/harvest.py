@@ -823,8 +823,8 @@ def _verifier_timeouts(verifier: Any) -> int:
 def _timeouts_message(timeouts: int, rollouts: int) -> str:
     return (
         f"verifier: {timeouts} of {rollouts} new rollouts timed out or crashed and scored 0, so their "
-        "pairs undercount successes; raise verifier_options.timeout_s in a new --out folder if this is "
-        "more than a handful"
+        "pairs undercount successes; if more than a handful timed out, raise verifier_options.timeout_s "
+        "in a new --out folder"
     )
 
 

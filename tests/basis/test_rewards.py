@@ -116,11 +116,13 @@ def test_math_verifier_startup_limit_counts_from_each_restart() -> None:
 
 def test_math_verifier_survives_a_killed_worker(math_verifier: MathVerifier) -> None:
     math_verifier(["1"], ["1"])  # workers started
+    crashed = math_verifier.failures.crashed
     math_verifier._workers[0].process.kill()
     math_verifier._workers[0].process.join()
     assert math_verifier(["\\boxed{2}", "\\boxed{3}", "9"], ["2", "3", "9"]) == VerifyResult(
         [1.0, 1.0, 1.0], 0
     )
+    assert math_verifier.failures.crashed == crashed  # no item scored 0 (harvest reports crashed ones)
 
 
 def test_math_verifier_validates_arguments() -> None:
