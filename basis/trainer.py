@@ -452,7 +452,7 @@ class PolicyTrainer(L.LightningModule):
         resume abandons, or by an earlier run when a fresh one starts in the same run_dir) into
         `superseded/<time>/` beside them, so that `harvest` never pools them with this attempt's;
         nothing is deleted. A fresh run also sets the earlier run's checkpoints aside, which it would
-        otherwise overwrite: that run stays resumable from there."""
+        otherwise overwrite."""
 
         def later(folder: Path, pattern: str) -> list[Path]:
             steps = ((path, re.match(r"step_(\d+)", path.name)) for path in folder.glob(pattern))
