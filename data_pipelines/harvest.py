@@ -339,16 +339,17 @@ def _check_prompt_lengths(
     checkpoint: Checkpoint, model: Any, tokenizer: Any, prompt_rows: Sequence[Any], max_new_tokens: int
 ) -> None:
     """Refuse a prompt that leaves the checkpoint's context no room for `max_new_tokens`, as the trainer
-    does: its rollouts would run past the context and be recorded as genuine failures."""
+    does: its rollouts would run past the context and be recorded as genuine failures. The context is the
+    HF config's `max_position_embeddings` (a model without one is not checked)."""
     from basis.tasks import render_prompt
 
     context = getattr(model.config, "max_position_embeddings", None)
     if context is None:
         return
     limit = context - max_new_tokens
-    for row in prompt_rows:
-        length = len(tokenizer(render_prompt(tokenizer, row.prompt), add_special_tokens=False)["input_ids"])
-        if length > limit:
+    texts = [render_prompt(tokenizer, row.prompt) for row in prompt_rows]
+    for row, ids in zip(prompt_rows, tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        if (length := len(ids)) > limit:
             raise HarvestError(
                 f"prompt {row.prompt_id!r} has {length} tokens, more than the {limit} that the context of "
                 f"checkpoint {str(checkpoint.path)!r} ({context}) leaves after sampling.max_new_tokens="
