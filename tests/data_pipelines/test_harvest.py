@@ -282,6 +282,8 @@ def test_harvest_writes_the_pair_contract_manifest_and_mlflow_run(
     mlflow_run = client.get_run(summary.mlflow_run_id)
     assert mlflow_run.data.params["rollouts_per_prompt"] == "4"
     assert mlflow_run.data.params["num_checkpoints"] == "2"
+    assert mlflow_run.data.params["prompt_split"] == "train"  # which split was harvested
+    assert mlflow_run.data.params["prompt_column_map"] == "null"
     assert mlflow_run.data.metrics["pairs"] == 48 and mlflow_run.data.metrics["rollouts"] == 192
     assert mlflow_run.data.metrics["pairs_per_minute"] > 0 and mlflow_run.data.metrics["tokens_per_s"] > 0
     history = client.get_metric_history(summary.mlflow_run_id, "mean_success/run")
