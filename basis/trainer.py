@@ -277,7 +277,6 @@ class PolicyTrainer(L.LightningModule):
         self._prior_pending: Future | None = None  # the last query, which may still be running
         self._checkpointed = False  # whether this attempt has saved a checkpoint
         self._finished_step: int | None = None  # the step whose end of run this attempt has done
-        self._finishing = False  # whether this step ends the run (max_steps or the rollout budget)
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
         self.val_pass_at_k = PassAtK(ks=list(range(1, val_samples + 1)))
@@ -527,16 +526,19 @@ class PolicyTrainer(L.LightningModule):
         every = self.hparams.val_every_n_steps
         if every and self.rl_step % every == 0 and self._has_val_prompts():
             self.run_validation()
-        budget_spent = self._budget_spent()
-        self._finishing = budget_spent or self._max_steps_reached()  # `after_step` ends the run
-        if budget_spent:
+        if self._budget_spent():
+            # through Lightning's console logger: the `basis` command configures no other
+            rank_zero_info(
+                f"rollout budget spent at step {self.rl_step}: {self.rollouts_total} rollouts >= "
+                f"model.max_rollouts={self.hparams.max_rollouts}; stopping"
+            )
             self.trainer.should_stop = True  # rollouts_total is global, so every rank stops here
 
     def after_step(self) -> None:
         """The step's export and, after the last step, the end of the run (`_AfterStep`)."""
         if self._periodic_export(self.rl_step):
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
-        if self._finishing:
+        if self._budget_spent() or self._max_steps_reached():  # this step ends the run
             self.finish_run()  # before this step's checkpoint, which a resume would find with nothing to do
 
     def _max_steps_reached(self) -> bool:
@@ -546,13 +548,7 @@ class PolicyTrainer(L.LightningModule):
 
     def _budget_spent(self) -> bool:
         budget = self.hparams.max_rollouts
-        spent = budget is not None and self.rollouts_total >= budget
-        if spent:  # through Lightning's console logger: the `basis` command configures no other
-            rank_zero_info(
-                f"rollout budget spent at step {self.rl_step}: {self.rollouts_total} rollouts >= "
-                f"model.max_rollouts={budget}; stopping"
-            )
-        return spent
+        return budget is not None and self.rollouts_total >= budget
 
     def collect_rollouts(
         self,
@@ -1011,7 +1007,7 @@ class PolicyTrainer(L.LightningModule):
         """Validate and export the final policy, and log it and the pass@k curves to MLflow."""
         if self._has_val_prompts() and self.rl_step not in self._pass_curves:
             self.run_validation()  # the final policy's held-out numbers
-        if not self._periodic_export(self.rl_step):  # record_step has exported it already
+        if not self._periodic_export(self.rl_step):  # after_step has exported it already
             self.export(self.run_dir / "exports" / f"step_{self.rl_step:06d}")
         if self.global_rank == 0 and self.logger is not None and getattr(self.logger, "run_id", None):
             client, run_id = self.logger.experiment, self.logger.run_id

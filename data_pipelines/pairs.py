@@ -278,7 +278,7 @@ def _lists_files_under(manifest_path: Path, top: str) -> bool:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return True
-    if set(manifest) == LEGACY_IMPORT_KEYS:
+    if is_legacy_import(manifest):  # lists no files: every parquet shard under it is one
         return True
     shards = manifest.get("shards")
     return isinstance(shards, list) and any(
