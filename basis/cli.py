@@ -27,6 +27,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import PromptDataModule, seed_of
+from basis.tracking import input_errors, tag_evaluated_checkpoint
 from basis.trainer import PolicyTrainer
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,9 @@ class PolicyCLI(LightningCLI):
             earlier_run,
         )
 
+    def after_validate(self) -> None:
+        tag_evaluated_checkpoint(self.trainer)
+
 
 def _param(value: object) -> object:
     """A config value as a parameter: a function (the default optimizer factory) by its qualified name,
@@ -120,6 +124,11 @@ def _param(value: object) -> object:
 
 
 def main(args: list[str] | None = None) -> None:
+    with input_errors("basis"):
+        _cli(args)
+
+
+def _cli(args: list[str] | None) -> None:
     PolicyCLI(
         PolicyTrainer,
         PromptDataModule,

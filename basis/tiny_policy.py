@@ -656,7 +656,10 @@ def main(args: list[str] | None = None) -> None:
     """`tiny-policy --config configs/tiny_policy.yaml` (or `python -m basis.tiny_policy ...`)."""
     from jsonargparse import auto_cli
 
-    auto_cli(build_tiny_policy, args=args)
+    from basis.tracking import input_errors
+
+    with input_errors("tiny-policy"):
+        auto_cli(build_tiny_policy, args=args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ Metric names must avoid `@ ( )`: write `pass_at_k/8`, not `pass@8`.
 
 `environment()` describes what a number was measured on (CPU model and vector extensions, package
 versions); the tiny-policy build and every benchmark result record it.
+
+`input_errors(prog)` is how every console command ends on bad input: `prog: error: <message>` and exit
+status 2, no traceback (`BASIS_TRACEBACK=1` shows it). A run that fails keeps its message as the MLflow
+tag `error`, so a FAILED run in the UI says why.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import os
 import platform
 import sys
+import traceback
 from argparse import Namespace
 from collections.abc import Iterator
 from importlib import metadata
@@ -193,12 +198,58 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
         if new:
             super().log_hyperparams(new)
 
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        """Lightning's, plus the exception as tag `error` on a failed run: Lightning calls this from
+        inside its `except` block, so the error in flight is the one that ended the run."""
+        error = sys.exc_info()[1]
+        if status == "failed" and error is not None and self._initialized:
+            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        super().finalize(status)
+
+
+def tag_evaluated_checkpoint(trainer: Any) -> None:
+    """Tag a `validate`/`test`/`predict` run with the checkpoint it evaluated (`ckpt_path`, resolved:
+    `--ckpt_path best` names the file), so its numbers say which weights they belong to."""
+    logger = trainer.logger
+    if trainer.is_global_zero and trainer.ckpt_path and getattr(logger, "run_id", None):
+        logger.experiment.set_tag(logger.run_id, "ckpt_path", str(Path(trainer.ckpt_path).resolve()))
+
+
+PACKAGE_ROOTS = tuple(
+    str(Path(__file__).resolve().parents[1] / name) for name in ("basis", "value_prior", "data_pipelines")
+)
+
+
+@contextlib.contextmanager
+def input_errors(prog: str) -> Iterator[None]:
+    """End a console command on bad input with `prog: error: <message>` and exit status 2.
+
+    Bad input is a `ValueError` raised by this project's own checks (which name the file, row or setting)
+    or a missing file. A `ValueError` from inside a library is not ours to judge and keeps its traceback,
+    as does everything with `BASIS_TRACEBACK=1` set.
+    """
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        frames = traceback.extract_tb(err.__traceback__)
+        ours = bool(frames) and frames[-1].filename.startswith(PACKAGE_ROOTS)
+        if os.environ.get("BASIS_TRACEBACK") or not (ours or isinstance(err, FileNotFoundError)):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
 
 @contextlib.contextmanager
 def mlflow_run(experiment_name: str, run_name: str | None = None, **tags: str) -> Iterator[Any]:
-    """Open an MLflow run in our store for code that is not a LightningModule."""
+    """Open an MLflow run in our store for code that is not a LightningModule; an exception ends it
+    FAILED with the message as tag `error`, as `MLflowLogger` does."""
     import mlflow
 
     experiment_id = ensure_experiment(experiment_name)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None) as run:
-        yield run
+        try:
+            yield run
+        except Exception as error:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            raise

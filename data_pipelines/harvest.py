@@ -1451,15 +1451,14 @@ def main(args: Sequence[str] | None = None) -> None:
     import transformers
     from jsonargparse import CLI
 
+    from basis.tracking import input_errors
+
     datasets.disable_progress_bars()  # the harvest shows one bar of its own
     transformers.utils.logging.disable_progress_bar()
 
     commands = {"run": run, "from-logs": from_logs, "import-v0": import_v0, "validate": validate}
-    try:
+    with input_errors("harvest"):
         result = CLI(commands, args=None if args is None else list(args))
-    except (HarvestError, PairsError, ValueError) as err:
-        print(f"harvest: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     print(result)
     if isinstance(result, ValidationReport) and not result.ok:
         raise SystemExit(1)

@@ -212,10 +212,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("release", help="V0 release folder (context.jsonl, train.jsonl, prompt_dict.json)")
     parser.add_argument("out", help="output folder for the pairs parquet")
     args = parser.parse_args(argv)
-    try:
+    from basis.tracking import input_errors
+
+    with input_errors("v0_release"):
         print(write_release_pairs(args.release, args.out))
-    except PairsError as err:
-        raise SystemExit(f"v0_release: error: {err}") from None
 
 
 if __name__ == "__main__":

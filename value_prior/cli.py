@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import seed_of
+from basis.tracking import input_errors, tag_evaluated_checkpoint
 
 
 def prior_fit_main(argv: Sequence[str]) -> None:
@@ -115,9 +116,16 @@ class V0CLI(LightningCLI):
                 folder = Path(ckpt_path).parent
             self.trainer.callbacks.append(PredictionsWriter(str(folder / "predictions.parquet")))
 
+    def after_validate(self) -> None:
+        tag_evaluated_checkpoint(self.trainer)
+
+    def after_test(self) -> None:
+        tag_evaluated_checkpoint(self.trainer)
+
     def after_predict(self) -> None:
         from value_prior.model import PredictionsWriter
 
+        tag_evaluated_checkpoint(self.trainer)
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionsWriter) and self.trainer.is_global_zero:
                 print(f"predictions written to {callback.output}")
@@ -128,19 +136,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "prior-fit":
-        prior_fit_main(args[1:])
-        return
-    from value_prior.data import PairsDataModule
-    from value_prior.model import V0Module
+    with input_errors("value-prior"):
+        if args and args[0] == "prior-fit":
+            prior_fit_main(args[1:])
+            return
+        from value_prior.data import PairsDataModule
+        from value_prior.model import V0Module
 
-    V0CLI(
-        V0Module,
-        PairsDataModule,
-        args=None if argv is None else args,
-        save_config_callback=LogConfigToMLflow,
-        save_config_kwargs={"save_to_log_dir": False},
-    )
+        V0CLI(
+            V0Module,
+            PairsDataModule,
+            args=None if argv is None else args,
+            save_config_callback=LogConfigToMLflow,
+            save_config_kwargs={"save_to_log_dir": False},
+        )
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     experiment = client.get_run(run_id).info.experiment_id
     (check,) = client.search_runs([experiment], "attributes.run_name = 'check'")
     assert check.info.run_id != run_id and "val/mean_at_k" in check.data.metrics
+    assert check.data.tags["ckpt_path"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
 
     resume = ("--ckpt_path=last", "--trainer.max_steps=4", "--model.max_rollouts=100000")
     done = subprocess.run(
@@ -346,3 +347,54 @@ def test_an_experiment_with_artifacts_elsewhere_is_named(
         "'from-before' keeps its artifacts in" in warning.getMessage()
         and "checkout/mlruns" in warning.getMessage()
     )
+
+
+def test_bad_input_ends_with_one_line_and_the_failed_run_says_why(workdir: Path) -> None:
+    """A setup error used to print ~40 lines of jsonargparse/Lightning traceback and leave an MLflow run
+    marked FAILED with nothing in it to say why."""
+    run_dir = workdir / "bad-input"
+    done = subprocess.run(
+        basis_cmd(workdir, run_dir, "--data.train_path=/nonexistent/prompts"),
+        env=env(workdir),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    message = "'/nonexistent/prompts' is neither an existing file/folder nor a known preset"
+    assert f"basis: error: {message}" in done.stderr
+    client = MlflowClient(env(workdir)["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("basis-policy").experiment_id
+    (failed,) = client.search_runs([experiment], "tags.error LIKE '%/nonexistent/prompts%'")
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["error"].startswith(f"ValueError: {message}")
+
+
+def test_only_our_own_checks_end_without_a_traceback(monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    from basis.rewards import get_verifier
+    from basis.tracking import input_errors
+
+    with pytest.raises(SystemExit) as exit_, input_errors("basis"):
+        get_verifier("nope")  # our check: the message names the setting
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "basis: error: unknown verifier 'nope'; known: ['arithmetic', 'math']\n"
+    with pytest.raises(SystemExit), input_errors("basis"):
+        open("/nonexistent/file")  # a missing file is bad input wherever it is found missing
+    with pytest.raises(ValueError, match="invalid literal"), input_errors("basis"):
+        int("x")  # raised outside this project: a bug to trace, not an input to name
+    monkeypatch.setenv("BASIS_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="unknown verifier"), input_errors("basis"):
+        get_verifier("nope")
+
+
+def test_a_failed_script_run_says_why(mlflow_store: str) -> None:
+    """Harvest and the tiny-policy build log through `mlflow_run`; a failure left a FAILED run without a why."""
+    from basis.tracking import mlflow_run
+
+    with pytest.raises(ValueError), mlflow_run("scripts", run_name="broken"):
+        raise ValueError("prompts.parquet row 3 field 'answer': empty")
+    (run,) = MlflowClient(mlflow_store).search_runs(
+        [MlflowClient(mlflow_store).get_experiment_by_name("scripts").experiment_id]
+    )
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "ValueError: prompts.parquet row 3 field 'answer': empty"

@@ -201,6 +201,7 @@ def test_tiny_fit_test_and_export(
             and fit_run[f"metrics.{metric}"] == fit_run[f"metrics.{metric}"]
         )
     assert "metrics.test/gauc" in test_run.index
+    assert test_run["tags.ckpt_path"] == str((tmp_path / "checkpoints" / "best.ckpt").resolve())
     assert fit_run["params.lr"] == "0.001" and fit_run["params.support_size"] == "16"
     artifacts = {a.path for a in client.list_artifacts(fit_run.run_id)}
     assert {"config.yaml", "plots", "prior"} <= artifacts
@@ -267,3 +268,19 @@ def test_seed_everything_seeds_the_model_and_the_data(
     ]  # fmt: skip
     cli = V0CLI(V0Module, PairsDataModule, run=False, args=args)
     assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
+
+
+def test_bad_input_ends_with_one_line(
+    tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A missing pairs path used to end `value-prior fit` in a Lightning traceback. In process."""
+    from value_prior.cli import main
+
+    config = ["--config", str(REPO / "configs" / "value_prior" / "v0_pairs_minilm.yaml")]
+    overrides = tiny_overrides(tmp_path, tiny_encoder_dir, tiny_pairs_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *config, *overrides, "--data.pairs", str(tmp_path / "missing")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("value-prior: error: ") and str(tmp_path / "missing") in err
+    assert "Traceback" not in err
