@@ -769,31 +769,49 @@ def write_arithmetic_task(
 ) -> dict[str, Path]:
     """Generate the arithmetic task and write `train.parquet`, `validation.parquet`, `test.parquet`.
 
-    Returns the path of each split's file.
+    Returns the path of each split's file. Writing the same task again is a no-op; a folder that holds
+    other files of those names (another seed, or someone's own dataset) is refused before anything is
+    replaced.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
-        # An empty split keeps the columns (from_list([]) has none and fails validation as "missing").
-        dataset = (
-            datasets.Dataset.from_list(rows)
-            if rows
-            else datasets.Dataset.from_dict(
-                {name: [] for name in ARITHMETIC_FEATURES}, features=ARITHMETIC_FEATURES
+    staged: dict[str, tuple[Path, Path]] = {}
+    try:
+        for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
+            # An empty split keeps the columns (from_list([]) has none and fails validation as "missing").
+            dataset = (
+                datasets.Dataset.from_list(rows)
+                if rows
+                else datasets.Dataset.from_dict(
+                    {name: [] for name in ARITHMETIC_FEATURES}, features=ARITHMETIC_FEATURES
+                )
             )
-        )
-        validate_prompts(dataset, f"arithmetic[{split}]")
-        paths[split] = out_dir / f"{split}.parquet"
-        dataset.to_parquet(str(paths[split]))
-    return paths
+            validate_prompts(dataset, f"arithmetic[{split}]")
+            path = out_dir / f"{split}.parquet"
+            staged[split] = (path.with_name(f".{path.name}.partial"), path)
+            dataset.to_parquet(str(staged[split][0]))
+        for partial, path in staged.values():
+            if path.exists() and path.read_bytes() != partial.read_bytes():
+                raise ValueError(
+                    f"{path} exists and differs from this task (seed={seed}, n_train={n_train}, "
+                    f"n_val={n_val}, n_test={n_test}); nothing was written: remove it or choose another folder"
+                )
+        for partial, path in staged.values():
+            partial.replace(path)
+    finally:
+        for partial, _ in staged.values():
+            partial.unlink(missing_ok=True)
+    return {split: path for split, (_, path) in staged.items()}
 
 
 def main() -> None:
     """`python -m basis.tasks OUT_DIR SEED [--n_train 8000 ...]`: write the arithmetic task."""
     from jsonargparse import auto_cli
 
-    paths = auto_cli(write_arithmetic_task)
+    from basis.tracking import input_errors
+
+    with input_errors("basis.tasks"):
+        paths = auto_cli(write_arithmetic_task)
     for split, path in paths.items():
         print(f"{split}: {path}")
 

@@ -383,6 +383,21 @@ def test_write_arithmetic_task_round_trips_through_load_prompts(tmp_path: Path) 
     assert "solution" in datasets.Dataset.from_parquet(str(paths["train"])).column_names
 
 
+def test_write_arithmetic_task_never_replaces_other_files(tmp_path: Path) -> None:
+    """`python -m basis.tasks OUT SEED` used to overwrite whatever `OUT/train.parquet` held."""
+    paths = write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=5, n_test=5)
+    before = {split: path.read_bytes() for split, path in paths.items()}
+    assert write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=5, n_test=5) == paths  # same task
+    with pytest.raises(ValueError, match=r"train\.parquet exists and differs .*seed=2.*nothing was written"):
+        write_arithmetic_task(tmp_path, seed=2, n_train=20, n_val=5, n_test=5)
+    assert {split: path.read_bytes() for split, path in paths.items()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "test.parquet",
+        "train.parquet",
+        "validation.parquet",
+    ]
+
+
 def test_write_arithmetic_task_with_an_empty_split(tmp_path: Path) -> None:
     """`python -m basis.tasks OUT SEED --n_val 0` used to fail: an empty split was written without columns."""
     paths = write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=0, n_test=5)
