@@ -930,6 +930,10 @@ class PolicyTrainer(L.LightningModule):
         must not validate a policy a second time."""
         return self.trainer.state.fn == "fit" and self.rl_step in self._pass_curves
 
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "validate":  # `validate --ckpt_path`: an engine with its own copy
+            self.engine.update_weights(self.policy)  # (SGLang) still holds model_path's weights
+
     def validation_step(self, batch: ValBatch, batch_idx: int) -> None:
         if self._validated_already():
             return

@@ -362,6 +362,25 @@ def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(
     assert calls == ["update_weights", "generate", "update_weights"]
 
 
+def test_validating_a_checkpoint_syncs_the_engine_first(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """`basis validate --ckpt_path X` scored model_path's weights with an engine that holds its own copy
+    (SGLang): only training synced it."""
+    make_trainer(tmp_path, steps=1).fit(make_module(tiny_lm_path, tmp_path), datamodule=data(task_dir))
+    checked = make_module(tiny_lm_path, tmp_path)
+    calls: list[str] = []
+    generate, update_weights = checked.engine.generate, checked.engine.update_weights
+    checked.engine.generate = lambda *args: calls.append("generate") or generate(*args)
+    checked.engine.update_weights = lambda policy: calls.append("update_weights") or update_weights(policy)
+    make_trainer(tmp_path, steps=1, limit_val_batches=1).validate(
+        checked,
+        datamodule=data(task_dir, val_path=str(task_dir), val_prompts=4),
+        ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"),
+    )
+    assert calls[0] == "update_weights" and calls.count("update_weights") == 1 and "generate" in calls
+
+
 def one_step_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
     """Eight sampled responses to four prompts, as the trainer's update sees them."""
     from basis.data import PromptRow
