@@ -464,7 +464,7 @@ def basis_baseline(rewards: Tensor, index: Tensor, prior: Tensor) -> Tensor:
     prompt's own rewards never enter its baseline):
     `delta_(-g) = argmin_delta sum_{j not in g} (y_j - sigmoid(logit(v0_j) + delta))^2`,
     minimised on a dense grid (|delta| <= 20, step 0.05) refined by one parabolic interpolation step,
-    vectorised over groups as `[T, G]` = all-responses total minus own-group sums, in float64.
+    vectorised over groups as `[T, G]` sums of the other groups (prefix + suffix sums over groups), in float64.
     `b_i = 2 clamp(sigmoid(logit(v0_i) + delta_(-g(i))), 1e-4, 1 - 1e-4) - 1` (±1 scale).
 
     When the batch is a single group there is nothing to leave in: delta = 0 (the prior alone).
@@ -502,7 +502,13 @@ def _loo_logit_shift(y: Tensor, logit0: Tensor, inverse: Tensor, num_groups: int
     sq = (y[None, :] - pred) ** 2  # [T, N]
     own = torch.zeros(steps, num_groups, dtype=torch.float64, device=y.device)  # [T, G]
     own.index_add_(1, inverse, sq)  # [T, G]
-    loo = sq.sum(dim=1, keepdim=True) - own  # [T, G]
+    # The other groups' sum as sums of non-negative terms (groups before g + groups after g), not as
+    # total - own: that cancels when the others fit almost perfectly (a one-outcome rest of the batch
+    # with confident priors: objective ~1e-25 under a total ~1), and float rounding then picked the shift.
+    zero = torch.zeros(steps, 1, dtype=torch.float64, device=y.device)  # [T, 1]
+    before = torch.cat([zero, own.cumsum(dim=1)[:, :-1]], dim=1)  # [T, G]; groups h < g
+    after = torch.cat([zero, own.flip(1).cumsum(dim=1)[:, :-1]], dim=1).flip(1)  # [T, G]; groups h > g
+    loo = before + after  # [T, G]
     best = loo.argmin(dim=0)  # [G]
     # Parabolic refinement through the best grid point and its neighbours (interior points only).
     inner = best.clamp(1, steps - 2)  # [G]

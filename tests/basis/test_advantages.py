@@ -212,6 +212,34 @@ def test_basis_on_a_one_outcome_batch_takes_the_fits_limit(outcome: float) -> No
     torch.testing.assert_close(baseline, torch.full((16,), outcome * (1 - 2e-4), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("p_rest", [0.9995, 1.0])
+def test_basis_shift_is_the_argmin_when_the_other_groups_fit_almost_perfectly(p_rest: float) -> None:
+    # 15 prompts V0 rated (near-)certain all succeeded; the 16th, rated (near-)hopeless, failed. Its
+    # leave-one-out objective is ~1e-25 at the fit's limit under a batch total ~1: computed as
+    # total - own, float rounding picked the shift (b = 0.9725 for p = 0.9995, 0.4679 for p = 1).
+    rewards = torch.tensor([-1.0] + [1.0] * 15, dtype=torch.float64)
+    p = torch.tensor([1 - p_rest] + [p_rest] * 15, dtype=torch.float64)
+    y, logit0 = (rewards + 1) / 2, torch.logit(p.clamp(1e-4, 1 - 1e-4))
+    shift = basis_shift_reference(y, logit0, torch.arange(16) != 0)
+    expected = 2 * torch.sigmoid(logit0[0] + shift).clamp(1e-4, 1 - 1e-4) - 1
+    got = basis_baseline(rewards, torch.arange(16), 2 * p - 1)
+    assert float(got[0]) == pytest.approx(float(expected), abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_basis_baseline_is_odd_under_the_outcome_mirror(seed: int) -> None:
+    # (r, V) -> (-r, -V) maps the least-squares objective onto itself with delta -> -delta, so b -> -b.
+    # Confident priors that the outcomes confirm: the leave-one-out objectives are tiny (seeds 0 and 2
+    # broke the symmetry by 4e-3 and 2e-3 when rounding picked the shift).
+    g = torch.Generator().manual_seed(seed)
+    p = torch.sigmoid(torch.rand(8, generator=g, dtype=torch.float64) * 8 + 2)  # confident successes
+    p[0] = 1 - p[0]  # ... and one confident failure
+    rewards = torch.tensor([-1.0] + [1.0] * 7, dtype=torch.float64)
+    index, prior = torch.arange(8), 2 * p - 1
+    mirrored = basis_baseline(-rewards, index, -prior)
+    torch.testing.assert_close(mirrored, -basis_baseline(rewards, index, prior), atol=1e-6, rtol=0)
+
+
 def test_basis_single_group_uses_the_prior() -> None:
     prior = torch.full((3,), 0.5)
     baseline = basis_baseline(torch.tensor([1.0, 1.0, -1.0]), torch.zeros(3, dtype=torch.long), prior)
@@ -281,6 +309,24 @@ def exact_fused_expectation(p: float, prior: float, k: int) -> float:
 )
 def test_fused_baseline_bias_is_bounded_for_any_prior(p: float, prior: float, k: int) -> None:
     assert abs(exact_fused_expectation(p, prior, k) - (2 * p - 1)) <= 1 / math.sqrt(k) + 1e-9
+
+
+def exact_rejection_rate(p: float, prior: float, k: int) -> float:
+    """P(w > 0) summed exactly over the Binomial(k, p) number of successes."""
+    probs = torch.tensor([math.comb(k, s) * p**s * (1 - p) ** (k - s) for s in range(k + 1)])
+    means = 2 * torch.arange(k + 1, dtype=torch.float64) / k - 1
+    _, weight = fused_baseline(means, torch.full((k + 1,), k), torch.full((k + 1,), prior))
+    return float((probs.double() * (weight > 0).double()).sum())
+
+
+def test_a_perfect_prior_is_kept_for_certain_only_at_p_0_or_1() -> None:
+    # The test has no nominal alpha: with V = mu exactly it rejects when |r̄ - mu| > 1/sqrt(k), i.e.
+    # P(|Z| > 1/sqrt(1 - mu^2)) in the limit (0.317 at mu = 0). A deterministic policy never rejects;
+    # at k = 4 and p = 1/2 only r̄ = ±1 rejects (2/16), so a perfect prior still gets OSLA rollouts.
+    assert exact_rejection_rate(0.0, -1.0, 4) == 0.0 and exact_rejection_rate(1.0, 1.0, 4) == 0.0
+    assert exact_rejection_rate(0.5, 0.0, 4) == pytest.approx(2 / 16, abs=1e-12)
+    assert exact_rejection_rate(0.5, 0.0, 16) == pytest.approx(0.2101, abs=1e-4)
+    assert exact_rejection_rate(0.5, 1.0, 4) == pytest.approx(11 / 16, abs=1e-12)  # adversarial: r̄ <= 0
 
 
 @settings(max_examples=200, deadline=None)

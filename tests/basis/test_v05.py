@@ -118,6 +118,13 @@ def test_support_buffer_fifo_readiness_sampling_and_state() -> None:
         restored.load_state_dict({"format": 0, "prompts": [], "success": []})
 
 
+def test_design_defaults_of_the_support_buffer_and_osla() -> None:
+    # design.md §4: a FIFO of capacity 512, 256 pairs per prior query; c = 0.0039 -> k_max 16.
+    buffer = SupportBuffer()
+    assert (buffer.capacity, buffer.context_size) == (512, 256)
+    assert OslaSettings().c == 0.0039 and OslaSettings().k_max == 16
+
+
 def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bound(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
