@@ -509,11 +509,14 @@ class PolicyTrainer(L.LightningModule):
             self.heldout_mean_reward(prompts) if prior is not None and self.hparams.heldout_rollouts else None
         )
         self.engine.release_memory()
-        with _timer(timings, "update"):
-            batch = self.policy_batch(rollouts)
-            update_stats = self.update_policy(batch, advantages)
+        try:
+            with _timer(timings, "update"):
+                batch = self.policy_batch(rollouts)
+                update_stats = self.update_policy(batch, advantages)
+        finally:  # a failed update (out of memory) must not leave a long-lived server without its memory
+            with _timer(timings, "weight_sync"):
+                self.engine.resume_memory()
         with _timer(timings, "weight_sync"):
-            self.engine.resume_memory()
             self.engine.update_weights(self.policy)
         local = torch.tensor([len(rollouts.completions)], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank

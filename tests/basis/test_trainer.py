@@ -381,6 +381,24 @@ def test_validating_a_checkpoint_syncs_the_engine_first(
     assert calls[0] == "update_weights" and calls.count("update_weights") == 1 and "generate" in calls
 
 
+def test_a_failed_update_gives_the_engine_its_memory_back(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """An update that raised (out of memory) left a long-lived SGLang server with its memory released."""
+    module = make_module(tiny_lm_path, tmp_path)
+    calls: list[str] = []
+    module.engine.release_memory = lambda: calls.append("release")
+    module.engine.resume_memory = lambda: calls.append("resume")
+
+    def out_of_memory(*args: object) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    module.update_policy = out_of_memory
+    with pytest.raises(RuntimeError, match="out of memory"):
+        make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
+    assert calls == ["release", "resume"]
+
+
 def one_step_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
     """Eight sampled responses to four prompts, as the trainer's update sees them."""
     from basis.data import PromptRow
