@@ -21,7 +21,9 @@ Per training step the trainer calls `generate` -> `release_memory` -> (optimizer
   ends its session (best effort): SGLang answers every later `begin_weight_update` with HTTP 400 while
   a session is open, so one failed push would otherwise block every later sync of a long-lived server.
 - `lora_sync="adapter"`: the LoRA tensors are loaded with `load_lora_adapter_from_tensors` under a
-  versioned name (`{adapter_name}-v{n}`), the previous version is unloaded, and `generate` samples with
+  versioned name (`{adapter_name}-{engine}-v{n}`, `engine` a random tag of this `SGLangEngine`: SGLang
+  refuses a name it already holds, and a long-lived server keeps the last adapter of an earlier run,
+  e.g. the run a resumed one continues), the previous version is unloaded, and `generate` samples with
   the newest one. The server must run with `--enable-lora --max-lora-rank R --lora-target-modules ...`.
 - Verification after each push (`verify`): `"logprobs"` (default) prefills a probe sequence (the first
   prompt + response of the last `generate`) in the engine and compares its prompt log-probs with the
@@ -41,7 +43,9 @@ Deviations and facts checked in SGLang 0.5.23's source:
   a server) and greedy batches (`top_k=1`: log-probs at temperature 1), so `top_k=1` with
   `temperature != 1` is rejected.
 - Seeds: `SamplingParams.seed` becomes `sampling_seed = seed + i` for prompt i; SGLang only honours it
-  when the engine runs with `enable_deterministic_inference` (otherwise sampling is unseeded).
+  when the engine runs with `enable_deterministic_inference` (otherwise sampling is unseeded). There an
+  unseeded request gets the seed 42, so every repeat of a prompt would sample the same response: with
+  `seed=None` the engine draws a random base seed per call instead.
 - Stop strings: `no_stop_trim=True`, so `text` ends with the stop string like `HFEngine`'s.
 - Names: transformers-5 models whose in-memory layout differs from their checkpoint (fused MoE
   experts) or quantized checkpoints do not map and are refused; dense HF models (Qwen3, Llama) map 1:1.
@@ -74,6 +78,7 @@ import io
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -321,6 +326,20 @@ def lora_adapter_payload(policy: torch.nn.Module) -> tuple[dict[str, torch.Tenso
             f"adapter {adapter!r} uses DoRA or modules_to_save, which SGLang's LoRA loader does not take; "
             "use lora_sync='merge'"
         )
+    # SGLang scales every adapter by lora_alpha / r and has no LoRA bias (srt/lora/lora.py), so it would
+    # serve these adapters with other weights than the policy's, silently.
+    ignored = {
+        "use_rslora": getattr(config, "use_rslora", False),
+        "rank_pattern": getattr(config, "rank_pattern", None),
+        "alpha_pattern": getattr(config, "alpha_pattern", None),
+        "lora_bias": getattr(config, "lora_bias", False),
+    }
+    if any(ignored.values()):
+        raise ValueError(
+            f"adapter {adapter!r} sets {sorted(k for k, v in ignored.items() if v)}, which SGLang 0.5.23's LoRA "
+            "loader ignores (it scales every adapter by lora_alpha / r, without bias), so the engine would "
+            "sample another policy; use lora_sync='merge'"
+        )
     tensors = {
         name: full_tensor(t) for name, t in get_peft_model_state_dict(policy, adapter_name=adapter).items()
     }
@@ -410,7 +429,9 @@ def generate_request(
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-    seeds = [None if params.seed is None else params.seed + i for i in range(len(prompts))]
+    # Deterministic SGLang gives every request without sampling_seed the seed 42 (identical repeats)
+    base = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    seeds = [base + i for i in range(len(prompts))]
     body: dict[str, Any] = {
         "input_ids": [[int(t) for t in prompt] for prompt in prompts],
         "sampling_params": [sampling_params_payload(params, seed) for seed in seeds],
@@ -739,7 +760,8 @@ class SGLangEngine:
             `sglang.Engine` in this process (create it under `if __name__ == "__main__":`).
         lora_sync: For a `peft.PeftModel` policy: "merge" pushes merged full weights (works with any
             server), "adapter" loads the LoRA tensors as a versioned adapter (server needs `--enable-lora`).
-        adapter_name: Stem of the versioned adapter names (`{adapter_name}-v{n}`).
+        adapter_name: Stem of the versioned adapter names (`{adapter_name}-{engine}-v{n}`, `engine` a
+            random tag per `SGLangEngine`, so a restarted run never reuses a name the server still holds).
         weight_bucket_bytes: Most bytes per `update_weights_from_tensor` call (a larger tensor goes alone).
         verify: After each push: "logprobs" (probe prefill vs the policy's teacher-forced log-probs),
             "weights" (`get_weights_by_name` read-back; adapter mode: server-side sha256, HTTP only), "none".
@@ -819,6 +841,7 @@ class SGLangEngine:
         self.model_path = model_path
         self.lora_sync = lora_sync
         self.adapter_name = adapter_name
+        self._adapter_stem = f"{adapter_name}-{secrets.token_hex(4)}"  # unique per engine, see lora_sync
         self.weight_bucket_bytes = weight_bucket_bytes
         self.verify = verify
         self.verify_tensors = verify_tensors
@@ -917,7 +940,7 @@ class SGLangEngine:
         checksums = (
             {name: tensor_checksum(t) for name, t in tensors.items()} if self.verify == "weights" else None
         )
-        name = f"{self.adapter_name}-v{self.version + 1}"
+        name = f"{self._adapter_stem}-v{self.version + 1}"
         self._transport.load_lora_adapter(name, tensors, config, checksums)
         previous, self.lora_name = self.lora_name, name
         if previous is not None:

@@ -15,7 +15,8 @@ what it samples, and it reproduces the SGLang behaviours the engine must cope wi
 - `/generate` returns `log(softmax(logits / T))` over the full vocabulary (greedy: temperature 1),
   finish reasons as `{"type": "stop"|"length"|"abort", ...}` checked in SGLang's order (stop string,
   then EOS, then length), and `[logprob, token_id, null]` triples.
-- `/load_lora_adapter_from_tensors` checks `expected_checksums` like SGLang's `TpModelWorker`.
+- `/load_lora_adapter_from_tensors` checks `expected_checksums` like SGLang's `TpModelWorker` and
+  scales the adapter by `lora_alpha / r` like SGLang's `LoRAAdapter` (no rsLoRA, no patterns).
 
 The fake unpickles in the test's own process, so it can open CPU tensors' handles, which a real,
 separately launched server cannot (see `basis.sglang_engine.require_cuda_tensors`).
@@ -42,7 +43,6 @@ import base64
 import copy
 import hashlib
 import json
-import math
 import pickle
 import threading
 import time
@@ -261,8 +261,12 @@ class FakeSGLangServer:
         return 200, {"success": True, "error_message": None, "loaded_adapters": {n: n for n in self.adapters}}
 
     def _merged_copy(self, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> torch.nn.Module:
-        """The base model with W += scale * B @ A for every adapted module (peft names)."""
-        scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+        """The base model with W += scale * B @ A for every adapted module (peft names).
+
+        scale = lora_alpha / r whatever the config says about rsLoRA, as SGLang 0.5.23's `LoRAAdapter`
+        (`srt/lora/lora.py`: `self.scaling = self.config.lora_alpha / self.config.r`).
+        """
+        scale = config["lora_alpha"] / config["r"]
         model = copy.deepcopy(self.model)
         params = dict(model.named_parameters())
         with torch.no_grad():

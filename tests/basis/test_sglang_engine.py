@@ -286,8 +286,21 @@ def test_generate_request_fields_and_seeds() -> None:
     }
     assert second["sampling_seed"] == 12
     unseeded = generate_request([[1]], SamplingParams(top_k=20))
-    assert "sampling_seed" not in unseeded["sampling_params"][0] and "lora_path" not in unseeded
+    assert "lora_path" not in unseeded
     assert unseeded["sampling_params"][0]["top_k"] == 20
+
+
+def test_unseeded_requests_get_distinct_seeds() -> None:
+    # Deterministic SGLang seeds a request without sampling_seed with 42 (SamplingBatchInfo), so an
+    # unseeded group of one prompt would be one response repeated: the engine draws a base seed.
+    first = [
+        sp["sampling_seed"] for sp in generate_request([[1, 2]] * 4, SamplingParams())["sampling_params"]
+    ]
+    second = [
+        sp["sampling_seed"] for sp in generate_request([[1, 2]] * 4, SamplingParams())["sampling_params"]
+    ]
+    assert first == list(range(first[0], first[0] + 4)) and 0 <= first[0] < 2**31
+    assert first != second  # a fresh base per call
 
 
 def test_request_building_rejects_bad_input() -> None:
@@ -566,7 +579,7 @@ def test_tensors_are_serialized_once_per_tp_rank(
             assert torch.equal(served[name], param), name
         adapter = engine_for(fake, tiny_lm_path, tp_size=2, lora_sync="adapter", verify="weights")
         adapter.update_weights(lora_policy(tiny_lm_path))  # "weights": the fake's sha256 check
-        assert set(fake.adapters) == {"policy-v1"}
+        assert set(fake.adapters) == {adapter.lora_name} and adapter.lora_name.endswith("-v1")
 
 
 def test_http_push_of_a_cpu_tensor_names_the_parameter(tiny_lm_path: str, policy) -> None:
@@ -603,14 +616,15 @@ def test_adapter_sync_loads_versioned_adapters(server, tiny_lm_path: str, verify
     engine.generate([[5, 6, 7]], params)
     server.calls.clear()
     engine.update_weights(model)
-    assert engine.lora_name == "policy-v1" and set(server.adapters) == {"policy-v1"}
+    first = engine.lora_name
+    assert re.fullmatch(r"policy-[0-9a-f]{8}-v1", first) and set(server.adapters) == {first}
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.mul_(2.0)
     engine.update_weights(model)
     engine.generate([[5, 6, 7]], params)
-    assert set(server.adapters) == {"policy-v2"}
+    assert engine.lora_name == first.replace("-v1", "-v2") and set(server.adapters) == {engine.lora_name}
     verify_calls = ["/generate"] if verify == "logprobs" else []
     assert server.calls == [
         "/load_lora_adapter_from_tensors",
@@ -636,6 +650,48 @@ def test_released_memory_keeps_what_the_next_sync_does_not_resend(
     engine.update_weights(model)  # the logprob probe raises WeightSyncError on a damaged base
     engine.generate([[5, 6, 7]], params)
     assert server.released_tags == [["kv_cache"] if lora_sync == "adapter" else ["kv_cache", "weights"]]
+
+
+def test_a_second_engine_on_the_same_server_uses_new_adapter_names(server, tiny_lm_path: str) -> None:
+    # A long-lived server keeps the last adapter of a stopped run, and SGLang refuses to load a name it
+    # holds: a resumed run whose names restarted at v1 died at the push that reached that version.
+    model = lora_policy(tiny_lm_path)
+    stopped = engine_for(server, tiny_lm_path, lora_sync="adapter", verify="none")
+    stopped.update_weights(model)
+    stopped.update_weights(model)
+    resumed = engine_for(server, tiny_lm_path, lora_sync="adapter", verify="none")
+    for _ in range(3):
+        resumed.update_weights(model)
+    assert set(server.adapters) == {stopped.lora_name, resumed.lora_name}
+    assert resumed.lora_name.endswith("-v3") and resumed.lora_name != stopped.lora_name
+
+
+@pytest.mark.parametrize(
+    "lora_kwargs",
+    [
+        {"use_rslora": True},
+        {"alpha_pattern": {"q_proj": 16}},
+        {"rank_pattern": {"q_proj": 2}},
+        {"lora_bias": True},
+    ],
+    ids=["use_rslora", "alpha_pattern", "rank_pattern", "lora_bias"],
+)
+def test_adapter_sync_refuses_what_sglang_scales_otherwise(
+    server, tiny_lm_path: str, lora_kwargs: dict
+) -> None:
+    # SGLang 0.5.23 scales every adapter by lora_alpha / r without bias (srt/lora/lora.py); an rsLoRA
+    # adapter pushed as is served another policy while the logprob probe still passed.
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.float32)
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora_kwargs)
+    )
+    engine = engine_for(server, tiny_lm_path, lora_sync="adapter")
+    server.calls.clear()
+    with pytest.raises(ValueError, match=rf"{next(iter(lora_kwargs))}.*ignores .*lora_sync='merge'"):
+        engine.update_weights(model)
+    assert server.calls == [] and engine.lora_name is None
+    if "lora_bias" not in lora_kwargs:  # peft's get_delta_weight scales these right when merging
+        engine_for(server, tiny_lm_path, verify="logprobs").update_weights(model)
 
 
 def test_adapter_checksum_mismatch_stops_the_run(server, tiny_lm_path: str) -> None:
@@ -752,5 +808,5 @@ def test_gpu_lora_load_unload_reload(tiny_llama_path: str) -> None:
                     if "lora_B" in name:
                         param.add_(0.05 * torch.randn_like(param))
             engine.update_weights(model)  # load v{n}, unload v{n-1}, logprob probe
-            assert engine.lora_name == f"policy-v{version}"
+            assert engine.lora_name.endswith(f"-v{version}")
             assert len(engine.generate([[5, 6, 7]], params)[0].token_ids) >= 1

@@ -360,15 +360,15 @@ def test_adapter_sync_through_sglang(sglang_app, tiny_lm_path: str) -> None:
     sync.update_weights(model)
     sync.update_weights(model)
     sync.generate([[5, 6]], SamplingParams(max_new_tokens=2))
-    assert set(manager.adapters) == {"policy-v2"}
+    assert set(manager.adapters) == {sync.lora_name} and sync.lora_name.endswith("-v2")
     loads = [obj for route, obj in manager.calls if route == "load_lora_adapter_from_tensors"]
-    assert [obj.lora_name for obj in loads] == ["policy-v1", "policy-v2"]
+    assert [obj.lora_name for obj in loads] == [sync.lora_name.replace("-v2", "-v1"), sync.lora_name]
     assert all(
         isinstance(obj, io_struct.LoadLoRAAdapterFromTensorsReqInput) and obj.expected_checksums
         for obj in loads
     )
     generate = [obj for route, obj in manager.calls if route == "generate"][-1]
-    assert generate.lora_path == ["policy-v2"]
+    assert generate.lora_path == [sync.lora_name]
     assert manager.violations == []
 
 
@@ -380,8 +380,9 @@ def test_one_serialization_per_tp_rank(sglang_app, tiny_lm_path: str, policy) ->
         AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]),
     )
-    engine(url, tiny_lm_path, tp_size=2, lora_sync="adapter", verify="weights").update_weights(model)
-    assert set(manager.adapters) == {"policy-v1"}
+    adapter = engine(url, tiny_lm_path, tp_size=2, lora_sync="adapter", verify="weights")
+    adapter.update_weights(model)
+    assert set(manager.adapters) == {adapter.lora_name} and adapter.lora_name.endswith("-v1")
     assert manager.violations == []
 
 
