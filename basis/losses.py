@@ -200,7 +200,8 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     """Per-token KL estimate to the reference policy, `[B, L]` (unmasked), with d = logp - logq.
 
     `k1 = d`; `k2 = d^2 / 2`; `k3 = exp(-d) + d - 1` (Schulman's unbiased, low-variance estimator, verl's
-    `low_var_kl`: d clamped to [-20, 20] before exp, the result clamped to [-10, 10]).
+    `low_var_kl`: d clamped to [-20, 20] before exp, the result clamped to [-10, 10]). The clamp makes k3
+    biased low where it binds (q / p > ~13.6 or < ~1.7e-5), like verl: a bounded penalty by choice.
     """
     _check_pair("logprobs", logprobs, "ref_logprobs", ref_logprobs)
     d = logprobs - ref_logprobs  # [B, L]

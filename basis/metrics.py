@@ -3,7 +3,8 @@
 What it is: `pass_at_k(n, c, k)` is Chen et al.'s (2021, "Evaluating Large Language Models Trained on
 Code") unbiased estimator `1 - prod_{i=n-c+1}^{n} (1 - k/i)` (1 when n - c < k), vectorised over
 prompts; `mean_at_k(n, c) = c / n` (design.md §5). `PassAtK` and `MeanAtK` are torchmetrics `Metric`s
-whose states are sums (`dist_reduce_fx="sum"`), so they accumulate over batches and across processes.
+whose states are float64 sums (`dist_reduce_fx="sum"`), so they accumulate over batches and across
+processes; they stay float64 when the owning module is cast (Lightning's `bf16-true` / `16-true`).
 
 Deviation from the reference numpy code: instead of a per-prompt loop over `np.prod`, the product is
 taken in log space from one float64 cumulative sum of `log1p(-k/i)` shared by all prompts, which is
@@ -16,11 +17,12 @@ How to run: `pass_at_k(torch.tensor([4]), torch.tensor([1]), 2)` -> 0.5; tests:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 from torchmetrics import Metric
 
 __all__ = ["MeanAtK", "PassAtK", "mean_at_k", "pass_at_k"]
@@ -64,13 +66,13 @@ def pass_at_k(n: Tensor | int, c: Tensor | int, k: int) -> Tensor:
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
     if n_t.numel() == 0:
-        return torch.zeros(n_t.shape, dtype=torch.float64)
+        return torch.zeros(n_t.shape, dtype=torch.float64, device=n_t.device)
     if bool((n_t < k).any()):
         raise ValueError(f"k must be <= n for every prompt (cannot pick {k} of n={n_t.min().item()} samples)")
     # log prod_{i=a+1}^{b} (1 - k/i) = S[b] - S[a] with S[m] = sum_{i=k+1}^{m} log1p(-k/i) (S[m] = 0 for
     # m <= k). Only needed when n - c >= k, where every factor has i > k and is positive.
     top = int(n_t.max())
-    i = torch.arange(top + 1, dtype=torch.float64)  # [top + 1]
+    i = torch.arange(top + 1, dtype=torch.float64, device=n_t.device)  # [top + 1]
     terms = torch.where(i > k, torch.log1p(-k / i.clamp(min=1)), 0.0)  # [top + 1]
     cumulative = torch.cumsum(terms, dim=0)  # [top + 1]
     log_fail = cumulative[n_t] - cumulative[n_t - c_t]  # [P]
@@ -82,6 +84,22 @@ def mean_at_k(n: Tensor | int, c: Tensor | int) -> Tensor:
     """mean@k per prompt: the fraction of correct samples `c / n` (float64, broadcast shape of n, c)."""
     n_t, c_t = _as_counts(n, c)
     return c_t.to(torch.float64) / n_t.to(torch.float64)  # [P]
+
+
+def _keep_float64_states(metric: Metric) -> None:
+    """Recast a metric's tensor states (and their reset defaults) to float64 after `Module._apply`.
+
+    torchmetrics means states to change dtype only through `Metric.set_dtype`, but its guard catches
+    `.half()` / `.bfloat16()` / `.float()` / `.double()`, not `module.to(dtype)`, which Lightning's
+    `bf16-true` / `16-true` precision applies to the whole LightningModule: bf16 sums of pass@k over
+    1,000 prompts are off by ~5e-3 and counts above 256 round.
+    """
+    if metric._dtype_convert:  # an explicit `set_dtype`
+        return
+    for name, default in metric._defaults.items():
+        if isinstance(default, Tensor):
+            metric._defaults[name] = default.to(torch.float64)  # device kept
+            setattr(metric, name, getattr(metric, name).to(torch.float64))
 
 
 def _check_update(num_samples: Tensor, num_correct: Tensor) -> None:
@@ -119,6 +137,11 @@ class PassAtK(Metric):
         )
         self.add_state("prompts", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
+    def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
+        super()._apply(fn, exclude_state)  # moves (and, under `module.to(dtype)`, casts) the states
+        _keep_float64_states(self)
+        return self
+
     def update(self, num_samples: Tensor, num_correct: Tensor) -> None:
         _check_update(num_samples, num_correct)
         values = torch.stack([pass_at_k(num_samples, num_correct, k) for k in self.ks])  # [K, P]
@@ -149,6 +172,11 @@ class MeanAtK(Metric):
         super().__init__(**kwargs)
         self.add_state("mean_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("prompts", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
+        super()._apply(fn, exclude_state)  # moves (and, under `module.to(dtype)`, casts) the states
+        _keep_float64_states(self)
+        return self
 
     def update(self, num_samples: Tensor, num_correct: Tensor) -> None:
         _check_update(num_samples, num_correct)

@@ -52,6 +52,24 @@ def test_ppo_clip_hand_computed_negative_advantage_with_dual_clip() -> None:
     torch.testing.assert_close(new.grad, torch.tensor([[1.0, 1.5, 0.0, 0.0]], dtype=torch.float64) / 4)
 
 
+def test_dapo_clip_higher_hand_computed() -> None:
+    """design.md §5 DAPO clip-higher (eps_low 0.2, eps_high 0.28): asymmetric per sign of A."""
+    new, old = logprobs_with_ratios([[1.25, 1.3, 0.75, 0.85], [1.25, 1.3, 0.75, 0.85]])
+    adv = torch.tensor([2.0, -2.0], dtype=torch.float64)
+    out = policy_loss(new, old, adv, torch.ones(2, 4), eps_low=0.2, eps_high=0.28, agg="seq-mean-token-sum")
+    # A = 2: -2.5 (1.25 < 1.28, not clipped), -2.56 (clipped high), -1.5, -1.7 (no low clip for A > 0).
+    # A = -2: 2.5, 2.6 (no high clip for A < 0), 1.6 (0.75 clipped low to 0.8), 1.7.
+    assert out.loss.item() == pytest.approx(((-2.5 - 2.56 - 1.5 - 1.7) + (2.5 + 2.6 + 1.6 + 1.7)) / 2)
+    assert out.clip_frac_high.item() == pytest.approx(1 / 8)
+    assert out.clip_frac_low.item() == pytest.approx(1 / 8)
+    out.loss.backward()
+    expected = torch.tensor([[-2.5, 0.0, -1.5, -1.7], [2.5, 2.6, 0.0, 1.7]], dtype=torch.float64) / 2
+    torch.testing.assert_close(new.grad, expected)
+    # Symmetric eps 0.2 would clip the first token of the first row: clip-higher is what keeps its gradient.
+    symmetric = policy_loss(new, old, adv, torch.ones(2, 4), agg="seq-mean-token-sum")
+    assert symmetric.clip_frac_high.item() == pytest.approx(2 / 8)
+
+
 def reference_token_loss(
     logp: float, old: float, adv: float, eps_low: float, eps_high: float, c: float
 ) -> float:
@@ -152,6 +170,17 @@ def test_k3_is_unbiased_for_the_kl() -> None:
     exact = float((p * (log_p - log_q)).sum())
     expected_k3 = float((p * kl_penalty(log_p[None], log_q[None], "k3")[0]).sum())  # E_p[k3]
     assert expected_k3 == pytest.approx(exact, abs=1e-6)
+
+
+def test_k3_clamp_binds_only_far_from_the_reference_and_stops_the_gradient() -> None:
+    # k3 = x - log x - 1 with x = q / p reaches 10 at x ~ 13.61 (and x ~ 1.67e-5): verl's clamp.
+    ref = torch.zeros(1, 4, dtype=torch.float64)
+    logp = (-torch.tensor([[13.5, 13.7, 1.6e-5, 2.0]], dtype=torch.float64).log()).requires_grad_()
+    k3 = kl_penalty(logp, ref, "k3")
+    assert k3[0, 0].item() < 10.0 and k3[0, 1].item() == 10.0 and k3[0, 2].item() == 10.0
+    k3.sum().backward()
+    # d k3 / d logp = 1 - q / p inside the clamp, 0 where it binds.
+    torch.testing.assert_close(logp.grad, torch.tensor([[1 - 13.5, 0.0, 0.0, 1 - 2.0]], dtype=torch.float64))
 
 
 def test_truncated_is_weights_and_mismatch() -> None:

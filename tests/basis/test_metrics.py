@@ -127,6 +127,29 @@ def test_mean_at_k_metric_accumulates_and_resets() -> None:
         metric.compute()
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_metric_states_stay_float64_when_the_module_is_cast_to_bf16() -> None:
+    """Lightning's `bf16-true` casts the whole LightningModule with `module.to(dtype)`; torchmetrics does
+    not guard that path, and bf16 sums gave pass@1 0.515625 for an exact 0.511875 on these 1,000 prompts."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    holder = torch.nn.Module()
+    holder.pass_at_k, holder.mean_at_k = PassAtK([1, 4]), MeanAtK()
+    holder = HalfPrecision("bf16-true").convert_module(holder)
+    g = torch.Generator().manual_seed(0)
+    n, c = torch.full((1000,), 16), torch.randint(0, 17, (1000,), generator=g)
+    for rows in torch.arange(1000).split(8):
+        holder.pass_at_k.update(n[rows], c[rows])
+        holder.mean_at_k.update(n[rows], c[rows])
+    result = holder.pass_at_k.compute()
+    for k in (1, 4):
+        torch.testing.assert_close(result[k], pass_at_k(n, c, k).mean(), atol=1e-12, rtol=0)
+    torch.testing.assert_close(holder.mean_at_k.compute(), mean_at_k(n, c).mean(), atol=1e-12, rtol=0)
+    holder.pass_at_k.reset()
+    assert holder.pass_at_k.pass_sum.dtype == holder.pass_at_k.prompts.dtype == torch.float64
+    assert PassAtK([1]).set_dtype(torch.float32).pass_sum.dtype == torch.float32  # explicit request kept
+
+
 def test_metric_bad_input() -> None:
     with pytest.raises(ValueError, match="ks must be a non-empty sequence"):
         PassAtK([])
