@@ -85,6 +85,7 @@ from data_pipelines.pairs import (
     pool_key,
     read_json_object,
     sha256_file,
+    shown_value,
     staging_folder,
 )
 
@@ -221,6 +222,8 @@ def _step_folders(folder: Path) -> list[Path]:
 
 
 def _expand(spec: CheckpointSpec) -> list[Path]:
+    if not spec.path.strip():  # `Path("")` is the current folder
+        raise HarvestError(f"checkpoint path {spec.path!r} is empty")
     if _GLOB_CHARS.search(spec.path):
         matches = sorted(Path(p) for p in glob.glob(spec.path))
         folders = [p for p in matches if p.is_dir() and not p.name.endswith(".tmp")]
@@ -280,13 +283,16 @@ def _tag(path: Path, spec: CheckpointSpec, several: bool) -> Checkpoint:
     return Checkpoint(path=path, policy=policy, step=int(step))
 
 
-def resolve_checkpoints(specs: Sequence[CheckpointSpec | str]) -> list[Checkpoint]:
-    """Expand paths, globs and export folders into tagged checkpoints, in config order.
+def resolve_checkpoints(specs: Sequence[CheckpointSpec | str] | str) -> list[Checkpoint]:
+    """Expand paths, globs and export folders into tagged checkpoints, in config order; a lone path or
+    glob (`runs/x/exports/step_*`) stands for a list of one.
 
     Raises:
         HarvestError: naming the path that is missing, matches nothing, has no step, or whose
             (policy, step) key repeats another checkpoint's.
     """
+    if isinstance(specs, str):  # iterating it would give its characters
+        specs = [specs]
     if not specs:
         raise HarvestError("checkpoints: the list is empty")
     resolved: list[Checkpoint] = []
@@ -934,7 +940,7 @@ def _generate_shard(
 
 def run(
     *,
-    checkpoints: list[CheckpointSpec | str],
+    checkpoints: list[CheckpointSpec | str] | str,
     prompts: str,
     out: str,
     prompt_split: str = "train",
@@ -958,7 +964,8 @@ def run(
 
     Args:
         checkpoints: Policy checkpoints (`CheckpointSpec` or a plain path / glob / export folder), each
-            tagged with a policy name and step.
+            tagged with a policy name and step; one path or glob may stand alone
+            (`--checkpoints 'runs/x/exports/step_*'`).
         prompts: Prompt dataset in the prompt-row contract (design.md §2): a parquet/jsonl file, a folder
             with `{split}.parquet`, or a `basis.tasks` preset name. It must have answers.
         out: Output folder (shards under `data/`, checksum records under `progress/`, `manifest.json`).
@@ -1179,7 +1186,7 @@ def read_rollout_records(folder: Path) -> list[tuple[int, str, str, float, str, 
                 raise HarvestError(f"{where}, field 'prompt': expected a non-empty string, got {prompt!r}")
             if reward not in (0, 1):
                 raise HarvestError(
-                    f"{where}, field 'reward': expected 0 or 1 (a verifier reward), got {reward!r}"
+                    f"{where}, field 'reward': expected 0 or 1 (a verifier reward), got {shown_value(reward)}"
                 )
             records.append((step, prompt_id, prompt, float(reward), str(file), row))
     if not records:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -91,6 +92,11 @@ class PairProblem:
         return f"{self.severity}: {where}: {self.message}"
 
 
+def shown_value(value: Any) -> str:
+    """`value` as an error message shows it: `nan`, `inf`, `'x'`, and a null as what it may stand for."""
+    return "null (a missing value; pandas writes NaN as null)" if value is None else repr(value)
+
+
 def success_rate(successes: int, n: int) -> float:
     """Fraction of successful rollouts, `successes / n`."""
     if n <= 0:
@@ -143,13 +149,38 @@ def check_shard_file(path: Path, sha256: str, rows: int) -> str | None:
     return None
 
 
+class _JsonObjectError(ValueError):
+    """A JSON object `json` parses but that is not data: a repeated key or text no UTF-8 file can hold."""
+
+
+def _json_object(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`' `object_pairs_hook`: the object, refusing what `json` passes silently: a repeated key
+    (its last value would win) and a string with a lone surrogate escape (`"\\ud800"`; Arrow cannot
+    store it)."""
+    record: dict[str, Any] = {}
+    for key, value in items:
+        if key in record:
+            raise _JsonObjectError(f"field {key!r}: appears twice in one object")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise _JsonObjectError(f"field {key!r}: not Unicode text ({err.reason}: {value!r})") from err
+        record[key] = value
+    return record
+
+
 def read_json_object(path: Path, error: type[ValueError] = PairsError) -> dict[str, Any]:
     """The JSON object in `path` (a manifest, export metadata, a prompt dictionary); `error` naming
     `path` when the file is not valid JSON or holds something else."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_json_object)
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text ({err})") from err
     except json.JSONDecodeError as err:
         raise error(f"{path}: not valid JSON ({err})") from err
+    except _JsonObjectError as err:
+        raise error(f"{path}: {err}") from err
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -158,7 +189,8 @@ def read_json_object(path: Path, error: type[ValueError] = PairsError) -> dict[s
 def manifest_shards(
     manifest: dict[str, Any], path: Path, error: type[ValueError] = PairsError
 ) -> list[ShardRecord]:
-    """The shards a manifest lists; `error` naming `path` and the entry when one is malformed."""
+    """The shards a manifest lists; `error` naming `path` and the entry when one is malformed, lies
+    outside the manifest's folder (an absolute path or `..`) or repeats an earlier one."""
     shards = manifest.get("shards")
     if not isinstance(shards, list):
         raise error(
@@ -178,6 +210,13 @@ def manifest_shards(
                 f"{path}: shards[{index}] needs a string 'path', an int 'rows' and a string 'sha256', "
                 f"got {str(entry)[:200]}"
             )
+        relative = Path(entry["path"])
+        if relative.is_absolute() or ".." in relative.parts:
+            raise error(
+                f"{path}: shards[{index}] path {entry['path']!r} must lie inside the manifest's folder"
+            )
+        if any(record.path == entry["path"] for record in records):
+            raise error(f"{path}: shards[{index}] lists {entry['path']!r} again")
         records.append(ShardRecord(entry["path"], entry["rows"], entry["sha256"], entry.get("seed")))
     return records
 
@@ -246,6 +285,8 @@ def _folder_files(folder: Path) -> list[Path]:
         if child.name.startswith("."):  # a writer's unfinished work (staging folders, temporary files)
             continue
         if child.is_dir():
+            if child.is_symlink() and folder.resolve().is_relative_to(child.resolve()):
+                raise PairsError(f"{child}: a symbolic link to {child.resolve()}, which holds it (a loop)")
             files += _folder_files(child)
         elif child.suffix in (".parquet", ".jsonl"):
             files.append(child)
@@ -355,8 +396,12 @@ def _value_problem(column: str, value: Any) -> str | None:
         return None if isinstance(value, str) else f"must be a string, got {value!r}"
     if column == "score":
         number = isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON true is a Python int
+        if number and isinstance(value, int) and abs(value) > 2**53:  # beyond what float64 holds exactly
+            return f"must be a mean reward in [-1, 1], got {value}"
         return None if number else f"must be a number, got {value!r}"
     integer = isinstance(value, int) and not isinstance(value, bool)
+    if integer and not -(2**63) <= value < 2**63:
+        return f"must fit in int64, got {value}"
     return None if integer else f"must be an integer, got {value!r}"
 
 
@@ -394,31 +439,50 @@ def _check_parquet(file: Path) -> None:
         if not _type_fits(column, arrow_type):
             values = pq.read_table(file, columns=[column]).column(column).to_pylist()
             row = next((i for i, value in enumerate(values) if value is not None), 0)
+            if pa.types.is_floating(arrow_type):  # pandas stores integers beside a null or NaN as floats
+                row = next((i for i, v in enumerate(values) if v is None or not float(v).is_integer()), row)
             raise PairsError(
                 f"{file} row {row} field {column!r}: column type {arrow_type}, expected "
-                f"{PAIR_FEATURES[column].dtype} (value {values[row]!r})"
+                f"{PAIR_FEATURES[column].dtype} (value {shown_value(values[row])})"
             )
+        # What the cast to the contract cannot hold: uint64 above int64, an integer score beyond 2**53.
+        if pa.types.is_uint64(arrow_type) or (column == "score" and pa.types.is_integer(arrow_type)):
+            limit = 2**53 if column == "score" else 2**63 - 1
+            values = pq.read_table(file, columns=[column]).column(column).to_pylist()
+            row = next(
+                (i for i, value in enumerate(values) if value is not None and abs(value) > limit), None
+            )
+            if row is not None:
+                raise PairsError(
+                    f"{file} row {row} field {column!r}: value {values[row]} does not fit "
+                    f"{PAIR_FEATURES[column].dtype}"
+                )
 
 
 def json_lines(file: Path) -> Iterator[tuple[str, Any]]:
     """`(where, value)` for every non-blank line of a JSON-lines file, `where` naming the file and line.
 
     Raises:
-        PairsError: naming the file (not UTF-8) or the line (not valid JSON).
+        PairsError: naming the file and line that is not UTF-8 or not valid JSON, or (and the field) holds
+            one object with a key twice or a string with a lone surrogate escape.
     """
-    with file.open(encoding="utf-8") as handle:
-        try:
-            lines = list(handle)
-        except UnicodeDecodeError as err:
-            raise PairsError(f"{file}: not a UTF-8 text file ({err})") from err
-    for number, line in enumerate(lines, start=1):
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:  # numbered as `open` numbers lines (`\r\n`, `\r` or `\n` ends one)
+        before = data[: err.start].decode("utf-8")
+        line = before.replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+        raise PairsError(f"{file} line {line}: not UTF-8 text ({err})") from err
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
         if not line.strip():
             continue
         where = f"{file} line {number}"
         try:
-            yield where, json.loads(line)
+            yield where, json.loads(line, object_pairs_hook=_json_object)
         except json.JSONDecodeError as err:
             raise PairsError(f"{where}: not valid JSON ({err})") from err
+        except _JsonObjectError as err:
+            raise PairsError(f"{where} {err}") from err
 
 
 def _read_jsonl(file: Path) -> list[dict[str, Any]]:
@@ -441,19 +505,35 @@ def _read_jsonl(file: Path) -> list[dict[str, Any]]:
     return rows
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """Without `datasets`' progress bars and info logs ("Generating train split"), which would land in
+    the middle of a report; the caller's settings are restored after."""
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def _load_files(path: Path, files: Sequence[Path]) -> datasets.Dataset:
     if files[0].suffix == ".parquet":
         for file in files:
             _check_parquet(file)
         data_files = [str(file) for file in files]
         try:  # types are checked, so casting to the contract only widens (int32 -> int64, float32 -> float64)
-            return datasets.load_dataset(
-                "parquet",
-                data_files=data_files,
-                columns=list(PAIR_COLUMNS),
-                features=PAIR_FEATURES,
-                split="train",
-            )
+            with _quiet_datasets():
+                return datasets.load_dataset(
+                    "parquet",
+                    data_files=data_files,
+                    columns=list(PAIR_COLUMNS),
+                    features=PAIR_FEATURES,
+                    split="train",
+                )
         except Exception as err:  # datasets wraps reader errors in DatasetGenerationError and others
             raise PairsError(f"{path}: cannot be loaded as parquet pairs ({err})") from err
     rows = [row for file in files for row in _read_jsonl(file)]
@@ -539,18 +619,24 @@ def _row_problems(row: dict, index: int, at: RowLocator) -> list[PairProblem]:
     problems = []
     for column in ("policy", "prompt_id", "prompt"):
         if not isinstance(row[column], str) or not row[column].strip():
-            problems.append(at.problem(index, column, f"must be a non-empty string, got {row[column]!r}"))
+            problems.append(
+                at.problem(index, column, f"must be a non-empty string, got {shown_value(row[column])}")
+            )
     n, successes, score, step = row["n"], row["successes"], row["score"], row["step"]
     if step is None or step < 0:
-        problems.append(at.problem(index, "step", f"must be >= 0, got {step}"))
+        problems.append(at.problem(index, "step", f"must be >= 0, got {shown_value(step)}"))
     if n is None or n <= 0:
-        problems.append(at.problem(index, "n", f"must be >= 1 rollout, got {n}"))
+        problems.append(at.problem(index, "n", f"must be >= 1 rollout, got {shown_value(n)}"))
         return problems
     if successes is None or not 0 <= successes <= n:
-        problems.append(at.problem(index, "successes", f"must lie in [0, n={n}], got {successes}"))
+        problems.append(
+            at.problem(index, "successes", f"must lie in [0, n={n}], got {shown_value(successes)}")
+        )
         return problems
     if score is None or not math.isfinite(score) or not -1.0 <= score <= 1.0:
-        problems.append(at.problem(index, "score", f"must be a finite mean reward in [-1, 1], got {score}"))
+        problems.append(
+            at.problem(index, "score", f"must be a finite mean reward in [-1, 1], got {shown_value(score)}")
+        )
     elif abs(score - (2 * successes / n - 1)) > SCORE_TOLERANCE:
         problems.append(
             at.problem(

@@ -5,10 +5,10 @@ Release rows are jsonl `{id, score, type, model, step, dataset}`; prompt text li
 `prompt_id = f"{dataset}_{id}"`, `n = 10` rollouts, `successes = round((score + 1) / 2 * 10)`, and
 `score` is rewritten as `2 * successes / n - 1` so it matches the successes exactly (release scores
 are multiples of 0.2 up to float rounding). A bad row (a prompt id without text, a score that is not
-a number, a non-integer step, a null or empty model, a (model, step, prompt id) already in this file or
-the other one) is a `PairsError` naming the file, the line (1-based) and the field. The release has two
-files: `context.jsonl` (the context pools, 512 pairs per key) and `train.jsonl` (32 query pairs per key
-on prompts disjoint from the pools).
+a number, a non-integer step, a null or empty model, an id or dataset that is neither a string nor an
+integer, a (model, step, prompt id) already in this file or the other one) is a `PairsError` naming the
+file, the line (1-based) and the field. The release has two files: `context.jsonl` (the context pools,
+512 pairs per key) and `train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
 
 Run: `python -m data_pipelines.v0_release ../shared/data/v0-release artifacts/pairs/v0-release`
 writes `context/` and `train/` parquet shards and `manifest.json` (listing both with rows and sha256, so
@@ -43,6 +43,7 @@ from data_pipelines.pairs import (
     raise_on_errors,
     read_json_object,
     sha256_file,
+    shown_value,
     staging_folder,
     validate_pairs,
 )
@@ -65,11 +66,18 @@ def release_row_to_pair(row: dict, prompts: dict[str, str], where: str) -> dict:
         raise PairsError(f"{where}: missing field(s) {missing}")
     model, step, score = row["model"], row["step"], row["score"]
     if not isinstance(model, str) or not model.strip():
-        raise PairsError(f"{where} field 'model': must be a non-empty string, got {model!r}")
+        raise PairsError(f"{where} field 'model': must be a non-empty string, got {shown_value(model)}")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise PairsError(f"{where} field 'step': must be an integer >= 0, got {step!r}")
+        raise PairsError(f"{where} field 'step': must be an integer >= 0, got {shown_value(step)}")
+    if step >= 2**63:
+        raise PairsError(f"{where} field 'step': must fit in int64, got {step}")
     if not isinstance(score, (int, float)) or isinstance(score, bool):
-        raise PairsError(f"{where} field 'score': must be a number, got {score!r}")
+        raise PairsError(f"{where} field 'score': must be a number, got {shown_value(score)}")
+    for field, value in (("dataset", row["dataset"]), ("id", row["id"])):
+        if not isinstance(value, (str, int)) or isinstance(value, bool):  # they name the prompt
+            raise PairsError(
+                f"{where} field {field!r}: must be a string or an integer, got {shown_value(value)}"
+            )
     if not -1.0 <= score <= 1.0:  # also refuses nan and inf, and never converts a huge int to float
         raise PairsError(f"{where} field 'score': must lie in [-1, 1], got {score!r}")
     prompt_id = f"{row['dataset']}_{row['id']}"

@@ -30,6 +30,7 @@ ROWS = [
     {"id": 2, "score": -1.0, "type": "context", "model": "M", "step": 16, "dataset": "dapomath"},
     {"id": 3, "score": 0.2, "type": "context", "model": "N", "step": 64, "dataset": "dapomath"},
 ]
+NULL = "null (a missing value; pandas writes NaN as null)"
 PROMPTS = {"dapomath_1": "one", "dapomath_2": "two", "dapomath_3": "three", "dapomath_4": "four"}
 
 
@@ -80,11 +81,11 @@ def test_bad_rows(tmp_path: Path, row: dict, text: str) -> None:
 @pytest.mark.parametrize(
     ("bad", "field", "text"),
     [
-        ({"score": None}, "score", "must be a number, got None"),
+        ({"score": None}, "score", f"must be a number, got {NULL}"),
         ({"score": "abc"}, "score", "must be a number, got 'abc'"),
         ({"step": "x"}, "step", "must be an integer >= 0, got 'x'"),
         ({"step": 16.7}, "step", "must be an integer >= 0, got 16.7"),
-        ({"model": None}, "model", "must be a non-empty string, got None"),
+        ({"model": None}, "model", f"must be a non-empty string, got {NULL}"),
         ({"model": " "}, "model", "must be a non-empty string, got ' '"),
     ],
 )
