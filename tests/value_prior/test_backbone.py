@@ -38,6 +38,20 @@ def test_hidden_states_per_prompt(tiny_backbone: HFBackbone) -> None:
     assert all(s.dtype == torch.float32 for s in states)
 
 
+def test_a_prompt_cut_at_max_length_is_said_once(
+    tiny_encoder_dir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Prompts past max_length were cut silently: two that differ only after it got one prediction."""
+    backbone = HFBackbone(tiny_encoder_dir, max_length=8, cache_dir=None)
+    with caplog.at_level("WARNING", logger="value_prior.backbone"):
+        backbone.hidden_states(["Q: 1+1="])
+        assert "max_length" not in caplog.text
+        backbone.hidden_states(["Q: 12+34*56-78+90*12=", "Q: 1+2="])
+        backbone.hidden_states(["Q: 98+76*54-32+10*98="])
+    (record,) = [r for r in caplog.records if "max_length=8" in r.getMessage()]
+    assert "cut to their first 8" in record.getMessage()
+
+
 def test_batching_does_not_change_states(tiny_backbone: HFBackbone, tiny_encoder_dir: str) -> None:
     prompts = ["Q: 23+45*2=", "Q: 1+1=", "Q: 7+7*7="]
     together = tiny_backbone.hidden_states(prompts)
