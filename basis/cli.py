@@ -48,6 +48,7 @@ class MLflowConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero and logger is not None and getattr(logger, "run_id", None):
             text = self.parser.dump(self.config, skip_none=False)
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
+            logger.experiment.set_tag(logger.run_id, "stage", str(getattr(stage, "value", stage)))
             config = self.config.as_dict()
             params = {key: config[key] for key in ("seed_everything", "data", "trainer") if key in config}
             params["trainer"] = {
@@ -82,13 +83,18 @@ class PolicyCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is None or not config.get("ckpt_path"):
+        if config is None:
+            return
+        logger = config.trainer.get("logger")
+        named = isinstance(logger, Namespace) and logger.init_args.get("run_name")
+        if self.subcommand != "fit" and named and not logger.init_args.get("run_id"):
+            logger.init_args.run_name = f"{logger.init_args.run_name}-{self.subcommand}"  # not the fit's name
+        if not config.get("ckpt_path"):
             return
         if config.get("weights_only") is None:
             config.weights_only = True  # checkpoints hold tensors and plain values only
         if self.subcommand != "fit":  # validate logs into a run of its own
             return
-        logger = config.trainer.get("logger")
         run_file = Path(config.model.run_dir) / "mlflow_run_id"
         if not isinstance(logger, Namespace) or not run_file.exists() or logger.init_args.get("run_id"):
             return

@@ -183,7 +183,11 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
 
         run = self.experiment.get_run(self.run_id).data
         existing, tags = run.params, run.tags  # empty for a new run
-        flat = {key: str(value)[:250] for key, value in _flatten_dict(_convert_params(params)).items()}
+        flat = {
+            key: str(value)[:250]
+            for key, value in _flatten_dict(_convert_params(params)).items()
+            if not key.startswith("_")  # LightningCLI's `_instantiator` / `_class_path` bookkeeping
+        }
         new = {key: value for key, value in flat.items() if key not in existing}
         for key, value in flat.items():
             history = tags.get(f"changed_on_resume.{key}", existing.get(key))  # "a -> b" after a change

@@ -344,6 +344,18 @@ class V0Module(L.LightningModule):
                 "on each rank's own queries, so checkpoint selection and logged figures would be wrong"
             )
 
+    def on_train_start(self) -> None:
+        # A resumed checkpoint past this fit's schedule (another run's, trained for more steps) would
+        # train at learning rate 0 and still export a "new" prior.
+        total = int(self.trainer.estimated_stepping_batches)
+        if self.trainer.global_step >= total:
+            raise ValueError(
+                f"the checkpoint resumed is at step {self.trainer.global_step}, past this fit's learning-rate "
+                f"schedule of {total} steps (trainer.max_epochs x data.batches_per_epoch), which ends at "
+                "learning rate 0: raise trainer.max_epochs to train on. --ckpt_path resumes a fit; it "
+                "does not start a fine-tune"
+            )
+
     def train(self, mode: bool = True) -> V0Module:
         super().train(mode)
         if self.freeze_head:

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from value_prior.backbone import HFBackbone, TextBackbone, utf8_error
 from value_prior.head import HeadCheckpointError, InContextHead, load_head
+from value_prior.metrics import brier, expected_calibration_error
 from value_prior.model import ResidualQueryAdapter, draw_support, prompt_features
 
 log = logging.getLogger(__name__)
@@ -172,10 +173,16 @@ class ValuePrior:
             raise ValueError("context_prompts and query_prompts must be sequences of strings, not one string")
         if len(context_prompts) == 0:
             raise ValueError("context_prompts is empty: V0 needs at least one (prompt, success) context pair")
+        if not isinstance(context_success, Tensor):
+            values = np.asarray(context_success)
+            if values.dtype.kind not in "biuf":  # np.asarray(..., float) would read "1" and "0" as numbers
+                raise ValueError(
+                    f"context_success must hold numbers (success rates in [0, 1]); got {values.dtype} values "
+                    f"such as {values.flat[0].item()!r}"
+                )
+            context_success = torch.from_numpy(values.astype(np.float64))
         success = torch.as_tensor(
-            context_success.detach().cpu()
-            if isinstance(context_success, Tensor)
-            else np.asarray(context_success, dtype=np.float64),
+            context_success.detach().cpu(),
             dtype=torch.float32,
             device="cpu",  # not the default device: the checks, labels and fallback below run here
         ).flatten()
@@ -277,6 +284,12 @@ class ValuePrior:
             cache_dir: On-disk hidden-state cache for the backbone (`None`: memory only).
         """
         path = Path(path)
+        if not path.is_dir():
+            what = "a file" if path.is_file() else "missing"
+            raise ValueError(
+                f"prior artifact {path} is {what}: a prior is the folder `value-prior fit` exports "
+                f"(model.export_dir), holding {list(FILES)}"
+            )
         missing = [name for name in FILES if not (path / name).is_file()]
         if missing:
             raise ValueError(f"prior artifact {path}: missing {missing} (expected {list(FILES)})")
@@ -403,6 +416,7 @@ class ExportPrior(L.Callback):
             },
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
+            "mlflow_run_id": getattr(trainer.logger, "run_id", None),  # the fit that exported it
         }
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "split"):
@@ -413,10 +427,11 @@ class ExportPrior(L.Callback):
                 "test_fraction": datamodule.split.test_fraction,
                 "split_salt": datamodule.split.salt,
             }
-        calibration = (1.0, 0.0)
+        calibration, calibration_metrics = (1.0, 0.0), {}
         if self.calibrate and datamodule is not None:
-            calibration = fit_platt_scaling(pl_module, datamodule.val_dataloader())
+            calibration, calibration_metrics = fit_platt_scaling(pl_module, datamodule.val_dataloader())
             info["calibration_fitted_on"] = "val"
+            info["calibration_val_metrics"] = calibration_metrics
         prior = prior_from_module(pl_module, self.max_context, calibration=calibration, info=info)
         path = prior.save(export_dir)
         log.info("exported V0 prior to %s", path)
@@ -424,6 +439,7 @@ class ExportPrior(L.Callback):
 
         if isinstance(trainer.logger, MLFlowLogger):
             trainer.logger.experiment.log_artifacts(trainer.logger.run_id, str(path), artifact_path="prior")
+            trainer.logger.log_metrics(calibration_metrics, step=trainer.global_step)
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
@@ -438,8 +454,13 @@ def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:
 
 
 @torch.no_grad()
-def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, float]:
-    """`platt_scaling` of the module's head scores on `batches` against their query success rates.
+def fit_platt_scaling(
+    module: L.LightningModule, batches: Any
+) -> tuple[tuple[float, float], dict[str, float]]:
+    """`platt_scaling` of the module's head scores on `batches` against their query success rates, and
+    the Brier score and ECE on those queries before and after it (`export/val_brier_head`,
+    `export/val_brier_calibrated`, ...): `value-prior test` and `predict` score the checkpoint's head,
+    the exported prior applies the scaling.
 
     `batches` come straight from a dataloader (on the CPU), outside the Trainer's device transfer, so
     they are moved to the module's device here.
@@ -454,7 +475,13 @@ def fit_platt_scaling(module: L.LightningModule, batches: Any) -> tuple[float, f
     log.info(
         "export: Platt scaling on %d validation queries: scale %.3f, bias %.3f", len(scores), scale, bias
     )
-    return scale, bias
+    head, calibrated = torch.sigmoid(scores), torch.sigmoid(scale * scores + bias)  # [Q], [Q]
+    metrics = {
+        f"export/val_{name}_{which}": float(metric(prob, success))
+        for name, metric in (("brier", brier), ("ece", expected_calibration_error))
+        for which, prob in (("head", head), ("calibrated", calibrated))
+    }
+    return (scale, bias), metrics
 
 
 def platt_scaling(scores: Tensor, success: Tensor) -> tuple[float, float]:

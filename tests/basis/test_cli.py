@@ -145,7 +145,8 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     assert (run_dir / "exports" / "step_000003" / "model.safetensors").exists()  # not superseded
     assert metric_steps(workdir, run_dir, "val/mean_at_k") == validated  # its numbers went elsewhere
     experiment = client.get_run(run_id).info.experiment_id
-    (check,) = client.search_runs([experiment], "attributes.run_name = 'check'")
+    (check,) = client.search_runs([experiment], "attributes.run_name = 'check-validate'")
+    assert check.data.tags["stage"] == "validate" and client.get_run(run_id).data.tags["stage"] == "fit"
     assert check.info.run_id != run_id and "val/mean_at_k" in check.data.metrics
     assert check.data.tags["ckpt_path"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
 
@@ -276,7 +277,7 @@ def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     # time (Lightning's distributed sampler would keep every other of a rank's batches)
     validate = basis_cmd(workdir, run_dir, *ddp[:2], "--data.val_prompts=7", "--data.val_batch_size=2")
     validate[validate.index("fit")] = "validate"
-    validate.append("--trainer.logger.init_args.run_name=ddp-validate")
+    validate.append("--trainer.logger.init_args.run_name=ddp")  # logged as ddp-validate
     subprocess.run(validate, env=env(workdir), check=True, capture_output=True)
     (run,) = client.search_runs(
         [client.get_run((run_dir / "mlflow_run_id").read_text()).info.experiment_id],

@@ -105,6 +105,7 @@ def test_single_class_context_falls_back_to_the_mean(prior: ValuePrior) -> None:
         (CONTEXT, SUCCESS, [*QUERIES, "Q: 1+1= \ud83d"], r"query_prompts\[4\] = .* is not valid Unicode"),
         ([*CONTEXT[:-1], "\udc80"], SUCCESS, QUERIES, r"context_prompts\[7\] = .* is not valid Unicode"),
         (CONTEXT, SUCCESS, "Q: 1+1=", "not one string"),
+        (CONTEXT, ["1", "0"] * 4, QUERIES, "context_success must hold numbers .* such as '1'"),
     ],
 )
 def test_bad_inputs_are_named(prior: ValuePrior, context, success, queries, text: str) -> None:
@@ -230,6 +231,9 @@ def test_broken_artifacts_are_named(prior: ValuePrior, tmp_path: Path, tiny_enco
     (path / "adapter.safetensors").rename(path / "moved")
     with pytest.raises(ValueError, match=r"missing \['adapter.safetensors'\]"):
         ValuePrior.load(path)
+    # a file (say a training checkpoint) was reported as missing all four files
+    with pytest.raises(ValueError, match=r"prior artifact .*moved is a file: a prior is the folder"):
+        ValuePrior.load(path / "moved")
     path = prior.save(tmp_path / "wrong_head")
     torch.save({"epoch": 3, "state_dict": {}}, path / "head.ckpt")
     with pytest.raises(ValueError, match=r"head\.ckpt: not a TabPFN checkpoint"):
@@ -352,11 +356,16 @@ def test_platt_scaling_never_reverses_the_ranking(
         return [b._replace(query_success=torch.sigmoid(scale * s + bias)) for b, s in zip(batches, scores)]
 
     with caplog.at_level("WARNING", logger="value_prior.prior"):
-        scale, bias = fit_platt_scaling(module, relabelled(-3.0, 0.5))
+        (scale, bias), metrics = fit_platt_scaling(module, relabelled(-3.0, 0.5))
     mean = torch.cat([b.query_success.flatten() for b in relabelled(-3.0, 0.5)]).mean()
     assert scale == 0.0 and bias == pytest.approx(float(torch.logit(mean)), abs=1e-5)
     assert "no better than chance" in caplog.text
-    assert fit_platt_scaling(module, relabelled(3.0, 0.5)) == pytest.approx((3.0, 0.5), abs=1e-2)
+    assert metrics["export/val_brier_calibrated"] < metrics["export/val_brier_head"]  # the mean is better
+    (scale, bias), metrics = fit_platt_scaling(module, relabelled(3.0, 0.5))
+    assert (scale, bias) == pytest.approx((3.0, 0.5), abs=1e-2)
+    # outcomes drawn as sigmoid(3 s + 0.5): the scaling recovers them, the raw head (scale 1, bias 0) does not
+    assert metrics["export/val_brier_calibrated"] < 1e-4 < metrics["export/val_brier_head"]
+    assert metrics["export/val_ece_calibrated"] < metrics["export/val_ece_head"]
 
 
 @pytest.mark.gpu
@@ -365,5 +374,5 @@ def test_platt_scaling_runs_the_validation_batches_on_the_module_device(
 ) -> None:
     module, data = tiny_module_and_data(tiny_backbone, shipped_head, tiny_pairs_path, tmp_path / "prior")
     data.setup("fit")
-    scale, bias = fit_platt_scaling(module.to("cuda"), data.val_dataloader())  # batches come on the CPU
+    (scale, bias), _ = fit_platt_scaling(module.to("cuda"), data.val_dataloader())  # batches come on the CPU
     assert math.isfinite(scale) and math.isfinite(bias)

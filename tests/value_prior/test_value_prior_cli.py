@@ -5,9 +5,11 @@ The shipped checkpoint callbacks are also run in process (fast) to check what `-
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import datasets
@@ -109,7 +111,11 @@ def test_a_resumed_fit_continues_its_mlflow_run(
         "--data.query_pairs", "2",
         "--data.batches_per_epoch", "1",
     ]  # fmt: skip
-    main(["fit", *overrides, "--trainer.max_epochs", "1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", *overrides, "--trainer.max_epochs", "1"])
+    # the run id used to be written into the checkpoint folder before ModelCheckpoint looked at it
+    assert not any("exists and is not empty" in str(w.message) for w in caught)
     main(["fit", *overrides, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     mlflow.set_tracking_uri(mlflow_store)
     (run,) = mlflow.MlflowClient().search_runs([mlflow.get_experiment_by_name("value-prior").experiment_id])
@@ -284,3 +290,90 @@ def test_bad_input_ends_with_one_line(
     err = capsys.readouterr().err
     assert err.startswith("value-prior: error: ") and str(tmp_path / "missing") in err
     assert "Traceback" not in err
+
+
+def run_overrides(run: Path, tiny_encoder_dir: str, tiny_pairs_path: str) -> list[str]:
+    """The pairs config shrunk to the tiny encoder, with its checkpoints and prior under `run`."""
+    config = yaml.safe_load((REPO / "configs" / "value_prior" / "v0_pairs_minilm.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if "dirpath" in callback.get("init_args", {}):
+            callback["init_args"]["dirpath"] = str(run / "checkpoints")
+    config["trainer"]["logger"]["init_args"]["run_name"] = run.name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return [
+        "--config", str(run / "config.yaml"),
+        "--model.backbone.init_args.model", tiny_encoder_dir,
+        "--model.backbone.init_args.max_length", "32",
+        "--model.backbone.init_args.cache_dir", str(run.parent / "cache"),
+        "--model.export_dir", str(run / "prior"),
+        "--data.pairs", tiny_pairs_path,
+        "--data.support_size", "16",
+        "--data.query_pairs", "2",
+        "--data.batches_per_epoch", "1",
+    ]  # fmt: skip
+
+
+def test_a_checkpoint_restores_weights_never_settings(
+    tmp_path: Path,
+    tiny_encoder_dir: str,
+    tiny_pairs_path: str,
+    mlflow_store: str,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """`fit --ckpt_path <another run's best.ckpt>` merged that run's saved settings over the config and
+    the flags: it exported into the other run's export_dir, overwriting its prior, with the other run's
+    learning rate. `--ckpt_path best` failed outside `fit`; a prior folder or a head checkpoint ended in
+    a traceback. In process."""
+    import mlflow
+
+    from value_prior.cli import main
+
+    first = run_overrides(tmp_path / "first", tiny_encoder_dir, tiny_pairs_path)
+    main(["fit", *first, "--trainer.max_epochs", "1", "--data.batches_per_epoch", "3"])  # 3 steps
+    first_prior = (tmp_path / "first" / "prior" / "adapter.safetensors").read_bytes()
+    best = tmp_path / "first" / "checkpoints" / "best.ckpt"
+    second = run_overrides(tmp_path / "second", tiny_encoder_dir, tiny_pairs_path)
+    resume = ["--trainer.max_epochs", "2", "--data.batches_per_epoch", "3", "--ckpt_path", str(best)]
+    main(["fit", *second, *resume, "--model.lr", "0.05"])
+    assert (tmp_path / "first" / "prior" / "adapter.safetensors").read_bytes() == first_prior
+    exported = json.loads((tmp_path / "second" / "prior" / "config.json").read_text())
+    client = mlflow.MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("value-prior").experiment_id
+    (fit,) = client.search_runs([experiment], "attributes.run_name = 'second'")
+    assert fit.data.params["lr"] == "0.05" and fit.data.tags["stage"] == "fit"
+    assert exported["info"]["mlflow_run_id"] == fit.info.run_id
+    assert {"export/val_brier_head", "export/val_brier_calibrated"} <= set(fit.data.metrics)
+    assert fit.data.params["backbone/init_args/max_length"] == "32"
+    assert fit.data.params["trainer/max_epochs"] == "2"  # this fit's, not the checkpoint's run's
+    assert not any(key.startswith("_") for key in fit.data.params)
+
+    main(["test", *second, "--ckpt_path", "best"])  # Lightning knows `best` only while fitting
+    (test,) = client.search_runs([experiment], "attributes.run_name = 'second-test'")
+    assert test.data.tags["stage"] == "test" and "test/gauc" in test.data.metrics
+    assert test.data.tags["ckpt_path"] == str((tmp_path / "second" / "checkpoints" / "best.ckpt").resolve())
+    main(["predict", *second, "--ckpt_path", "best"])
+    (predict,) = client.search_runs([experiment], "attributes.run_name = 'second-predict'")
+    assert [a.path for a in client.list_artifacts(predict.info.run_id)] == [
+        "config.yaml",
+        "predictions.parquet",
+    ]
+    capsys.readouterr()
+
+    wrong = {
+        tmp_path / "first" / "prior": "is an exported prior folder, not a training checkpoint",
+        tmp_path / "first" / "prior" / "head.ckpt": "is not a Lightning training checkpoint",
+        tmp_path / "missing.ckpt": "does not exist",
+    }
+    for path, message in wrong.items():
+        with pytest.raises(SystemExit):
+            main(["test", *second, "--ckpt_path", str(path)])
+        assert f"value-prior: error: --ckpt_path {path} {message}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["test", *second, "--model.query_dim", "4", "--ckpt_path", str(best)])
+    assert "model.query_dim=8 (config: 4)" in capsys.readouterr().err
+    # resumed past this fit's schedule (3 steps done of 2 x 1): it would train at learning rate 0
+    with pytest.raises(SystemExit):
+        main(["fit", *second, "--trainer.max_epochs", "2", "--ckpt_path", str(best), "--model.export_dir", str(tmp_path / "third")])  # fmt: skip
+    assert "past this fit's learning-rate schedule" in capsys.readouterr().err
+    assert not (tmp_path / "third").exists()
