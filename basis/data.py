@@ -16,6 +16,7 @@ Run it through the trainer's CLI: `basis fit --config configs/policy/grpo_tiny.y
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -116,7 +117,7 @@ class PromptDataModule(L.LightningDataModule):
         prompts_per_step: Prompts per RL step on each rank (the global batch is this times the ranks).
         val_prompts: Validation prompts used (a fixed seeded subset; 0 means all).
         val_batch_size: Validation prompts per validation batch.
-        seed: Seed of the training prompt order.
+        seed: Seed of the training prompt order (None: `global_seed`).
         val_seed: Seed of the validation subset; kept apart from `seed` (set by `seed_everything`) so
             that every training seed is measured on the same held-out prompts.
     """
@@ -131,7 +132,7 @@ class PromptDataModule(L.LightningDataModule):
         prompts_per_step: int = 16,
         val_prompts: int = 256,
         val_batch_size: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
         val_seed: int = 0,
     ) -> None:
         super().__init__()
@@ -144,7 +145,7 @@ class PromptDataModule(L.LightningDataModule):
         self.column_map = column_map
         self.prompts_per_step = prompts_per_step
         self.val_prompts, self.val_batch_size = val_prompts, val_batch_size
-        self.seed, self.val_seed = seed, val_seed
+        self.seed, self.val_seed = global_seed(seed), val_seed
         self.train_rows: list[PromptRow] = []
         self.val_rows: list[PromptRow] = []
 
@@ -213,6 +214,14 @@ def seed_for(*parts: int) -> int:
 
 def as_long(values: list[int]) -> torch.Tensor:
     return torch.as_tensor(values, dtype=torch.long)
+
+
+def global_seed(seed: int | None) -> int:
+    """`seed`, or for None the global seed `lightning.seed_everything` exported (PL_GLOBAL_SEED), else 0.
+
+    The modules' seeds default to it, so that from Python `L.seed_everything(s)` seeds their rollouts,
+    prompt order and episodes as the CLIs' `seed_everything` does (it used to change nothing there)."""
+    return int(seed) if seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def seed_of(seed_everything: bool | int | None) -> int:

@@ -61,7 +61,7 @@ from basis.advantages import (
     fused_baseline,
     osla_extra_rollouts,
 )
-from basis.data import PromptRow, ValBatch, seed_for
+from basis.data import PromptRow, ValBatch, global_seed, seed_for
 from basis.losses import (
     aggregate_loss,
     entropy_from_logits,
@@ -175,7 +175,7 @@ class PolicyTrainer(L.LightningModule):
         export_every_n_steps: Export the policy in HF format every N RL steps (0 = only at the end).
         checkpoint_every_n_steps: Lightning checkpoint (`last.ckpt`) every N RL steps.
         run_dir: Folder for checkpoints, exports, rollout records and the MLflow run id.
-        seed: Base seed for sampling and mini-batch order.
+        seed: Base seed for sampling and mini-batch order (None: the global seed, `basis.data.global_seed`).
         torch_threads: Intra-op threads per process (None leaves torch's default). On 2-core
             machines one thread is much faster next to a busy core.
     """
@@ -223,10 +223,11 @@ class PolicyTrainer(L.LightningModule):
         export_every_n_steps: int = 0,
         checkpoint_every_n_steps: int = 1,
         run_dir: str = "runs/policy",
-        seed: int = 0,
+        seed: int | None = None,
         torch_threads: int | None = 1,
     ) -> None:
         super().__init__()
+        seed = global_seed(seed)  # resolved before it is saved, as group_size
         if group_size is None:  # resolved before it is saved, so checkpoints and MLflow hold the number
             group_size = DEFAULT_GROUP_SIZE.get(advantage, 8)
         self.save_hyperparameters(ignore=["engine", "optimizer", "lr_scheduler", "prior"])

@@ -18,6 +18,13 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def no_global_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Modules' seeds default to the global one (PL_GLOBAL_SEED); an earlier test's seed_everything must
+    not change a later test's runs."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

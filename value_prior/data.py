@@ -34,6 +34,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from basis.data import global_seed
 from data_pipelines.pairs import load_valid_pairs, pool_key
 from value_prior.model import EpisodeBatch, draw_support
 
@@ -292,7 +293,8 @@ class PairsDataModule(L.LightningDataModule):
         batches_per_epoch: Steps per epoch (validation runs after each).
         eval_context_size: Most context pairs per pool at evaluation.
         label_threshold: Success rate at or above which a pair is a success.
-        seed: Seed of the episode stream and evaluation subsamples.
+        seed: Seed of the episode stream and evaluation subsamples (None: the global seed,
+            `basis.data.global_seed`).
     """
 
     def __init__(
@@ -308,9 +310,10 @@ class PairsDataModule(L.LightningDataModule):
         batches_per_epoch: int = 100,
         eval_context_size: int = 512,
         label_threshold: float = 0.5,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
+        seed = global_seed(seed)  # resolved before it is saved
         self.save_hyperparameters()
         if support_size < 2 or query_pairs < 1 or episodes_per_batch < 1 or batches_per_epoch < 1:
             raise ValueError(

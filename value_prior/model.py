@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from basis.data import global_seed
 from value_prior.backbone import HFBackbone, TextBackbone
 from value_prior.head import load_head
 from value_prior.metrics import grouped_auc, score_predictions
@@ -280,7 +281,7 @@ class V0Module(L.LightningModule):
         warmup_frac: Share of the total steps spent in linear warm-up before the cosine decay.
         label_threshold: Success rate at or above which a context pair is labelled a success.
         export_dir: Where `fit` exports the frozen prior artifact (`None`: no export).
-        seed: Seed of the adapter initialisation.
+        seed: Seed of the adapter initialisation (None: the global seed, `basis.data.global_seed`).
     """
 
     def __init__(
@@ -305,7 +306,7 @@ class V0Module(L.LightningModule):
         warmup_frac: float = 0.05,
         label_threshold: float = 0.5,
         export_dir: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if pair_weight < 0 or ce_weight < 0 or pair_weight + ce_weight == 0:
@@ -318,6 +319,7 @@ class V0Module(L.LightningModule):
             )
         if not 0 <= warmup_frac < 1:
             raise ValueError(f"warmup_frac must lie in [0, 1), got {warmup_frac}")
+        seed = global_seed(seed)  # resolved before it is saved
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone if backbone is not None else HFBackbone()
         self.head_path = DEFAULT_HEAD if head == "default" else head

@@ -276,6 +276,20 @@ def test_seed_everything_seeds_the_model_and_the_data(
     assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
 
 
+def test_seed_everything_seeds_the_modules_from_python_too(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str
+) -> None:
+    """From Python, `L.seed_everything(s)` left every module seed at 0: a seed sweep gave copies of one run."""
+    L.seed_everything(7)
+    module, data = V0Module(backbone=tiny_backbone, head=shipped_head), PairsDataModule(tiny_pairs_path)
+    assert module.hparams.seed == 7 and data.hparams.seed == 7
+    module, data = (
+        V0Module(backbone=tiny_backbone, head=shipped_head, seed=3),
+        PairsDataModule(tiny_pairs_path, seed=3),
+    )
+    assert module.hparams.seed == 3 and data.hparams.seed == 3  # an explicit seed wins
+
+
 def test_bad_input_ends_with_one_line(
     tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, capsys: pytest.CaptureFixture
 ) -> None:
