@@ -204,11 +204,18 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Lightning's, plus the exception as tag `error` on a failed run: Lightning calls this from
-        inside its `except` block, so the error in flight is the one that ended the run."""
+        """Lightning's, plus the exception as tag `error` on a failed run (Lightning calls this from inside
+        its `except` block, so the error in flight is the one that ended the run); a continued run that
+        finishes drops the `error` of the attempt before it."""
         error = sys.exc_info()[1]
         if status == "failed" and error is not None and self._initialized:
             self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+        elif (
+            status == "success"
+            and self._initialized
+            and "error" in self.experiment.get_run(self.run_id).data.tags
+        ):
+            self.experiment.delete_tag(self.run_id, "error")
         super().finalize(status)
 
 

@@ -168,9 +168,12 @@ class ValuePrior:
         context_prompts: Sequence[str],
         context_success: Sequence[float] | Tensor,
         query_prompts: Sequence[str],
-    ) -> Tensor:
+    ) -> tuple[list[str], Tensor, list[str]]:
+        """The prompts as lists and the success rates as a float32 tensor, once every input is checked."""
         if isinstance(context_prompts, str) or isinstance(query_prompts, str):
             raise ValueError("context_prompts and query_prompts must be sequences of strings, not one string")
+        # by position: a pandas Series with another index would be read by label (KeyError: 0)
+        context_prompts, query_prompts = list(context_prompts), list(query_prompts)
         if len(context_prompts) == 0:
             raise ValueError("context_prompts is empty: V0 needs at least one (prompt, success) context pair")
         if not isinstance(context_success, Tensor):
@@ -196,7 +199,7 @@ class ValuePrior:
             raise ValueError(f"context_success[{i}] = {float(success[i])} is not a success rate in [0, 1]")
         _check_prompts("context_prompts", context_prompts)
         _check_prompts("query_prompts", query_prompts)
-        return success
+        return context_prompts, success, query_prompts
 
     @torch.no_grad()
     def predict(
@@ -206,7 +209,9 @@ class ValuePrior:
         query_prompts: Sequence[str],
     ) -> Tensor:
         """V0(x): float32 `[Q]` success probabilities of `query_prompts` given the policy's context."""
-        success = self._check_inputs(context_prompts, context_success, query_prompts)
+        context_prompts, success, query_prompts = self._check_inputs(
+            context_prompts, context_success, query_prompts
+        )
         if len(query_prompts) == 0:
             return torch.zeros(0, dtype=torch.float32, device="cpu")
         labels = success >= self.label_threshold  # [N]

@@ -255,6 +255,19 @@ def test_seed_everything_seeds_the_trainer_and_the_data(workdir: Path) -> None:
     assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
 
 
+def test_seed_everything_seeds_the_trainer_and_the_data_from_python_too(workdir: Path) -> None:
+    """From Python, `L.seed_everything(s)` left the rollout and prompt-order seeds at 0."""
+    import lightning as L
+
+    from basis.data import PromptDataModule
+    from basis.trainer import PolicyTrainer
+
+    L.seed_everything(7)
+    module, data = PolicyTrainer(str(workdir / "tiny")), PromptDataModule(str(workdir / "task"))
+    assert module.hparams.seed == 7 and data.seed == 7
+    assert PolicyTrainer(str(workdir / "tiny"), seed=3).hparams.seed == 3  # an explicit seed wins
+
+
 def test_ddp_on_two_cpu_processes_shards_prompts(workdir: Path) -> None:
     run_dir = workdir / "ddp"
     ddp = ("--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_steps=2")
@@ -380,7 +393,7 @@ def test_only_our_own_checks_end_without_a_traceback(monkeypatch: pytest.MonkeyP
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "basis: error: unknown verifier 'nope'; known: ['arithmetic', 'math']\n"
     with pytest.raises(SystemExit), input_errors("basis"):
-        open("/nonexistent/file")  # a missing file is bad input wherever it is found missing
+        Path("/nonexistent/file").read_text()  # a missing file is bad input wherever it is found missing
     with pytest.raises(ValueError, match="invalid literal"), input_errors("basis"):
         int("x")  # raised outside this project: a bug to trace, not an input to name
     monkeypatch.setenv("BASIS_TRACEBACK", "1")
@@ -399,3 +412,22 @@ def test_a_failed_script_run_says_why(mlflow_store: str) -> None:
     )
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "ValueError: prompts.parquet row 3 field 'answer': empty"
+
+
+def test_a_continued_run_that_finishes_drops_the_earlier_error(mlflow_store: str) -> None:
+    """A run interrupted, then resumed to its end, stayed tagged `error: KeyboardInterrupt` though FINISHED."""
+    from basis.tracking import MLflowLogger
+
+    first = MLflowLogger(experiment_name="resumed", tracking_uri=mlflow_store)
+    first.log_metrics({"train/reward_mean": 0.5}, step=1)  # the run exists
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        first.finalize("failed")
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(first.run_id).data.tags["error"] == "KeyboardInterrupt: "
+    continued = MLflowLogger(experiment_name="resumed", tracking_uri=mlflow_store, run_id=first.run_id)
+    continued.log_metrics({"train/reward_mean": 0.75}, step=2)
+    continued.finalize("success")
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags

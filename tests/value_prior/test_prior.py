@@ -113,6 +113,16 @@ def test_bad_inputs_are_named(prior: ValuePrior, context, success, queries, text
         prior.predict(context, success, queries)
 
 
+def test_pandas_series_are_read_by_position(prior: ValuePrior) -> None:
+    """A Series whose index does not start at 0 (a filtered DataFrame's column) raised KeyError: 0."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"prompt": CONTEXT, "success": SUCCESS}, index=range(10, 10 + len(CONTEXT)))
+    queries = pd.Series(QUERIES, index=range(5, 5 + len(QUERIES)))
+    expected = prior.predict(CONTEXT, SUCCESS, QUERIES)
+    torch.testing.assert_close(prior.predict(frame["prompt"], frame["success"], queries), expected)
+
+
 def test_features_are_cached_per_prompt(prior: ValuePrior, monkeypatch: pytest.MonkeyPatch) -> None:
     prior.predict(CONTEXT, SUCCESS, QUERIES)
     calls = []
