@@ -31,12 +31,11 @@ def make_trainer(run_dir: Path, steps: int, **trainer_kwargs) -> L.Trainer:
     return L.Trainer(
         accelerator="cpu",
         max_steps=steps,
-        logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         default_root_dir=run_dir,
-        **{"limit_val_batches": 0, **trainer_kwargs},
+        **{"limit_val_batches": 0, "logger": False, **trainer_kwargs},
     )
 
 
@@ -360,6 +359,27 @@ def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(
     )
     # an engine with its own weights (SGLang) would otherwise sample the resumed step from model_path
     assert calls == ["update_weights", "generate", "update_weights"]
+
+
+def test_a_reused_logger_or_a_missing_datamodule_is_refused(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """One MLflowLogger object passed to a second fit (another module and run_dir) merged it into the first
+    run: its metrics were dropped as already logged and its params recorded as changes on resume. A fit
+    without a datamodule ended in Lightning's "train_dataloader must be implemented"."""
+    from basis.tracking import MLflowLogger
+
+    logger = MLflowLogger(experiment_name="reused", tracking_uri=mlflow_store)
+    make_trainer(tmp_path / "a", steps=1, logger=logger).fit(
+        make_module(tiny_lm_path, tmp_path / "a"), datamodule=data(task_dir)
+    )
+    with pytest.raises(ValueError, match="draws its prompts from a PromptDataModule"):
+        make_trainer(tmp_path / "b", steps=1).fit(make_module(tiny_lm_path, tmp_path / "b"))  # no datamodule
+    with pytest.raises(ValueError, match=f"MLflow run {logger.run_id} already holds training steps 1...1"):
+        make_trainer(tmp_path / "b", steps=1, logger=logger).fit(
+            make_module(tiny_lm_path, tmp_path / "b"), datamodule=data(task_dir)
+        )
+    assert not (tmp_path / "b" / "rollouts").exists()
 
 
 def test_validating_a_checkpoint_syncs_the_engine_first(
