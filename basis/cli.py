@@ -87,7 +87,7 @@ class PolicyCLI(LightningCLI):
             return
         logger = config.trainer.get("logger")
         named = isinstance(logger, Namespace) and logger.init_args.get("run_name")
-        if self.subcommand != "fit" and named and not logger.init_args.get("run_id"):
+        if self.subcommand not in (None, "fit") and named and not logger.init_args.get("run_id"):
             logger.init_args.run_name = f"{logger.init_args.run_name}-{self.subcommand}"  # not the fit's name
         if not config.get("ckpt_path"):
             return

@@ -94,6 +94,8 @@ def _keep_float64_states(metric: Metric) -> None:
     `bf16-true` / `16-true` precision applies to the whole LightningModule: bf16 sums of pass@k over
     1,000 prompts are off by ~5e-3 and counts above 256 round.
     """
+    # torchmetrics internals, checked against torchmetrics 1.9: `_dtype_convert` marks an explicit
+    # `set_dtype`, `_defaults` holds the reset values
     if metric._dtype_convert:  # an explicit `set_dtype`
         return
     for name, default in metric._defaults.items():

@@ -791,17 +791,28 @@ def write_arithmetic_task(
             staged[split] = (path.with_name(f".{path.name}.partial"), path)
             dataset.to_parquet(str(staged[split][0]))
         for partial, path in staged.values():
-            if path.exists() and path.read_bytes() != partial.read_bytes():
+            if path.exists() and not _same_table(path, partial):
                 raise ValueError(
                     f"{path} exists and differs from this task (seed={seed}, n_train={n_train}, "
                     f"n_val={n_val}, n_test={n_test}); nothing was written: remove it or choose another folder"
                 )
         for partial, path in staged.values():
-            partial.replace(path)
+            if not path.exists():  # else it holds this very table already
+                partial.replace(path)
     finally:
         for partial, _ in staged.values():
             partial.unlink(missing_ok=True)
     return {split: path for split, (_, path) in staged.items()}
+
+
+def _same_table(a: Path, b: Path) -> bool:
+    """Whether two parquet files hold the same table (their footers also name the writer's version)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(a).equals(pq.read_table(b))
+    except Exception:  # not parquet we can read: not the same task
+        return False
 
 
 def main() -> None:

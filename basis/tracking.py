@@ -228,7 +228,8 @@ def tag_evaluated_checkpoint(trainer: Any) -> None:
 
 
 PACKAGE_ROOTS = tuple(
-    str(Path(__file__).resolve().parents[1] / name) for name in ("basis", "value_prior", "data_pipelines")
+    os.path.join(os.path.realpath(Path(__file__).parents[1] / name), "")
+    for name in ("basis", "value_prior", "data_pipelines")
 )
 
 
@@ -236,15 +237,21 @@ PACKAGE_ROOTS = tuple(
 def input_errors(prog: str) -> Iterator[None]:
     """End a console command on bad input with `prog: error: <message>` and exit status 2.
 
-    Bad input is a `ValueError` raised by this project's own checks (which name the file, row or setting)
-    or a missing file. A `ValueError` from inside a library is not ours to judge and keeps its traceback,
+    Bad input is a `ValueError` raised by a `raise` statement of this project's own checks (which name the
+    file, row or setting) or a missing file; a `ValueError` of a builtin called on one of our lines
+    (`int("x")`) is a bug and keeps its traceback. A `ValueError` from inside a library is not ours to judge and keeps its traceback,
     as does everything with `BASIS_TRACEBACK=1` set.
     """
     try:
         yield
     except (ValueError, FileNotFoundError) as err:
         frames = traceback.extract_tb(err.__traceback__)
-        ours = bool(frames) and frames[-1].filename.startswith(PACKAGE_ROOTS)
+        last = frames[-1] if frames else None
+        ours = (  # our own `raise`, not int("x") or a failed unpacking on one of our lines
+            last is not None
+            and os.path.realpath(last.filename).startswith(PACKAGE_ROOTS)
+            and (last.line or "").lstrip().startswith("raise")
+        )
         if os.environ.get("BASIS_TRACEBACK") or not (ours or isinstance(err, FileNotFoundError)):
             raise
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -336,9 +336,8 @@ class PolicyTrainer(L.LightningModule):
             if isinstance(self.engine, HFEngine):
                 self.engine.synced_gpus = True  # sharded forward passes are collectives: decode in lockstep
         datamodule = self.trainer.datamodule
-        if (
-            datamodule is None and stage == "fit"
-        ):  # Lightning would say "train_dataloader must be implemented"
+        # without this, Lightning would say "train_dataloader must be implemented"
+        if datamodule is None and stage == "fit":
             raise ValueError(
                 "PolicyTrainer draws its prompts from a PromptDataModule: trainer.fit(module, datamodule=...)"
             )
@@ -363,11 +362,12 @@ class PolicyTrainer(L.LightningModule):
     def on_train_start(self) -> None:
         # Only now is the checkpoint (if any) restored under every strategy (FSDP restores after
         # on_fit_start): outputs of steps after it, or all of an earlier run's, are not this run's.
-        if self.rl_step == 0 and self._last_logged["train"] >= 0:  # a logger object reused from Python
+        logged = self.trainer.strategy.broadcast(self._last_logged["train"], src=0)  # known on rank 0 only
+        if self.rl_step == 0 and logged >= 0:  # a logger object reused from Python: every rank stops
             raise ValueError(
-                f"the logger's MLflow run {self.logger.run_id} already holds training steps 1..."
-                f"{self._last_logged['train']} of another fit; a fresh fit needs a new MLflowLogger (one "
-                "logger is one run), a resumed one its checkpoint (ckpt_path)"
+                f"the logger's MLflow run {getattr(self.logger, 'run_id', None)} already holds training steps "
+                f"1...{logged} of another fit; a fresh fit needs a new MLflowLogger (one logger is one run), a "
+                "resumed one its checkpoint (ckpt_path)"
             )
         self.set_aside_later_outputs()
         if self.rl_step > 0:  # resumed: an engine with its own copy (SGLang) still holds model_path's

@@ -25,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import seed_of
-from basis.tracking import input_errors, tag_evaluated_checkpoint
+from basis.tracking import MLflowLogger, input_errors, tag_evaluated_checkpoint
 
 
 def prior_fit_main(argv: Sequence[str]) -> None:
@@ -74,21 +74,24 @@ class LogConfigToMLflow(SaveConfigCallback):
             trainer.logger.experiment.set_tag(
                 trainer.logger.run_id, "stage", str(getattr(stage, "value", stage))
             )
-            # what the module's own hyperparameters lack: the backbone (an object) and the trainer settings
+            # what the module's own hyperparameters lack: the backbone (an object) and the trainer settings,
+            # through our logger only: Lightning's refuses a value changed on resume (a raised max_epochs)
             config = self.config.as_dict()
-            trainer.logger.log_hyperparams(
-                {
-                    "seed_everything": config.get("seed_everything"),
-                    "backbone": config["model"].get("backbone"),
-                    "trainer": {
-                        k: v for k, v in config["trainer"].items() if k not in ("logger", "callbacks")
-                    },
-                }
-            )
+            if isinstance(trainer.logger, MLflowLogger):
+                trainer.logger.log_hyperparams(
+                    {
+                        "seed_everything": config.get("seed_everything"),
+                        "backbone": config["model"].get("backbone"),
+                        "trainer": {
+                            k: v for k, v in config["trainer"].items() if k not in ("logger", "callbacks")
+                        },
+                    }
+                )
 
 
-ARCHITECTURE = ("head", "num_queries", "query_dim", "num_heads", "bottleneck", "pooling")
-"""V0Module settings that decide the shapes of a checkpoint's weights."""
+ARCHITECTURE = ("num_queries", "query_dim", "num_heads", "bottleneck", "pooling")
+"""V0Module settings that decide the shapes of a checkpoint's weights (`head` is a path: one file has many
+spellings, and the strict weight load checks its shapes)."""
 
 
 class V0CLI(LightningCLI):

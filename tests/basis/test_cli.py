@@ -253,6 +253,16 @@ def test_seed_everything_seeds_the_trainer_and_the_data(workdir: Path) -> None:
     args = ["--config", str(workdir / "config.yaml"), "--seed_everything=7", "--trainer.logger=false"]
     cli = PolicyCLI(PolicyTrainer, PromptDataModule, run=False, args=args)
     assert cli.model.hparams.seed == 7 and cli.datamodule.seed == 7
+    # no subcommand (run=False) is no evaluation: the run keeps its name (it was named 'x-None')
+    args = [
+        "--config", str(workdir / "config.yaml"),
+        "--trainer.logger.class_path=basis.tracking.MLflowLogger", "--trainer.logger.init_args.run_name=x",
+    ]  # fmt: skip
+    env_uri = {"MLFLOW_TRACKING_URI": env(workdir)["MLFLOW_TRACKING_URI"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", env_uri["MLFLOW_TRACKING_URI"])
+        cli = PolicyCLI(PolicyTrainer, PromptDataModule, run=False, args=args)
+    assert cli.trainer.logger._run_name == "x"
 
 
 def test_seed_everything_seeds_the_trainer_and_the_data_from_python_too(workdir: Path) -> None:
@@ -396,6 +406,12 @@ def test_only_our_own_checks_end_without_a_traceback(monkeypatch: pytest.MonkeyP
         Path("/nonexistent/file").read_text()  # a missing file is bad input wherever it is found missing
     with pytest.raises(ValueError, match="invalid literal"), input_errors("basis"):
         int("x")  # raised outside this project: a bug to trace, not an input to name
+    from basis.data import global_seed
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "abc")
+    with pytest.raises(ValueError, match="invalid literal"), input_errors("basis"):
+        global_seed(None)  # int("abc") on one of our lines, not a `raise` of ours: keeps its traceback
+    monkeypatch.delenv("PL_GLOBAL_SEED")
     monkeypatch.setenv("BASIS_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown verifier"), input_errors("basis"):
         get_verifier("nope")

@@ -388,6 +388,10 @@ def test_write_arithmetic_task_never_replaces_other_files(tmp_path: Path) -> Non
     paths = write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=5, n_test=5)
     before = {split: path.read_bytes() for split, path in paths.items()}
     assert write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=5, n_test=5) == paths  # same task
+    # the same rows written otherwise (another compression, another pyarrow's footer) are the same task
+    pq.write_table(pq.read_table(paths["train"]), paths["train"], compression="gzip")
+    before["train"] = paths["train"].read_bytes()
+    assert write_arithmetic_task(tmp_path, seed=1, n_train=20, n_val=5, n_test=5) == paths
     with pytest.raises(ValueError, match=r"train\.parquet exists and differs .*seed=2.*nothing was written"):
         write_arithmetic_task(tmp_path, seed=2, n_train=20, n_val=5, n_test=5)
     assert {split: path.read_bytes() for split, path in paths.items()} == before

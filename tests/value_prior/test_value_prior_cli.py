@@ -383,6 +383,10 @@ def test_a_checkpoint_restores_weights_never_settings(
         with pytest.raises(SystemExit):
             main(["test", *second, "--ckpt_path", str(path)])
         assert f"value-prior: error: --ckpt_path {path} {message}" in capsys.readouterr().err
+    from value_prior.model import DEFAULT_HEAD
+
+    # the head is a path, not a shape: another spelling of the same file was refused as another architecture
+    main(["test", *second, "--model.head", DEFAULT_HEAD, "--ckpt_path", str(best)])
     with pytest.raises(SystemExit):
         main(["test", *second, "--model.query_dim", "4", "--ckpt_path", str(best)])
     assert "model.query_dim=8 (config: 4)" in capsys.readouterr().err
@@ -391,3 +395,20 @@ def test_a_checkpoint_restores_weights_never_settings(
         main(["fit", *second, "--trainer.max_epochs", "2", "--ckpt_path", str(best), "--model.export_dir", str(tmp_path / "third")])  # fmt: skip
     assert "past this fit's learning-rate schedule" in capsys.readouterr().err
     assert not (tmp_path / "third").exists()
+
+
+def test_lightnings_own_mlflow_logger_resumes_with_a_raised_max_epochs(
+    tmp_path: Path, tiny_encoder_dir: str, tiny_pairs_path: str, mlflow_store: str
+) -> None:
+    """The trainer settings logged as parameters made Lightning's own MLFlowLogger (which refuses a changed
+    parameter) fail the resume that the learning-rate-schedule error asks for: a raised max_epochs."""
+    from value_prior.cli import main
+
+    run = run_overrides(tmp_path / "plain", tiny_encoder_dir, tiny_pairs_path)
+    logger = [
+        "--trainer.logger.class_path", "lightning.pytorch.loggers.MLFlowLogger",
+        "--trainer.logger.init_args.tracking_uri", mlflow_store,
+    ]  # fmt: skip
+    main(["fit", *run, *logger, "--trainer.max_epochs", "1"])
+    main(["fit", *run, *logger, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert torch.load(tmp_path / "plain" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
