@@ -39,7 +39,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
@@ -463,8 +463,8 @@ class PolicyTrainer(L.LightningModule):
         """Move rollout records and exports of steps after the resumed one (left by the attempt this
         resume abandons, or by an earlier run when a fresh one starts in the same run_dir) into
         `superseded/<time>/` beside them, so that `harvest` never pools them with this attempt's;
-        nothing is deleted. A fresh run also sets the earlier run's checkpoints aside, which it would
-        otherwise overwrite."""
+        nothing is deleted. A fresh run also sets the earlier run's checkpoints and `mlflow_run_id` aside
+        (into `<run_dir>/superseded/`), which it would otherwise overwrite."""
 
         def later(folder: Path, pattern: str) -> list[Path]:
             steps = ((path, re.match(r"step_(\d+)", path.name)) for path in folder.glob(pattern))
@@ -473,8 +473,9 @@ class PolicyTrainer(L.LightningModule):
         moved = later(self.run_dir / "rollouts", f"step_*-rank{self.global_rank}.parquet")
         if self.global_rank == 0:
             moved += later(self.run_dir / "exports", "step_*")
-            if not self.rl_step:
+            if not self.rl_step:  # and its MLflow run id, which this run's would overwrite
                 moved += sorted((self.run_dir / "checkpoints").glob("*.ckpt"))
+                moved += [path for path in [self.run_dir / "mlflow_run_id"] if path.is_file()]
         reason = f"resumed-at-step{self.rl_step}" if self.rl_step else "restarted"
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for path in moved:
@@ -581,7 +582,7 @@ class PolicyTrainer(L.LightningModule):
             completions = self.engine.generate(prompt_ids, self._sampling_params(salt=salt))
         with _timer(timings, "reward"):
             result = self.verifier([c.text for c in completions], [prompts[i].answer for i in index.tolist()])
-        correct = torch.as_tensor(result.rewards, dtype=torch.float32)  # [n] in {0, 1}
+        correct = binary_rewards(result.rewards, self.hparams.verifier)  # [n] in {0, 1}
         if previous is None:
             return Rollouts(prompts, prompt_ids, completions, index, correct, result.num_failed)
         return Rollouts(
@@ -963,9 +964,8 @@ class PolicyTrainer(L.LightningModule):
         )
         completions = self.engine.generate(prompt_ids, params)
         answers = [row.answer for row in prompts for _ in range(k)]
-        correct = torch.as_tensor(self.verifier([c.text for c in completions], answers).rewards).view(
-            len(prompts), k
-        )[: batch.real]  # [P, k] without the padding rows
+        rewards = self.verifier([c.text for c in completions], answers).rewards
+        correct = binary_rewards(rewards, self.hparams.verifier).view(len(prompts), k)[: batch.real]  # [P, k]
         num_correct = correct.sum(1).long()  # [P]
         self.val_pass_at_k.update(torch.full_like(num_correct, k), num_correct)
         self._val_accuracy.append(correct.mean(1))  # [P] per-prompt mean@k
@@ -1295,6 +1295,21 @@ def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
     groups = torch.unique(index)
     spread = [correct[index == g].max() != correct[index == g].min() for g in groups]
     return float(1.0 - sum(bool(s) for s in spread) / len(groups))
+
+
+def binary_rewards(rewards: Sequence[float], verifier: str) -> torch.Tensor:
+    """A verifier's rewards as float32 `[n]`, refused unless each is 0 or 1: the estimators' ±1 rewards,
+    pass@k, the V0.5 support buffer and harvested pairs all count successes (design.md §4). A partial-credit
+    verifier returning 0.5 (or 3.0) used to be trained on as given and truncated in pass@k."""
+    correct = torch.as_tensor(rewards, dtype=torch.float32)  # [n]
+    bad = torch.nonzero((correct != 0) & (correct != 1)).flatten()  # NaN included
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"verifier {verifier!r} returned reward {float(correct[i])} for rollout {i}: rewards must be 0 or 1 "
+            "(a verifiable success or failure)"
+        )
+    return correct
 
 
 def last_logged_step(logger: Any, metric: str) -> int:

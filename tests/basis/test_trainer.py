@@ -327,7 +327,9 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     (exports_aside,) = (tmp_path / "exports" / "superseded").iterdir()
     assert sorted(p.name for p in exports_aside.iterdir()) == ["step_000003", "step_000004"]
 
-    # a fresh run (no checkpoint) in the same run_dir sets every earlier output aside as well
+    # a fresh run (no checkpoint) in the same run_dir sets every earlier output aside as well, its MLflow
+    # run id included (the new run's overwrote it, so the earlier run could not be continued)
+    (tmp_path / "mlflow_run_id").write_text("earlier-run")
     make_trainer(tmp_path, steps=1).fit(
         make_module(tiny_lm_path, tmp_path, **settings), datamodule=data(task_dir)
     )
@@ -340,6 +342,10 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     (checkpoints_aside,) = (tmp_path / "checkpoints" / "superseded").iterdir()  # the step-3 attempt's
     earlier = torch.load(checkpoints_aside / "last.ckpt", weights_only=True)
     assert earlier["basis_state"]["rl_step"] == 3
+    (run_aside,) = (tmp_path / "superseded").iterdir()
+    assert (
+        run_aside / "mlflow_run_id"
+    ).read_text() == "earlier-run" and run_aside.name == checkpoints_aside.name
     assert (
         torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["basis_state"]["rl_step"] == 1
     )
@@ -380,6 +386,20 @@ def test_a_reused_logger_or_a_missing_datamodule_is_refused(
             make_module(tiny_lm_path, tmp_path / "b"), datamodule=data(task_dir)
         )
     assert not (tmp_path / "b" / "rollouts").exists()
+
+
+def test_a_verifier_reward_other_than_0_or_1_is_refused(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """A partial-credit verifier's 0.5 was trained on as given (rewards 2r - 1) and truncated in pass@k."""
+    from basis.rewards import VerifyResult
+
+    module = make_module(tiny_lm_path, tmp_path)
+    module.verifier = lambda responses, answers: VerifyResult([0.5] * len(responses), 0)
+    with pytest.raises(
+        ValueError, match="verifier 'arithmetic' returned reward 0.5 for rollout 0: rewards must"
+    ):
+        make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
 
 
 def test_validating_a_checkpoint_syncs_the_engine_first(
