@@ -400,6 +400,23 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
     return VERIFIERS[name](**kwargs)
 
 
+def binary_rewards(rewards: Sequence[float], verifier: str) -> torch.Tensor:
+    """A verifier's rewards as float32 `[n]`, refused unless each is 0 or 1: the estimators' ±1 rewards,
+    pass@k, the V0.5 support buffer and harvested pairs all count successes (design.md §4). A partial-credit
+    verifier returning 0.5 (or 3.0) used to be trained on as given and truncated in pass@k."""
+    import torch  # here, not at module level: see to_pm1
+
+    correct = torch.as_tensor(rewards, dtype=torch.float32)  # [n]
+    bad = torch.nonzero((correct != 0) & (correct != 1)).flatten()  # NaN included
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(
+            f"verifier {verifier!r} returned reward {float(correct[i]):g} for rollout {i}: rewards must be 0 or 1 "
+            "(a verifiable success or failure)"
+        )
+    return correct
+
+
 def to_pm1(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """Map {0, 1} rewards to {-1, +1} (design.md §4): r -> 2r - 1. Values in [0, 1] map linearly."""
     # Imported here, not at module level: the forkserver preloads this module for every math-verify

@@ -39,7 +39,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict
@@ -72,6 +72,7 @@ from basis.losses import (
 )
 from basis.metrics import PassAtK
 from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, load_policy, saved_dtype
+from basis.rewards import binary_rewards
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
 from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
@@ -1295,21 +1296,6 @@ def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
     groups = torch.unique(index)
     spread = [correct[index == g].max() != correct[index == g].min() for g in groups]
     return float(1.0 - sum(bool(s) for s in spread) / len(groups))
-
-
-def binary_rewards(rewards: Sequence[float], verifier: str) -> torch.Tensor:
-    """A verifier's rewards as float32 `[n]`, refused unless each is 0 or 1: the estimators' ±1 rewards,
-    pass@k, the V0.5 support buffer and harvested pairs all count successes (design.md §4). A partial-credit
-    verifier returning 0.5 (or 3.0) used to be trained on as given and truncated in pass@k."""
-    correct = torch.as_tensor(rewards, dtype=torch.float32)  # [n]
-    bad = torch.nonzero((correct != 0) & (correct != 1)).flatten()  # NaN included
-    if bad.numel():
-        i = int(bad[0])
-        raise ValueError(
-            f"verifier {verifier!r} returned reward {float(correct[i])} for rollout {i}: rewards must be 0 or 1 "
-            "(a verifiable success or failure)"
-        )
-    return correct
 
 
 def last_logged_step(logger: Any, metric: str) -> int:

@@ -67,6 +67,7 @@ from typing import Any, Literal
 
 import datasets
 
+from basis.rewards import binary_rewards
 from basis.rollout import RolloutEngine, SamplingParams
 from data_pipelines.pairs import (
     MANIFEST,
@@ -928,7 +929,9 @@ def _generate_shard(
     requests = [prompt_ids[row.prompt_id] for row in rows for _ in range(rollouts_per_prompt)]
     completions = engine.generate(requests, replace(sampling, seed=plan.seed))
     answers = [row.answer for row in rows for _ in range(rollouts_per_prompt)]
-    rewards = verifier([c.text for c in completions], answers).rewards  # len = prompts x rollouts
+    rewards = binary_rewards(  # len = prompts x rollouts; a success is 0 or 1
+        verifier([c.text for c in completions], answers).rewards, type(verifier).__name__
+    ).tolist()
     checkpoint = plan.checkpoint
     pairs = [
         pair_row(checkpoint.policy, checkpoint.step, row.prompt_id, prompt_text(row.prompt),

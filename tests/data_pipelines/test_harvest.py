@@ -252,6 +252,22 @@ def test_a_prompt_past_the_context_fails_before_any_rollout(workdir: Path, tmp_p
 # Harvest runs
 
 
+def test_a_partial_credit_verifier_is_refused(
+    workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A verifier returning 0.3 was recorded as int(sum) successes beside a score from the mean: a pair
+    that contradicted itself (or, at 0.5, a silently rounded success count)."""
+    from basis.rewards import VERIFIERS, ArithmeticVerifier, VerifyResult
+
+    class PartialCredit(ArithmeticVerifier):
+        def __call__(self, responses, answers):  # type: ignore[no-untyped-def]
+            return VerifyResult([0.3] * len(responses), 0)
+
+    monkeypatch.setitem(VERIFIERS, "partial", PartialCredit)
+    with pytest.raises(ValueError, match="verifier 'PartialCredit' returned reward 0.3 for rollout 0"):
+        harvest(workdir, tmp_path / "out", verifier="partial")
+
+
 def test_harvest_writes_the_pair_contract_manifest_and_mlflow_run(
     workdir: Path, reference: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
