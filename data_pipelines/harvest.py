@@ -67,7 +67,6 @@ from typing import Any, Literal
 
 import datasets
 
-from basis.rewards import binary_rewards
 from basis.rollout import RolloutEngine, SamplingParams
 from data_pipelines.pairs import (
     MANIFEST,
@@ -923,6 +922,7 @@ def _generate_shard(
     sampling: SamplingParams,
 ) -> tuple[list[dict[str, Any]], int]:
     """Sample, verify and aggregate one shard; returns its pair rows and the response tokens sampled."""
+    from basis.rewards import binary_rewards  # math-verify and sympy: only where rollouts are scored
     from basis.tasks import prompt_text
 
     rows = [prompt_rows[i] for i in plan.prompt_range]
@@ -930,7 +930,8 @@ def _generate_shard(
     completions = engine.generate(requests, replace(sampling, seed=plan.seed))
     answers = [row.answer for row in rows for _ in range(rollouts_per_prompt)]
     rewards = binary_rewards(  # len = prompts x rollouts; a success is 0 or 1
-        verifier([c.text for c in completions], answers).rewards, type(verifier).__name__
+        verifier([c.text for c in completions], answers).rewards,
+        getattr(verifier, "__name__", type(verifier).__name__),
     ).tolist()
     checkpoint = plan.checkpoint
     pairs = [

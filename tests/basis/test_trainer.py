@@ -397,7 +397,7 @@ def test_a_verifier_reward_other_than_0_or_1_is_refused(
     module = make_module(tiny_lm_path, tmp_path)
     module.verifier = lambda responses, answers: VerifyResult([0.5] * len(responses), 0)
     with pytest.raises(
-        ValueError, match="verifier 'arithmetic' returned reward 0.5 for rollout 0: rewards must"
+        ValueError, match=r"verifier 'arithmetic' returned reward 0.5 for rollout 0: rewards must"
     ):
         make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
 

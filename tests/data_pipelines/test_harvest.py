@@ -264,7 +264,7 @@ def test_a_partial_credit_verifier_is_refused(
             return VerifyResult([0.3] * len(responses), 0)
 
     monkeypatch.setitem(VERIFIERS, "partial", PartialCredit)
-    with pytest.raises(ValueError, match="verifier 'PartialCredit' returned reward 0.3 for rollout 0"):
+    with pytest.raises(ValueError, match=r"verifier 'PartialCredit' returned reward 0.3 for rollout 0"):
         harvest(workdir, tmp_path / "out", verifier="partial")
 
 
