@@ -328,9 +328,11 @@ def _load_raw(
         raw = datasets.load_dataset(preset.hub_name, preset.hub_config, split=split)
         return raw, f"{preset.hub_name}[{split}]"
     if column_map is None:
+        # a relative path is looked up from the working directory, which differs between a notebook and a shell
+        where = "" if Path(path_or_hub_name).is_absolute() else f" (relative to {Path.cwd()})"
         raise ValueError(
-            f"{path_or_hub_name!r} is neither an existing file/folder nor a known preset ({sorted(PRESETS)}); "
-            "pass preset= or column_map= to load another hub dataset"
+            f"{path_or_hub_name!r} is neither an existing file/folder{where} nor a known preset "
+            f"({sorted(PRESETS)}); pass preset= or column_map= to load another hub dataset"
         )
     return datasets.load_dataset(path_or_hub_name, split=split), f"{path_or_hub_name}[{split}]"
 

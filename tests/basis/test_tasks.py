@@ -57,6 +57,18 @@ def dapo_rows() -> list[dict]:
     ]
 
 
+def test_a_missing_relative_path_names_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a notebook in another folder, 'artifacts/tiny-policy/data' was reported missing without where
+    it had been looked for, and the hint pointed at hub presets."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"'data/prompts' is neither an existing file/folder \(relative to {tmp_path}\)"
+    ):
+        load_prompts("data/prompts")
+
+
 def test_dapo_schema_through_preset(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "dapo-math-17k.parquet", dapo_rows())
     ds = load_prompts(str(path), preset="dapo-math-17k")
