@@ -27,7 +27,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import PromptDataModule, seed_of
-from basis.tracking import input_errors, tag_evaluated_checkpoint
+from basis.tracking import input_errors, name_evaluation_run, tag_evaluated_checkpoint
 from basis.trainer import PolicyTrainer
 
 log = logging.getLogger(__name__)
@@ -86,9 +86,7 @@ class PolicyCLI(LightningCLI):
         if config is None:
             return
         logger = config.trainer.get("logger")
-        named = isinstance(logger, Namespace) and logger.init_args.get("run_name")
-        if self.subcommand not in (None, "fit") and named and not logger.init_args.get("run_id"):
-            logger.init_args.run_name = f"{logger.init_args.run_name}-{self.subcommand}"  # not the fit's name
+        name_evaluation_run(logger, self.subcommand)
         if not config.get("ckpt_path"):
             return
         if config.get("weights_only") is None:

@@ -86,22 +86,26 @@ def mean_at_k(n: Tensor | int, c: Tensor | int) -> Tensor:
     return c_t.to(torch.float64) / n_t.to(torch.float64)  # [P]
 
 
-def _keep_float64_states(metric: Metric) -> None:
-    """Recast a metric's tensor states (and their reset defaults) to float64 after `Module._apply`.
+def _apply_keeping_float64(
+    metric: Metric, fn: Callable[..., Any], exclude_state: Sequence[str] = ()
+) -> Module:
+    """`Metric._apply` (device moves and casts), then the tensor states and their reset defaults back to
+    float64: both metrics' `_apply`.
 
     torchmetrics means states to change dtype only through `Metric.set_dtype`, but its guard catches
     `.half()` / `.bfloat16()` / `.float()` / `.double()`, not `module.to(dtype)`, which Lightning's
     `bf16-true` / `16-true` precision applies to the whole LightningModule: bf16 sums of pass@k over
     1,000 prompts are off by ~5e-3 and counts above 256 round.
     """
+    Metric._apply(metric, fn, exclude_state)
     # torchmetrics internals, checked against torchmetrics 1.9: `_dtype_convert` marks an explicit
     # `set_dtype`, `_defaults` holds the reset values
-    if metric._dtype_convert:  # an explicit `set_dtype`
-        return
-    for name, default in metric._defaults.items():
-        if isinstance(default, Tensor):
-            metric._defaults[name] = default.to(torch.float64)  # device kept
-            setattr(metric, name, getattr(metric, name).to(torch.float64))
+    if not metric._dtype_convert:
+        for name, default in metric._defaults.items():
+            if isinstance(default, Tensor):
+                metric._defaults[name] = default.to(torch.float64)  # device kept
+                setattr(metric, name, getattr(metric, name).to(torch.float64))
+    return metric
 
 
 def _check_update(num_samples: Tensor, num_correct: Tensor) -> None:
@@ -139,10 +143,7 @@ class PassAtK(Metric):
         )
         self.add_state("prompts", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
-        super()._apply(fn, exclude_state)  # moves (and, under `module.to(dtype)`, casts) the states
-        _keep_float64_states(self)
-        return self
+    _apply = _apply_keeping_float64
 
     def update(self, num_samples: Tensor, num_correct: Tensor) -> None:
         _check_update(num_samples, num_correct)
@@ -175,10 +176,7 @@ class MeanAtK(Metric):
         self.add_state("mean_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("prompts", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def _apply(self, fn: Callable[..., Any], exclude_state: Sequence[str] = ()) -> Module:
-        super()._apply(fn, exclude_state)  # moves (and, under `module.to(dtype)`, casts) the states
-        _keep_float64_states(self)
-        return self
+    _apply = _apply_keeping_float64
 
     def update(self, num_samples: Tensor, num_correct: Tensor) -> None:
         _check_update(num_samples, num_correct)

@@ -776,44 +776,39 @@ def write_arithmetic_task(
     replaced.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    staged: dict[str, tuple[Path, Path]] = {}
-    try:
-        for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
-            # An empty split keeps the columns (from_list([]) has none and fails validation as "missing").
-            dataset = (
-                datasets.Dataset.from_list(rows)
-                if rows
-                else datasets.Dataset.from_dict(
-                    {name: [] for name in ARITHMETIC_FEATURES}, features=ARITHMETIC_FEATURES
-                )
+    tasks: dict[str, datasets.Dataset] = {}
+    for split, rows in generate_arithmetic(seed, n_train, n_val, n_test, levels).items():
+        # An empty split keeps the columns (from_list([]) has none and fails validation as "missing").
+        tasks[split] = (
+            datasets.Dataset.from_list(rows)
+            if rows
+            else datasets.Dataset.from_dict(
+                {name: [] for name in ARITHMETIC_FEATURES}, features=ARITHMETIC_FEATURES
             )
-            validate_prompts(dataset, f"arithmetic[{split}]")
-            path = out_dir / f"{split}.parquet"
-            staged[split] = (path.with_name(f".{path.name}.partial"), path)
-            dataset.to_parquet(str(staged[split][0]))
-        for partial, path in staged.values():
-            if path.exists() and not _same_table(path, partial):
-                raise ValueError(
-                    f"{path} exists and differs from this task (seed={seed}, n_train={n_train}, "
-                    f"n_val={n_val}, n_test={n_test}); nothing was written: remove it or choose another folder"
-                )
-        for partial, path in staged.values():
-            if not path.exists():  # else it holds this very table already
-                partial.replace(path)
-    finally:
-        for partial, _ in staged.values():
-            partial.unlink(missing_ok=True)
-    return {split: path for split, (_, path) in staged.items()}
+        )
+        validate_prompts(tasks[split], f"arithmetic[{split}]")
+    paths = {split: out_dir / f"{split}.parquet" for split in tasks}
+    for split, path in paths.items():
+        if path.exists() and not _holds(path, tasks[split]):
+            raise ValueError(
+                f"{path} exists and differs from this task (seed={seed}, n_train={n_train}, "
+                f"n_val={n_val}, n_test={n_test}); nothing was written: remove it or choose another folder"
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, path in paths.items():
+        if not path.exists():  # else it holds this very table already
+            tasks[split].to_parquet(str(path))
+    return paths
 
 
-def _same_table(a: Path, b: Path) -> bool:
-    """Whether two parquet files hold the same table (their footers also name the writer's version)."""
+def _holds(path: Path, dataset: datasets.Dataset) -> bool:
+    """Whether a parquet file holds `dataset`'s table (compared as tables: its footer also names the
+    writer's pyarrow version)."""
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(a).equals(pq.read_table(b))
-    except Exception:  # not parquet we can read: not the same task
+        return pq.read_table(path).equals(dataset.data.table)
+    except Exception:  # not parquet we can read: not this task
         return False
 
 

@@ -209,7 +209,7 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
         finishes drops the `error` of the attempt before it."""
         error = sys.exc_info()[1]
         if status == "failed" and error is not None and self._initialized:
-            self.experiment.set_tag(self.run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+            self.experiment.set_tag(self.run_id, "error", error_tag(error))
         elif (
             status == "success"
             and self._initialized
@@ -217,6 +217,22 @@ class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
         ):
             self.experiment.delete_tag(self.run_id, "error")
         super().finalize(status)
+
+
+def error_tag(error: BaseException) -> str:
+    """The MLflow tag `error` of a run that `error` ended (MLflow caps tag values)."""
+    return f"{type(error).__name__}: {error}"[:5000]
+
+
+def name_evaluation_run(logger: Any, subcommand: str | None) -> None:
+    """Name a `validate` / `test` / `predict` run `<run name>-<subcommand>`, apart from the fit it
+    evaluates. `logger` is the CLI config's logger entry; one that continues a given run is left alone."""
+    import jsonargparse
+
+    if subcommand in (None, "fit") or not isinstance(logger, jsonargparse.Namespace):
+        return
+    if logger.init_args.get("run_name") and not logger.init_args.get("run_id"):
+        logger.init_args.run_name = f"{logger.init_args.run_name}-{subcommand}"
 
 
 def tag_evaluated_checkpoint(trainer: Any) -> None:
@@ -238,9 +254,9 @@ def input_errors(prog: str) -> Iterator[None]:
     """End a console command on bad input with `prog: error: <message>` and exit status 2.
 
     Bad input is a `ValueError` raised by a `raise` statement of this project's own checks (which name the
-    file, row or setting) or a missing file; a `ValueError` of a builtin called on one of our lines
-    (`int("x")`) is a bug and keeps its traceback. A `ValueError` from inside a library is not ours to judge and keeps its traceback,
-    as does everything with `BASIS_TRACEBACK=1` set.
+    file, row or setting) or a missing file. A `ValueError` of a builtin called on one of our lines
+    (`int("x")`) or from inside a library is a bug to trace and keeps its traceback, as does everything
+    with `BASIS_TRACEBACK=1` set.
     """
     try:
         yield
@@ -269,5 +285,5 @@ def mlflow_run(experiment_name: str, run_name: str | None = None, **tags: str) -
         try:
             yield run
         except Exception as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.set_tag("error", error_tag(error))
             raise

@@ -250,20 +250,22 @@ class HFBackbone:
         if self._encoder is None:
             self._load_encoder()
         assert self._tokenizer is not None and self._encoder is not None
-        longest = max(
-            len(ids) for ids in self._tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-        )
-        if longest > self.max_length and not self._warned_truncation:
-            self._warned_truncation = True  # once per backbone: a dataset has many long prompts
-            log.warning(
-                "backbone %s: prompts longer than max_length=%d tokens are cut to their first %d (one here "
-                "has %d); prompts that differ only after that get the same prediction. Raise max_length "
-                "to read them whole",
-                self.model_name,
-                self.max_length,
-                self.max_length,
-                longest,
+        if not self._warned_truncation:  # once per backbone (a dataset has many long prompts), so the
+            # untruncated tokenization that finds them stops with the warning
+            longest = max(
+                len(ids) for ids in self._tokenizer(texts, truncation=False, verbose=False)["input_ids"]
             )
+            if longest > self.max_length:
+                self._warned_truncation = True
+                log.warning(
+                    "backbone %s: prompts longer than max_length=%d tokens are cut to their first %d (one "
+                    "here has %d); prompts that differ only after that get the same prediction. Raise "
+                    "max_length to read them whole",
+                    self.model_name,
+                    self.max_length,
+                    self.max_length,
+                    longest,
+                )
         batch = self._tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         ).to(self.device)

@@ -25,7 +25,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from basis.data import seed_of
-from basis.tracking import MLflowLogger, input_errors, tag_evaluated_checkpoint
+from basis.tracking import MLflowLogger, input_errors, name_evaluation_run, tag_evaluated_checkpoint
 
 
 def prior_fit_main(argv: Sequence[str]) -> None:
@@ -150,11 +150,8 @@ class V0CLI(LightningCLI):
         `predict` runs are named `<run name>-<subcommand>`, not like the fit they evaluate."""
         config = self.config.get(self.subcommand) if self.subcommand else None
         logger = config.trainer.get("logger") if config is not None else None
-        if not isinstance(logger, Namespace) or logger.init_args.get("run_id"):
-            return
-        if self.subcommand != "fit":
-            if logger.init_args.get("run_name"):
-                logger.init_args.run_name = f"{logger.init_args.run_name}-{self.subcommand}"
+        name_evaluation_run(logger, self.subcommand)
+        if self.subcommand != "fit" or not isinstance(logger, Namespace) or logger.init_args.get("run_id"):
             return
         if not config.get("ckpt_path"):
             return
