@@ -351,15 +351,21 @@ def test_resuming_from_an_earlier_step_sets_aside_the_abandoned_steps_outputs(
     )
 
 
+def record_engine_calls(module: PolicyTrainer) -> list[str]:
+    """The names of the module's engine calls (`generate`, `update_weights`), in order, as they happen."""
+    calls: list[str] = []
+    generate, update_weights = module.engine.generate, module.engine.update_weights
+    module.engine.generate = lambda *args: calls.append("generate") or generate(*args)
+    module.engine.update_weights = lambda policy: calls.append("update_weights") or update_weights(policy)
+    return calls
+
+
 def test_a_resumed_run_syncs_the_engine_before_its_first_rollout(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path
 ) -> None:
     make_trainer(tmp_path, steps=1).fit(make_module(tiny_lm_path, tmp_path), datamodule=data(task_dir))
     resumed = make_module(tiny_lm_path, tmp_path)
-    calls: list[str] = []
-    generate, update_weights = resumed.engine.generate, resumed.engine.update_weights
-    resumed.engine.generate = lambda *args: calls.append("generate") or generate(*args)
-    resumed.engine.update_weights = lambda policy: calls.append("update_weights") or update_weights(policy)
+    calls = record_engine_calls(resumed)
     make_trainer(tmp_path, steps=2).fit(
         resumed, datamodule=data(task_dir), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt")
     )
@@ -409,10 +415,7 @@ def test_validating_a_checkpoint_syncs_the_engine_first(
     (SGLang): only training synced it."""
     make_trainer(tmp_path, steps=1).fit(make_module(tiny_lm_path, tmp_path), datamodule=data(task_dir))
     checked = make_module(tiny_lm_path, tmp_path)
-    calls: list[str] = []
-    generate, update_weights = checked.engine.generate, checked.engine.update_weights
-    checked.engine.generate = lambda *args: calls.append("generate") or generate(*args)
-    checked.engine.update_weights = lambda policy: calls.append("update_weights") or update_weights(policy)
+    calls = record_engine_calls(checked)
     make_trainer(tmp_path, steps=1, limit_val_batches=1).validate(
         checked,
         datamodule=data(task_dir, val_path=str(task_dir), val_prompts=4),
