@@ -22,7 +22,6 @@ from typing import Any, NamedTuple
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 
@@ -210,10 +209,6 @@ class PromptDataModule(L.LightningDataModule):
 def seed_for(*parts: int) -> int:
     """A 31-bit seed derived from integers (base seed, step, rank, ...), stable across runs."""
     return int(np.random.default_rng(list(parts)).integers(2**31 - 1))
-
-
-def as_long(values: list[int]) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.long)
 
 
 def global_seed(seed: int | None) -> int:

@@ -22,7 +22,7 @@ tests: `.venv/bin/pytest tests/basis/test_losses.py`.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
-AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+AGG_MODES: tuple[str, ...] = get_args(AggMode)
 LOG_RATIO_CLAMP = 20.0  # verl clamps log-ratios to [-20, 20] before exp
 K3_CLAMP = 10.0  # verl's low_var_kl clamps k3 to [-10, 10]
 
@@ -124,7 +124,7 @@ def policy_loss(
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     clip_ratio_c: float = 3.0,
-    agg: str = "token-mean",
+    agg: AggMode = "token-mean",
     is_weights: Tensor | None = None,
     num_tokens: float | None = None,
     num_sequences: float | None = None,

@@ -63,6 +63,7 @@ from basis.advantages import (
 )
 from basis.data import PromptRow, ValBatch, global_seed, seed_for
 from basis.losses import (
+    AGG_MODES,
     aggregate_loss,
     entropy_from_logits,
     kl_penalty,
@@ -72,7 +73,7 @@ from basis.losses import (
 )
 from basis.metrics import PassAtK
 from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, load_policy, saved_dtype
-from basis.rewards import binary_rewards
+from basis.rewards import binary_rewards, to_pm1
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
 from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
@@ -126,6 +127,8 @@ class PolicyTrainer(L.LightningModule):
         group_size: Responses sampled per prompt; for `v05` the k_init every prompt starts at. None: 4
             for `v05` (the paper's k_init), 1 for `basis` (one rollout per prompt), 8 otherwise.
         verifier: Reward function name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
+        verifier_options: Keyword arguments of the verifier's constructor, e.g. `{timeout_s: 10.0}` for
+            "math" (as `harvest run --verifier_options`).
         ppo_epochs: Passes over each step's responses.
         mini_batches: Optimizer updates per pass (the step's responses are split evenly).
         micro_batch_size: Responses per forward/backward (gradient accumulation inside a mini-batch).
@@ -189,6 +192,7 @@ class PolicyTrainer(L.LightningModule):
         advantage_options: dict[str, Any] | None = None,
         group_size: int | None = None,
         verifier: str = "arithmetic",
+        verifier_options: dict[str, Any] | None = None,
         ppo_epochs: int = 1,
         mini_batches: int = 1,
         micro_batch_size: int = 64,
@@ -267,10 +271,17 @@ class PolicyTrainer(L.LightningModule):
         )
         from basis.rewards import get_verifier
 
-        self.verifier = get_verifier(verifier)
+        try:
+            self.verifier = get_verifier(verifier, **(verifier_options or {}))
+        except TypeError as err:  # an option the verifier's constructor does not take
+            raise ValueError(
+                f"model.verifier_options={verifier_options} do not fit verifier {verifier!r}: {err}"
+            ) from err
         self.prior = load_prior(prior) if prior is not None else None
         self.osla = osla
-        self.support = SupportBuffer(support_capacity, context_size, min_context)
+        self.support = SupportBuffer(
+            support_capacity, context_size, min_context, getattr(self.prior, "label_threshold", 0.5)
+        )
         self.calibrator = PriorCalibrator() if prior_calibration else None
         self.rl_step = 0
         self.rollouts_total = 0
@@ -668,7 +679,8 @@ class PolicyTrainer(L.LightningModule):
             return None
         rng = np.random.default_rng(seed_for(self.hparams.seed, self.rl_step, self.global_rank, 2))
         context_prompts, context_success = self.support.sample(rng)
-        if not has_both_classes(context_success):  # the buffer has both classes, this draw not
+        # the buffer holds both classes, but this draw may not
+        if not has_both_classes(context_success, self.support.label_threshold):
             log.info("step %d: the sampled context has one class; using the empirical baseline", self.rl_step)
             return None
         queries = [prompt_text(r.prompt) for r in prompts]
@@ -681,7 +693,7 @@ class PolicyTrainer(L.LightningModule):
         return p  # [P]
 
     def advantages(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
-        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
+        rewards = to_pm1(rollouts.correct)  # [N] on the ±1 scale
         name = self.hparams.advantage
         options = dict(self.hparams.advantage_options or {})
         if "token_counts" in inspect.signature(ESTIMATORS[name].fn).parameters:
@@ -696,7 +708,7 @@ class PolicyTrainer(L.LightningModule):
     def basis_baseline_used(self, rollouts: Rollouts, prior: torch.Tensor | None) -> torch.Tensor:
         """The baseline `[P]` that BASIS's advantages subtracted this step (pooled over ranks as they
         are), for its diagnostics: V0.5's fused baseline at k = 1 is the raw prior, not what BASIS used."""
-        rewards = 2.0 * rollouts.correct - 1.0  # [N] on the ±1 scale
+        rewards = to_pm1(rollouts.correct)  # [N] on the ±1 scale
         if prior is None:
             prior = empirical_prior(rewards, rollouts.index, pooled=True)  # [P]
         used = _over_all_ranks(
@@ -1055,7 +1067,7 @@ class PolicyTrainer(L.LightningModule):
         truncated = torch.tensor(
             [c.finish_reason == "length" for c in rollouts.completions], dtype=torch.float32
         )  # [N]
-        rewards = 2.0 * rollouts.correct - 1.0  # [N]
+        rewards = to_pm1(rollouts.correct)  # [N]
         metrics = {
             "train/reward_mean": float(rewards.mean()),
             "train/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
@@ -1254,7 +1266,7 @@ def group_counts_means(rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
     """Rollouts per prompt `[P]` (int64) and mean ±1 reward per prompt `[P]` (0 where none)."""
     num = len(rollouts.prompts)
     counts = torch.bincount(rollouts.index, minlength=num)  # [P]
-    sums = torch.zeros(num).index_add_(0, rollouts.index, 2.0 * rollouts.correct - 1.0)  # [P]
+    sums = torch.zeros(num).index_add_(0, rollouts.index, to_pm1(rollouts.correct))  # [P]
     return counts, sums / counts.clamp(min=1)  # [P], [P]
 
 
@@ -1346,8 +1358,9 @@ def _validate_settings(
     val_samples: int,
 ) -> None:
     if advantage not in ESTIMATORS:
+        choices = "".join(f"\n  {name}: {spec.description}" for name, spec in sorted(ESTIMATORS.items()))
         raise ValueError(
-            f"model.advantage={advantage!r} is not a registered estimator; choose one of {sorted(ESTIMATORS)}"
+            f"model.advantage={advantage!r} is not a registered estimator; choose one of:{choices}"
         )
     need = ESTIMATORS[advantage].min_group_size
     if group_size < need:
@@ -1362,10 +1375,8 @@ def _validate_settings(
     ]:
         if value < 1:
             raise ValueError(f"model.{name} must be >= 1, got {value}")
-    if loss_agg not in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
-        raise ValueError(
-            f"model.loss_agg={loss_agg!r} must be token-mean, seq-mean-token-sum or seq-mean-token-mean"
-        )
+    if loss_agg not in AGG_MODES:
+        raise ValueError(f"model.loss_agg={loss_agg!r} must be one of {', '.join(AGG_MODES)}")
     if kl_estimator not in ("k1", "k2", "k3"):
         raise ValueError(f"model.kl_estimator={kl_estimator!r} must be k1, k2 or k3")
 

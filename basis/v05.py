@@ -71,9 +71,10 @@ class OslaSettings:
         return math.floor(1.0 / math.sqrt(self.c) + 1e-9)
 
 
-def has_both_classes(success: Sequence[float]) -> bool:
-    """True when `success` holds a success (rate >= 0.5) and a failure: a context the prior's head can read."""
-    return len({rate >= 0.5 for rate in success}) == 2
+def has_both_classes(success: Sequence[float], threshold: float = 0.5) -> bool:
+    """True when `success` holds a success (rate >= `threshold`) and a failure: a context the prior's head
+    can read."""
+    return len({rate >= threshold for rate in success}) == 2
 
 
 class SupportBuffer:
@@ -83,14 +84,23 @@ class SupportBuffer:
         capacity: Pairs kept (oldest dropped first).
         context_size: Pairs sampled (without replacement) for one prior query.
         min_context: Pairs needed, with both classes present, before the buffer serves a context.
+        label_threshold: Success rate at or above which a pair counts as a success: the prior's own
+            (`ValuePrior.label_threshold`), so that "both classes" means what its head will read.
     """
 
-    def __init__(self, capacity: int = 512, context_size: int = 256, min_context: int = 32) -> None:
+    def __init__(
+        self,
+        capacity: int = 512,
+        context_size: int = 256,
+        min_context: int = 32,
+        label_threshold: float = 0.5,
+    ) -> None:
         if not 1 <= min_context <= context_size <= capacity:
             raise ValueError(
                 f"need 1 <= min_context ({min_context}) <= context_size ({context_size}) <= capacity ({capacity})"
             )
         self.capacity, self.context_size, self.min_context = capacity, context_size, min_context
+        self.label_threshold = label_threshold
         self.pairs: deque[tuple[str, float]] = deque(maxlen=capacity)
 
     def __len__(self) -> int:
@@ -101,8 +111,9 @@ class SupportBuffer:
             self.pairs.append((prompt, float(rate)))
 
     def ready(self) -> bool:
-        """True when a context can be served: enough pairs and both labels (success >= 0.5 or not)."""
-        return len(self.pairs) >= self.min_context and has_both_classes([rate for _, rate in self.pairs])
+        """True when a context can be served: enough pairs and both labels (success >= label_threshold or not)."""
+        rates = [rate for _, rate in self.pairs]
+        return len(self.pairs) >= self.min_context and has_both_classes(rates, self.label_threshold)
 
     def sample(self, rng: np.random.Generator) -> tuple[list[str], list[float]]:
         """A context of `min(context_size, len)` pairs drawn without replacement."""

@@ -347,9 +347,6 @@ class ValuePrior:
         )
 
 
-ARTIFACT_FILES = ("config.json", "backbone.json", "adapter.safetensors", "head.ckpt")
-
-
 def check_export_folder(path: str | Path) -> bool:
     """Whether `path` holds an earlier prior artifact (which a save replaces); False for a new or empty one.
 
@@ -365,7 +362,7 @@ def check_export_folder(path: str | Path) -> bool:
     foreign = sorted(
         entry.name
         for entry in path.iterdir()
-        if entry.name not in ARTIFACT_FILES and entry.name != "head.ckpt.partial"  # a killed head save
+        if entry.name not in FILES and entry.name != "head.ckpt.partial"  # a killed head save
     )
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")

@@ -119,6 +119,7 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
         ({"advantage": "v5", "osla": OslaSettings()}, "model.advantage='v5' is not a registered estimator"),
         ({"loss_agg": "sum"}, "model.loss_agg"),
         ({"micro_batch_size": 0}, "model.micro_batch_size"),
+        ({"verifier_options": {"timeout": 3}}, "model.verifier_options={'timeout': 3} do not fit verifier"),
     ],
 )
 def test_bad_settings_fail_before_training(
@@ -126,6 +127,17 @@ def test_bad_settings_fail_before_training(
 ) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make_module(tiny_lm_path, tmp_path, **kwargs)
+
+
+def test_verifier_options_reach_the_verifier(tiny_lm_path: str, tmp_path: Path) -> None:
+    module = make_module(
+        tiny_lm_path, tmp_path, verifier="math", verifier_options={"timeout_s": 2.5, "num_workers": 1}
+    )
+    try:
+        assert (module.verifier.timeout_s, module.verifier.num_workers) == (2.5, 1)
+        assert module.hparams.verifier_options == {"timeout_s": 2.5, "num_workers": 1}
+    finally:
+        module.verifier.close()
 
 
 def test_bad_model_paths(tmp_path: Path) -> None:

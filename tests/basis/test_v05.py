@@ -118,6 +118,23 @@ def test_support_buffer_fifo_readiness_sampling_and_state() -> None:
         restored.load_state_dict({"format": 0, "prompts": [], "success": []})
 
 
+def test_the_buffer_counts_successes_at_the_priors_label_threshold(tiny_lm_path: str, tmp_path: Path) -> None:
+    # A prior trained with label_threshold 0.75 reads rates 0.5 and 0.6 as failures: a buffer holding
+    # only those cannot serve it a two-class context, whatever the default threshold of 0.5 says.
+    prior = ConstantPrior(0.5)
+    prior.label_threshold = 0.75
+    module = module_for(tiny_lm_path, tmp_path, prior=prior)
+    assert module.support.label_threshold == 0.75
+    module.support.add([f"q{i}" for i in range(8)], [0.0, 0.5, 0.6, 0.0, 0.5, 0.6, 0.0, 0.5])
+    assert not module.support.ready()
+    module.support.add(["q8"], [1.0])
+    assert module.support.ready()
+    assert (
+        module_for(tiny_lm_path, tmp_path / "default", prior=ConstantPrior(0.5)).support.label_threshold
+        == 0.5
+    )
+
+
 def test_design_defaults_of_the_support_buffer_and_osla() -> None:
     # design.md §4: a FIFO of capacity 512, 256 pairs per prior query; c = 0.0039 -> k_max 16.
     buffer = SupportBuffer()
