@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch.distributed.tensor import DTensor
 
 
@@ -139,11 +140,33 @@ def merged_state_dict(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, m in base.named_modules()
         if isinstance(m, LoraLayer)
     }
-    return {
+    state = {
         key.replace(".base_layer.", "."): merged[key] if key in merged else full_tensor(tensor).clone()
         for key, tensor in base.state_dict().items()
         if ".lora_" not in key
     }
+    for name, module in base.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            _unwrap_modules_to_save(state, name, module)
+    return state
+
+
+def _unwrap_modules_to_save(state: dict[str, torch.Tensor], name: str, module: torch.nn.Module) -> None:
+    """Keep, under the HF name `<name>.<param>`, the copy of a peft `modules_to_save` module that the forward
+    uses (peft's names `<name>.modules_to_save.<adapter>.<param>` would load as missing layers, which
+    transformers initialises at random with only a warning)."""
+    if not isinstance(module, ModulesToSaveWrapper):
+        raise ValueError(
+            f"{name} is a peft {type(module).__name__} (e.g. trainable_token_indices), which cannot be exported "
+            "as HF weights; train those tokens with modules_to_save on the embedding instead"
+        )
+    active = module.active_adapters[0] if module.active_adapters else None
+    use_copy = not module.disable_adapters and active in module.modules_to_save
+    kept = f"{name}.modules_to_save.{active}." if use_copy else f"{name}.original_module."
+    for key in [k for k in state if k.startswith(f"{name}.")]:
+        tensor = state.pop(key)
+        if key.startswith(kept):
+            state[f"{name}.{key.removeprefix(kept)}"] = tensor
 
 
 def saved_dtype(model_path: str) -> torch.dtype:

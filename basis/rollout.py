@@ -36,7 +36,9 @@ class SamplingParams:
         top_p: Nucleus mass in (0, 1]; 1 disables it.
         top_k: Keep the k most likely tokens; 0 disables it.
         stop: Stop strings; the response is cut right after the first one and finishes with "stop".
-        seed: Base seed of this call; engines derive per-request seeds from it for reproducibility.
+        seed: Base seed of this call, for reproducibility. SGLang seeds request i with `seed + i`; the HF
+            engine seeds the call, so there a prompt's sample also depends on the call's other prompts
+            and on `max_batch_size` (the distribution does not).
     """
 
     max_new_tokens: int = 64
@@ -55,6 +57,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if isinstance(self.stop, str):  # iterated, it would stop at any of its characters
+            raise ValueError(
+                f"stop must be a tuple of strings, got the string {self.stop!r}; write ({self.stop!r},)"
+            )
+        if not all(isinstance(s, str) and s for s in self.stop):  # "" is in every text: one-token responses
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
 @dataclass(frozen=True)
@@ -135,17 +143,26 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        device = next(self.model.parameters()).device
         completions: list[Completion] = []
-        for start in range(0, len(prompts), self.max_batch_size):
-            completions += self._generate_batch(prompts[start : start + self.max_batch_size], params)
+        # a seeded call draws from its own stream and leaves the caller's global RNG where it was
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=params.seed is not None):
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(prompts), self.max_batch_size):
+                completions += self._generate_batch(
+                    prompts[start : start + self.max_batch_size], params, start
+                )
         return completions
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, offset: int
+    ) -> list[Completion]:
         device = next(self.model.parameters()).device
         input_ids, attention_mask = left_pad(prompts, self.pad_id, device)  # [B, P], [B, P]
+        self._check_token_ids(input_ids, offset)
         stopping = (
             StoppingCriteriaList([ResponseStopStrings(self.tokenizer, params.stop, input_ids.shape[1])])
             if params.stop
@@ -180,6 +197,19 @@ class HFEngine:
         return [
             self._completion(responses[i].tolist(), logprobs[i].tolist(), params) for i in range(len(prompts))
         ]
+
+    def _check_token_ids(self, input_ids: torch.Tensor, offset: int) -> None:
+        """Name a prompt holding ids the model has no embedding for (a tokenizer with added tokens saved
+        beside an unresized model), instead of `nn.Embedding`'s bare IndexError."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = (input_ids < 0) | (input_ids >= vocab)  # [B, P]; pads are the tokenizer's own ids
+        if bad.any():
+            row = int(bad.any(dim=1).nonzero()[0])
+            ids = input_ids[row][bad[row]].tolist()
+            raise ValueError(
+                f"prompt {offset + row} holds token id(s) {ids[:5]} outside the model's vocabulary [0, {vocab}): "
+                "was the tokenizer extended without resizing the model's embeddings?"
+            )
 
     def _completion(self, ids: list[int], logprobs: list[float], params: SamplingParams) -> Completion:
         """Cut a padded response at its first EOS or stop string and record why it ended. SGLang's
@@ -228,11 +258,12 @@ class ResponseStopStrings(StoppingCriteria):
     """Finish a row once its response contains a stop string. transformers' own `stop_strings` also
     match a string that starts in the prompt (a chat prompt ending in "\n" and the stop "\n\n"),
     which SGLang never does. Each step decodes only the response's last tokens: enough for the
-    longest stop string when every token decodes to at least one character."""
+    longest stop string when every token decodes to at least one byte (byte-level and byte-fallback
+    tokenizers: a CJK character can take three tokens)."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_width: int) -> None:
         self.tokenizer, self.stop, self.prompt_width = tokenizer, tuple(stop), prompt_width
-        self.window = max(len(s) for s in self.stop) + 1  # tokens
+        self.window = max(len(s.encode("utf-8")) for s in self.stop) + 1  # tokens
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         tail = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]  # [B, <= window]

@@ -3,6 +3,7 @@ gathered from every rank. Real tiny Qwen3 through the Auto* loaders, real 2-proc
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from basis.policy_io import LoraSettings, export_policy, load_policy, merged_lora_weight, saved_dtype
@@ -123,6 +125,32 @@ def _sharded_export(rank: int, world: int, model_path: str, run_dir: str, rendez
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("adapters_on", [True, False])
+def test_modules_to_save_export_the_copy_the_policy_uses(
+    tiny_lm_path: str, tmp_path: Path, adapters_on: bool
+) -> None:
+    # A peft `modules_to_save` copy (here the final norm) used to be exported under peft's names, so the
+    # export loaded with that layer missing, initialised at random (logits off by ~0.5, one warning).
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    policy = get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"], task_type="CAUSAL_LM"
+        ),
+    )
+    with torch.no_grad():
+        for param in policy.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.5)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with policy.disable_adapter() if not adapters_on else contextlib.nullcontext():
+        want = policy.eval()(input_ids=ids).logits
+        out = export_policy(policy, load_policy(tiny_lm_path, None)[1], tmp_path / "step_000001")
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, want, atol=1e-4, rtol=0)
 
 
 def test_sharded_policy_exports_its_full_weights_from_rank_zero(tiny_lm_path: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from basis.rollout import HFEngine, SamplingParams
+from basis.rollout import HFEngine, ResponseStopStrings, SamplingParams
 
 
 def load(path: str | Path) -> tuple[torch.nn.Module, object]:
@@ -97,3 +97,38 @@ def test_a_response_cut_by_max_new_tokens_finishes_with_length(tiny_lm_path: str
     (completion,) = HFEngine(model, tokenizer).generate([[5, 6, 7]], SamplingParams(3, seed=0))
     assert completion.token_ids == [5, 5, 5]
     assert completion.finish_reason == "length"
+
+
+@pytest.mark.parametrize("stop", ["</answer>", ("",), ("ok", 3)])
+def test_stop_must_be_a_tuple_of_non_empty_strings(stop: object) -> None:
+    # a bare string used to stop at any of its characters, and "" after every first token
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=stop)  # type: ignore[arg-type]
+
+
+def test_prompt_ids_outside_the_vocabulary_are_named(tiny_lm_path: str) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    vocab = model.get_input_embeddings().num_embeddings
+    engine = HFEngine(model, tokenizer, max_batch_size=2)
+    with pytest.raises(ValueError, match=rf"prompt 3 holds token id\(s\) \[{vocab}\]"):
+        engine.generate([[5], [6], [7, 8], [9, vocab]], SamplingParams(max_new_tokens=2, seed=0))
+
+
+def test_a_multibyte_stop_string_ends_generation_early(tiny_lm_path: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    stop = tokenizer.encode("日", add_special_tokens=False)
+    assert len(stop) == 3  # one character, three byte tokens
+    prompt = [5, 6, 7]
+    tail = torch.tensor([prompt + tokenizer.encode("ab", add_special_tokens=False) + stop])
+    assert ResponseStopStrings(tokenizer, ("日",), len(prompt))(tail, None).tolist() == [True]
+
+
+def test_a_seeded_call_leaves_the_callers_random_stream_alone(tiny_lm_path: str) -> None:
+    model, tokenizer = load(tiny_lm_path)
+    engine, params = HFEngine(model, tokenizer), SamplingParams(max_new_tokens=4, seed=123)
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    first = engine.generate([[5, 6, 7]] * 2, params)
+    assert torch.equal(torch.rand(3), want)
+    assert [c.token_ids for c in engine.generate([[5, 6, 7]] * 2, params)] == [c.token_ids for c in first]
