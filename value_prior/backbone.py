@@ -185,7 +185,15 @@ class HFBackbone:
         self._tokenizer = AutoTokenizer.from_pretrained(path)
         self._tokenizer.padding_side = "right"  # real tokens first: `_embed` keeps `hidden[i, :n]`
         self._tokenizer.truncation_side = "right"  # keep the start of a long prompt
+        if self._tokenizer.pad_token is None:  # decoders (GPT-2, Llama 3); `_embed` masks and cuts off pads
+            self._tokenizer.pad_token = self._tokenizer.eos_token or self._tokenizer.unk_token
         encoder = AutoModel.from_pretrained(path).to(self.device).eval()
+        positions = getattr(encoder.config, "max_position_embeddings", None)  # before any prompt is cut there
+        if positions is not None and self.max_length > positions:
+            raise ValueError(
+                f"backbone {self.model_name!r}: max_length={self.max_length} exceeds the model's "
+                f"max_position_embeddings={positions}; use max_length <= {positions}"
+            )
         encoder.requires_grad_(False)  # frozen: design.md §3
         self._encoder = encoder
 

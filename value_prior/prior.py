@@ -157,6 +157,8 @@ class ValuePrior:
     def prepare(self, prompts: Sequence[str]) -> None:
         """Compute and cache the features of `prompts` now (e.g. every prompt a training run will
         query), so later `predict` calls pay only for the head."""
+        if isinstance(prompts, str):
+            raise ValueError("prepare takes a sequence of prompts, not one string")
         _check_prompts("prompts", prompts)
         if prompts:
             self.features(list(dict.fromkeys(prompts)))
@@ -494,8 +496,10 @@ def platt_scaling(scores: Tensor, success: Tensor) -> tuple[float, float]:
     when the unconstrained optimum has `scale < 0`, the constrained one lies on `scale = 0`, where the
     bias alone has the closed form `logit(mean success)`.
     """
-    params = torch.tensor([1.0, 0.0], requires_grad=True)
-    optimizer = torch.optim.LBFGS([params], lr=0.5, max_iter=200)
+    scores, success = scores.double(), success.double()
+    params = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    # A line search: a fixed step diverges (scale ~1e10) or overshoots to scale < 0 on wide or shifted scores.
+    optimizer = torch.optim.LBFGS([params], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()

@@ -184,6 +184,41 @@ def test_cache_key_depends_on_text_length_and_backbone() -> None:
     )
 
 
+def test_max_length_beyond_the_models_positions_is_refused_at_load(tiny_encoder_dir: str) -> None:
+    # it crashed at the first prompt longer than the model's positions, naming neither setting nor model
+    backbone = HFBackbone(tiny_encoder_dir, max_length=128, cache_dir=None)  # the tiny BERT: 64 positions
+    with pytest.raises(ValueError, match="max_length=128 exceeds the model's max_position_embeddings=64"):
+        backbone.hidden_states(["a short prompt"])
+
+
+def test_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path: Path) -> None:
+    # GPT-2 / Llama 3 style: no pad token, so every batch raised "Asking to pad but the tokenizer ..."
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator(["Q: 1+2*3= what is x", "Let x + 1/x = 3"] * 10, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        tmp_path
+    )
+    config = GPT2Config(
+        vocab_size=tok.get_vocab_size(),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    GPT2Model(config).save_pretrained(tmp_path)
+    short, long = "Q: 1+2*3=", "Let x + 1/x = 3 what is x"
+    together = HFBackbone(str(tmp_path), max_length=32, cache_dir=None).hidden_states([short, long])
+    alone = HFBackbone(str(tmp_path), max_length=32, cache_dir=None).hidden_states([short])
+    torch.testing.assert_close(together[0], alone[0])  # right padding: pads never reach a real token
+
+
 def test_bad_inputs(tiny_backbone: HFBackbone, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="prompt 1 is ''"):
         tiny_backbone.hidden_states(["Q: 1+1=", ""])

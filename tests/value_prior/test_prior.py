@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from transformers import BertModel
@@ -25,6 +26,7 @@ from value_prior.prior import (
     ValuePrior,
     check_export_folder,
     fit_platt_scaling,
+    platt_scaling,
 )
 
 ADAPTER = {"num_queries": 4, "query_dim": 2, "num_heads": 1, "bottleneck": 16, "dropout": 0.2}
@@ -111,6 +113,31 @@ def test_single_class_context_falls_back_to_the_mean(prior: ValuePrior) -> None:
 def test_bad_inputs_are_named(prior: ValuePrior, context, success, queries, text: str) -> None:
     with pytest.raises(ValueError, match=text):
         prior.predict(context, success, queries)
+
+
+def test_prepare_refuses_one_string(prior: ValuePrior) -> None:
+    with pytest.raises(ValueError, match="not one string"):  # it embedded each character as a prompt
+        prior.prepare("Let x + 1/x = 3. Compute x^3 + 1/x^3.")
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (0.0, 6.0), (0.0, 10.0), (5.0, 1.0), (-6.0, 1.0)])
+def test_platt_scaling_reaches_the_optimum_on_wide_or_shifted_scores(mean: float, std: float) -> None:
+    # A fixed LBFGS step overshot to scale < 0 (a flat prior) on wide scores and diverged to scale ~1e12
+    # (probabilities of exactly 0 or 1) on shifted ones, although the scores rank at AUC ~0.85.
+    from scipy.optimize import minimize
+
+    def cross_entropy(params: np.ndarray) -> float:
+        z = params[0] * s + params[1]
+        return float(np.mean(np.logaddexp(0, z) - y * z))
+
+    rng = np.random.default_rng(1)
+    u = rng.normal(0, 1, 400)
+    y = rng.binomial(10, 1 / (1 + np.exp(-u))) / 10
+    s = mean + std * (u + rng.normal(0, 0.5, 400))
+    scale, bias = platt_scaling(torch.tensor(s, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+    best = minimize(cross_entropy, [1.0, 0.0], bounds=[(0, None), (None, None)], method="L-BFGS-B").x
+    assert 0 < scale < 10
+    assert cross_entropy(np.array([scale, bias])) == pytest.approx(cross_entropy(best), abs=1e-4)
 
 
 def test_pandas_series_are_read_by_position(prior: ValuePrior) -> None:
