@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -58,6 +59,7 @@ from basis.advantages import (
     ESTIMATORS,
     basis_baseline,
     compute_advantages,
+    dynamic_sampling_mask,
     fused_baseline,
     osla_extra_rollouts,
 )
@@ -141,6 +143,11 @@ class PolicyTrainer(L.LightningModule):
         kl_estimator: "k1", "k2" or "k3".
         tis_cap: Truncated importance-sampling cap for engine/trainer mismatch; None disables the
             correction (the mismatch is still logged).
+        dynamic_sampling_rounds: DAPO dynamic sampling: drop the groups whose rewards are all equal
+            (zero advantage under a group baseline) and refill the batch with groups of fresh training
+            prompts, up to this many extra generation rounds per step; 0 disables it. A batch still
+            short after the last round trains on the groups it has (verl's `max_num_gen_batches`
+            raises instead). Dropped rollouts count towards `max_rollouts`.
         temperature: Sampling temperature (also used for the trainer's log-probs).
         top_p: Nucleus sampling mass.
         top_k: Top-k sampling (0 = off).
@@ -203,6 +210,7 @@ class PolicyTrainer(L.LightningModule):
         kl_coef: float = 0.0,
         kl_estimator: str = "k3",
         tis_cap: float | None = 2.0,
+        dynamic_sampling_rounds: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -247,6 +255,7 @@ class PolicyTrainer(L.LightningModule):
             val_samples,
         )
         _validate_prior_settings(advantage, prior, osla, group_size)
+        _validate_dynamic_sampling(advantage, dynamic_sampling_rounds)
         if lora is not None and lora.dropout > 0:
             raise ValueError(
                 f"model.lora.dropout={lora.dropout}: every policy forward pass runs with dropout off (the PPO "
@@ -514,6 +523,10 @@ class PolicyTrainer(L.LightningModule):
         # the first round is generated; "prior" times only the wait the rollouts did not hide.
         query = self.submit_prior_query(prompts) if self.prior is not None else None
         rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
+        dropped, sampling_stats = 0, {}  # rollouts generated but not trained on (dynamic sampling)
+        if self.hparams.dynamic_sampling_rounds:
+            rollouts, generated, sampling_stats = self.dynamic_sampling(rollouts, timings)
+            dropped = generated - len(rollouts.completions)
         prior_p = None  # [P] V0's success probabilities, or None: the empirical fallback
         if query is not None:
             with _timer(timings, "prior"):
@@ -544,8 +557,9 @@ class PolicyTrainer(L.LightningModule):
                 self.engine.resume_memory()
         with _timer(timings, "weight_sync"):
             self.engine.update_weights(self.policy)
-        local = torch.tensor([len(rollouts.completions)], dtype=torch.float64)
+        local = torch.tensor([len(rollouts.completions) + dropped], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
+        update_stats |= sampling_stats
         self.record_step(rollouts, advantages, update_stats, timings, prior, heldout, used_baseline)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
@@ -605,6 +619,41 @@ class PolicyTrainer(L.LightningModule):
             torch.cat([previous.correct, correct]),  # [N + n]
             previous.verifier_failures + result.num_failed,
         )
+
+    def dynamic_sampling(
+        self, rollouts: Rollouts, timings: dict[str, float]
+    ) -> tuple[Rollouts, int, dict[str, float]]:
+        """DAPO dynamic sampling: the step's groups with differing rewards, refilled with groups of fresh
+        training prompts (drawn at random, a round of a full batch at a time as in verl) until the batch
+        is full or `dynamic_sampling_rounds` rounds are spent, then cut to the batch size. Returns the
+        rollouts to train on, the rollouts generated, and the step's statistics. A round that finds no
+        informative group at all trains on the original batch (zero advantages: no policy-gradient
+        step, but every rank still runs its update)."""
+        want, size = len(rollouts.prompts), self.hparams.group_size
+        kept, generated, rounds = informative_groups(rollouts), len(rollouts.completions), 0
+        train_rows = self.trainer.datamodule.train_rows
+        used = {_row_key(row) for row in rollouts.prompts}  # a prompt is sampled once per step
+        while len(kept.prompts) < want and rounds < self.hparams.dynamic_sampling_rounds:
+            rounds += 1
+            rng = np.random.default_rng(
+                seed_for(self.hparams.seed, self.rl_step, self.global_rank, 3, rounds)
+            )
+            order = (train_rows[i] for i in rng.permutation(len(train_rows)))
+            fresh = list(itertools.islice((row for row in order if _row_key(row) not in used), want))
+            if not fresh:  # every training prompt has been tried this step
+                break
+            used |= {_row_key(row) for row in fresh}
+            fresh_rollouts = self.collect_rollouts(fresh, [size] * len(fresh), timings, salt=100 + rounds)
+            generated += len(fresh_rollouts.completions)
+            kept = concat_groups(kept, informative_groups(fresh_rollouts))
+        stats = {
+            "dynamic_sampling_rounds": float(rounds),
+            "dynamic_sampling_kept": min(len(kept.prompts), want) / want,  # of the batch's groups
+            "rollouts_generated": float(generated),
+        }
+        if not kept.prompts:
+            return rollouts, generated, stats
+        return select_groups(kept, range(min(len(kept.prompts), want))), generated, stats
 
     def osla_rounds(self, rollouts: Rollouts, prior: torch.Tensor, timings: dict[str, float]) -> Rollouts:
         """OSLA: add rollouts to prompts whose target N* exceeds their count, round by round."""
@@ -1305,9 +1354,47 @@ def histogram_figure(values: list[float], label: str) -> Any:
 
 def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
     """Fraction of prompt groups whose responses all got the same reward."""
-    groups = torch.unique(index)
-    spread = [correct[index == g].max() != correct[index == g].min() for g in groups]
-    return float(1.0 - sum(bool(s) for s in spread) / len(groups))
+    informative = torch.unique(index[dynamic_sampling_mask(correct, index)])
+    return 1.0 - len(informative) / len(torch.unique(index))
+
+
+def _row_key(row: PromptRow) -> tuple[str, str]:
+    return row.prompt_id, prompt_text(row.prompt)
+
+
+def informative_groups(rollouts: Rollouts) -> Rollouts:
+    """The groups of `rollouts` whose rewards differ (DAPO's dynamic-sampling filter)."""
+    keep = torch.unique(rollouts.index[dynamic_sampling_mask(rollouts.correct, rollouts.index)])
+    return select_groups(rollouts, keep.tolist())
+
+
+def select_groups(rollouts: Rollouts, groups: Iterable[int]) -> Rollouts:
+    """The responses of prompts `groups` (in that order), renumbered 0..len(groups) - 1."""
+    groups = list(groups)
+    new_id = torch.full((len(rollouts.prompts),), -1, dtype=torch.long)  # [P]
+    new_id[torch.as_tensor(groups, dtype=torch.long)] = torch.arange(len(groups))
+    index = new_id[rollouts.index]  # [N], -1 for dropped groups
+    rows = torch.nonzero(index >= 0).flatten().tolist()
+    return Rollouts(
+        [rollouts.prompts[g] for g in groups],
+        [rollouts.prompt_ids[i] for i in rows],
+        [rollouts.completions[i] for i in rows],
+        index[rows],
+        rollouts.correct[rows],
+        rollouts.verifier_failures,
+    )
+
+
+def concat_groups(first: Rollouts, second: Rollouts) -> Rollouts:
+    """`first`'s groups followed by `second`'s (renumbered after them)."""
+    return Rollouts(
+        first.prompts + second.prompts,
+        first.prompt_ids + second.prompt_ids,
+        first.completions + second.completions,
+        torch.cat([first.index, second.index + len(first.prompts)]),  # [N1 + N2]
+        torch.cat([first.correct, second.correct]),  # [N1 + N2]
+        first.verifier_failures + second.verifier_failures,
+    )
 
 
 def last_logged_step(logger: Any, metric: str) -> int:
@@ -1344,6 +1431,19 @@ def _validate_prior_settings(advantage: str, prior: Any, osla: OslaSettings | No
     if osla is not None and group_size > osla.k_max:
         raise ValueError(
             f"model.group_size={group_size} (k_init) exceeds OSLA's k_max={osla.k_max} for c={osla.c}"
+        )
+
+
+def _validate_dynamic_sampling(advantage: str, rounds: int) -> None:
+    if rounds < 0:
+        raise ValueError(f"model.dynamic_sampling_rounds must be >= 0 (0 disables it), got {rounds}")
+    group_baselines = [
+        n for n, spec in ESTIMATORS.items() if spec.min_group_size >= 2 and not spec.needs_prior
+    ]
+    if rounds and advantage not in group_baselines:
+        raise ValueError(
+            f"model.dynamic_sampling_rounds={rounds} drops groups whose rewards are all equal, which carry no "
+            f"signal only under a group baseline ({', '.join(group_baselines)}); {advantage!r} learns from them"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -714,3 +715,62 @@ def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_global_norm(
     lora._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, datamodule=None)
     with pytest.raises(ValueError, match=r"model\.lora with an FSDP strategy is not supported"):
         lora.setup("fit")  # the merged export needs the unsharded adapter modules
+
+
+class CoinVerifier:
+    """Test double for a verifier: a response succeeds when its text's CRC is odd, so about half of all
+    groups of two mix outcomes (the untrained tiny model never answers arithmetic)."""
+
+    def __call__(self, responses, answers):
+        from basis.rewards import VerifyResult
+
+        return VerifyResult([float(zlib.crc32(r.encode()) % 2) for r in responses], 0)
+
+
+def test_dapo_dynamic_sampling_trains_only_mixed_groups_and_counts_every_rollout(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    from basis import rewards
+
+    monkeypatch.setitem(rewards.VERIFIERS, "coin", CoinVerifier)
+    module = make_module(tiny_lm_path, tmp_path, group_size=2, verifier="coin", dynamic_sampling_rounds=6)
+    logged: list[dict[str, float]] = []
+    monkeypatch.setattr(module, "log_metrics", lambda metrics, series: logged.append(metrics))
+    make_trainer(tmp_path, steps=3).fit(module, datamodule=data(task_dir))
+    generated = 0
+    for step, metrics in enumerate(logged, start=1):
+        table = pq.read_table(tmp_path / "rollouts" / f"step_{step:06d}-rank0.parquet").to_pandas()
+        groups = table.groupby("prompt_id")["reward"]
+        assert len(table) == metrics["train/rollouts"] == 2 * groups.ngroups
+        assert (groups.nunique() == 2).all()  # every trained group mixes outcomes
+        assert metrics["train/dynamic_sampling_kept"] == groups.ngroups / 4 == 1.0  # refilled to the batch
+        assert metrics["train/rollouts_generated"] == 8 * (1 + metrics["train/dynamic_sampling_rounds"])
+        generated += metrics["train/rollouts_generated"]
+    assert any(m["train/dynamic_sampling_rounds"] > 0 for m in logged)
+    assert module.rollouts_total == generated  # the dropped rollouts are paid for too
+
+
+def test_dynamic_sampling_without_any_mixed_group_trains_on_the_batch(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = make_module(tiny_lm_path, tmp_path, dynamic_sampling_rounds=2)  # every arithmetic answer fails
+    logged: list[dict[str, float]] = []
+    monkeypatch.setattr(module, "log_metrics", lambda metrics, series: logged.append(metrics))
+    make_trainer(tmp_path, steps=1).fit(module, datamodule=data(task_dir))
+    (metrics,) = logged
+    assert metrics["train/dynamic_sampling_rounds"] == 2 and metrics["train/dynamic_sampling_kept"] == 0
+    assert metrics["train/rollouts"] == 16 and module.rollouts_total == 48
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dynamic_sampling_rounds": -1}, "must be >= 0"),
+        ({"advantage": "reinforce_pp", "dynamic_sampling_rounds": 2}, "'reinforce_pp' learns from them"),
+    ],
+)
+def test_dynamic_sampling_settings(tiny_lm_path: str, tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_module(tiny_lm_path, tmp_path, **kwargs)
