@@ -141,11 +141,22 @@ def expected_calibration_error(
     """ECE over `n_bins` equal-width probability bins against graded success rates."""
     p, y = _as_tensor(prob), _as_tensor(success)
     _check(p, y)
-    bins = torch.clamp((p * n_bins).long(), 0, n_bins - 1)  # [N]
-    count = torch.bincount(bins, minlength=n_bins).double()  # [n_bins]
-    mean_p = torch.bincount(bins, weights=p, minlength=n_bins) / count.clamp(min=1)  # [n_bins]
-    mean_y = torch.bincount(bins, weights=y, minlength=n_bins) / count.clamp(min=1)  # [n_bins]
+    count, mean_p, mean_y = (
+        torch.as_tensor(v) for v in reliability_bins(p.cpu().numpy(), y.cpu().numpy(), n_bins)
+    )
     return float(((count / len(p)) * (mean_p - mean_y).abs()).sum())
+
+
+def reliability_bins(
+    prob: np.ndarray, success: np.ndarray, n_bins: int = 10
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width probability bin: the count, mean prediction and mean success rate (each
+    `[n_bins]`, 0 in an empty bin): the reliability diagram, and ECE's terms."""
+    bins = np.clip((np.asarray(prob) * n_bins).astype(int), 0, n_bins - 1)  # [N]
+    count = np.bincount(bins, minlength=n_bins).astype(np.float64)  # [n_bins]
+    mean_p = np.bincount(bins, weights=prob, minlength=n_bins) / np.maximum(count, 1)  # [n_bins]
+    mean_y = np.bincount(bins, weights=success, minlength=n_bins) / np.maximum(count, 1)  # [n_bins]
+    return count, mean_p, mean_y
 
 
 def score_predictions(

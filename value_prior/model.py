@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from basis.data import global_seed
 from value_prior.backbone import HFBackbone, TextBackbone
 from value_prior.head import load_head
-from value_prior.metrics import grouped_auc, score_predictions
+from value_prior.metrics import grouped_auc, reliability_bins, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -519,24 +519,16 @@ class V0Module(L.LightningModule):
 def log_eval_plots(logger: Any, stage: str, epoch: int, prob: np.ndarray, success: np.ndarray) -> None:
     """Log a reliability diagram and a score histogram (PNG) to MLflow, when the logger is MLflow."""
     from lightning.pytorch.loggers import MLFlowLogger
+    from matplotlib.figure import Figure  # not pyplot: no global backend, no figure left open
 
     if not isinstance(logger, MLFlowLogger):
         return
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    bins = np.clip((prob * 10).astype(int), 0, 9)
-    counts = np.bincount(bins, minlength=10)
-    filled = counts > 0
-    mean_p = np.bincount(bins, weights=prob, minlength=10)[filled] / counts[filled]
-    mean_y = np.bincount(bins, weights=success, minlength=10)[filled] / counts[filled]
-    fig, (ax_rel, ax_hist) = plt.subplots(1, 2, figsize=(9, 4))
+    count, mean_p, mean_y = reliability_bins(prob, success)  # [10] each
+    filled = count > 0
+    fig = Figure(figsize=(9, 4))
+    ax_rel, ax_hist = fig.subplots(1, 2)
     ax_rel.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
-    ax_rel.plot(mean_p, mean_y, "o-", label="V0")
+    ax_rel.plot(mean_p[filled], mean_y[filled], "o-", label="V0")
     ax_rel.set(
         xlabel="predicted success probability", ylabel="observed success rate", title=f"{stage} reliability"
     )
@@ -550,11 +542,8 @@ def log_eval_plots(logger: Any, stage: str, epoch: int, prob: np.ndarray, succes
     ax_hist.set(xlabel="predicted success probability", ylabel="queries", title=f"{stage} score histogram")
     ax_hist.legend()
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{stage}_calibration_epoch{epoch:03d}.png"
-        fig.savefig(path, dpi=80)
-        logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=f"plots/{stage}")
-    plt.close(fig)
+    artifact = f"plots/{stage}/{stage}_calibration_epoch{epoch:03d}.png"
+    logger.experiment.log_figure(logger.run_id, fig, artifact, save_kwargs={"dpi": 80})
 
 
 class PredictionsWriter(L.pytorch.callbacks.BasePredictionWriter):
