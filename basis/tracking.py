@@ -32,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,7 @@ def ensure_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
-def _lightning_mlflow_logger() -> type:
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    return MLFlowLogger
-
-
-class MLflowLogger(_lightning_mlflow_logger()):  # type: ignore[misc]
+class MLflowLogger(MLFlowLogger):
     """Lightning's `MLFlowLogger` with this project's store as the default.
 
     Use it in YAML as `trainer.logger: {class_path: basis.tracking.MLflowLogger, init_args:
