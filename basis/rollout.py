@@ -143,10 +143,10 @@ class HFEngine:
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        device = next(self.model.parameters()).device
         completions: list[Completion] = []
-        # a seeded call draws from its own stream and leaves the caller's global RNG where it was
-        devices = [device.index or 0] if device.type == "cuda" else []
+        # a seeded call draws from its own stream and leaves the caller's global RNG where it was, on
+        # every GPU the model spans (a model split with device_map samples on its last one)
+        devices = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices, enabled=params.seed is not None):
             if params.seed is not None:
                 torch.manual_seed(params.seed)

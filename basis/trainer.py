@@ -255,7 +255,7 @@ class PolicyTrainer(L.LightningModule):
             val_samples,
         )
         _validate_prior_settings(advantage, prior, osla, group_size)
-        _validate_dynamic_sampling(advantage, dynamic_sampling_rounds)
+        _validate_dynamic_sampling(advantage, dynamic_sampling_rounds, prior)
         if lora is not None and lora.dropout > 0:
             raise ValueError(
                 f"model.lora.dropout={lora.dropout}: every policy forward pass runs with dropout off (the PPO "
@@ -268,7 +268,8 @@ class PolicyTrainer(L.LightningModule):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.automatic_optimization = False
-        self.sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, tuple(stop or ()))
+        stop = stop if isinstance(stop, str) else tuple(stop or ())  # SamplingParams refuses a bare string
+        self.sampling = SamplingParams(max_new_tokens, temperature, top_p, top_k, stop)
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.policy, self.tokenizer = load_policy(model_path, lora)
         # The frozen reference for a KL penalty under full fine-tuning is the starting checkpoint, built
@@ -342,12 +343,16 @@ class PolicyTrainer(L.LightningModule):
                 "Use bf16-mixed (or 32-true)."
             )
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            if self.osla is not None:
-                raise ValueError(
-                    "model.osla with an FSDP strategy is not supported: OSLA gives ranks different numbers "
-                    "of rollout rounds and micro-batches, and every sharded forward pass is a collective "
-                    "that all ranks must join. Use trainer.strategy: ddp."
-                )
+            for setting, name, active in [
+                ("model.osla", "OSLA", self.osla is not None),
+                ("model.dynamic_sampling_rounds", "dynamic sampling", self.hparams.dynamic_sampling_rounds),
+            ]:
+                if active:
+                    raise ValueError(
+                        f"{setting} with an FSDP strategy is not supported: {name} gives ranks different "
+                        "numbers of rollout rounds and micro-batches, and every sharded forward pass is a "
+                        "collective that all ranks must join. Use trainer.strategy: ddp."
+                    )
             if self.hparams.lora is not None:
                 raise ValueError(
                     "model.lora with an FSDP strategy is not supported: exports merge the adapter into the "
@@ -523,10 +528,9 @@ class PolicyTrainer(L.LightningModule):
         # the first round is generated; "prior" times only the wait the rollouts did not hide.
         query = self.submit_prior_query(prompts) if self.prior is not None else None
         rollouts = self.collect_rollouts(prompts, [self.hparams.group_size] * len(prompts), timings)
-        dropped, sampling_stats = 0, {}  # rollouts generated but not trained on (dynamic sampling)
+        generated, trained, sampling_stats = None, None, {}  # dynamic sampling trains on part of `generated`
         if self.hparams.dynamic_sampling_rounds:
-            rollouts, generated, sampling_stats = self.dynamic_sampling(rollouts, timings)
-            dropped = generated - len(rollouts.completions)
+            rollouts, generated, trained, sampling_stats = self.dynamic_sampling(rollouts, timings)
         prior_p = None  # [P] V0's success probabilities, or None: the empirical fallback
         if query is not None:
             with _timer(timings, "prior"):
@@ -557,10 +561,14 @@ class PolicyTrainer(L.LightningModule):
                 self.engine.resume_memory()
         with _timer(timings, "weight_sync"):
             self.engine.update_weights(self.policy)
-        local = torch.tensor([len(rollouts.completions) + dropped], dtype=torch.float64)
+        generated = rollouts if generated is None else generated  # after OSLA's rounds, which add to rollouts
+        local = torch.tensor([len(generated.completions)], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
         update_stats |= sampling_stats
-        self.record_step(rollouts, advantages, update_stats, timings, prior, heldout, used_baseline)
+        self.record_step(
+            rollouts, advantages, update_stats, timings, prior, heldout, used_baseline, generated
+        )
+        self.write_rollout_records(generated, trained)
         if self.prior is not None:
             self.support.add([prompt_text(r.prompt) for r in prompts], success_rates(rollouts).tolist())
         if self.calibrator is not None and prior_p is not None:
@@ -622,18 +630,20 @@ class PolicyTrainer(L.LightningModule):
 
     def dynamic_sampling(
         self, rollouts: Rollouts, timings: dict[str, float]
-    ) -> tuple[Rollouts, int, dict[str, float]]:
+    ) -> tuple[Rollouts, Rollouts, torch.Tensor, dict[str, float]]:
         """DAPO dynamic sampling: the step's groups with differing rewards, refilled with groups of fresh
         training prompts (drawn at random, a round of a full batch at a time as in verl) until the batch
-        is full or `dynamic_sampling_rounds` rounds are spent, then cut to the batch size. Returns the
-        rollouts to train on, the rollouts generated, and the step's statistics. A round that finds no
-        informative group at all trains on the original batch (zero advantages: no policy-gradient
+        is full or `dynamic_sampling_rounds` rounds are spent, then cut to the batch size.
+
+        Returns the rollouts to train on; every rollout generated (the batch's groups, then each round's)
+        with a bool `[G]` marking the groups trained on, for the records; and the step's statistics. With
+        no informative group at all the original batch is trained on (zero advantages: no policy-gradient
         step, but every rank still runs its update)."""
         want, size = len(rollouts.prompts), self.hparams.group_size
-        kept, generated, rounds = informative_groups(rollouts), len(rollouts.completions), 0
+        generated, rounds = rollouts, 0
         train_rows = self.trainer.datamodule.train_rows
-        used = {_row_key(row) for row in rollouts.prompts}  # a prompt is sampled once per step
-        while len(kept.prompts) < want and rounds < self.hparams.dynamic_sampling_rounds:
+        used = {_row_key(row) for row in rollouts.prompts}  # a prompt is sampled once per step (and rank)
+        while len(informative_group_ids(generated)) < want and rounds < self.hparams.dynamic_sampling_rounds:
             rounds += 1
             rng = np.random.default_rng(
                 seed_for(self.hparams.seed, self.rl_step, self.global_rank, 3, rounds)
@@ -644,16 +654,16 @@ class PolicyTrainer(L.LightningModule):
                 break
             used |= {_row_key(row) for row in fresh}
             fresh_rollouts = self.collect_rollouts(fresh, [size] * len(fresh), timings, salt=100 + rounds)
-            generated += len(fresh_rollouts.completions)
-            kept = concat_groups(kept, informative_groups(fresh_rollouts))
+            generated = concat_groups(generated, fresh_rollouts)
+        kept = informative_group_ids(generated)[:want] or list(range(want))  # none: the batch as sampled
+        trained = torch.zeros(len(generated.prompts), dtype=torch.bool)  # [G]
+        trained[kept] = True
         stats = {
             "dynamic_sampling_rounds": float(rounds),
-            "dynamic_sampling_kept": min(len(kept.prompts), want) / want,  # of the batch's groups
-            "rollouts_generated": float(generated),
+            "dynamic_sampling_kept": len(informative_group_ids(generated)[:want]) / want,  # of the batch
+            "rollouts_generated": float(len(generated.completions)),
         }
-        if not kept.prompts:
-            return rollouts, generated, stats
-        return select_groups(kept, range(min(len(kept.prompts), want))), generated, stats
+        return select_groups(generated, kept), generated, trained, stats
 
     def osla_rounds(self, rollouts: Rollouts, prior: torch.Tensor, timings: dict[str, float]) -> Rollouts:
         """OSLA: add rollouts to prompts whose target N* exceeds their count, round by round."""
@@ -1111,8 +1121,13 @@ class PolicyTrainer(L.LightningModule):
         prior: torch.Tensor | None,
         heldout: torch.Tensor | None = None,
         used_baseline: torch.Tensor | None = None,
+        generated: Rollouts | None = None,
     ) -> None:
+        """Log the step's metrics: of the trained `rollouts`, except generation speed and zero-variance
+        groups, which describe every rollout `generated` (more than trained under dynamic sampling)."""
+        generated = rollouts if generated is None else generated
         lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)  # [N]
+        generated_tokens = sum(len(c.token_ids) for c in generated.completions)
         truncated = torch.tensor(
             [c.finish_reason == "length" for c in rollouts.completions], dtype=torch.float32
         )  # [N]
@@ -1128,19 +1143,18 @@ class PolicyTrainer(L.LightningModule):
             "train/truncation_rate": float(truncated.mean()),
             "train/verifier_failures": float(rollouts.verifier_failures),
             "train/rollouts": float(len(rollouts.completions)),
-            "train/tokens_per_s": float(lengths.sum()) / max(timings["rollout"], 1e-9),
+            "train/tokens_per_s": generated_tokens / max(timings["rollout"], 1e-9),
             **{f"train/{k}": v for k, v in update.items()},
             **{f"time/{k}": v for k, v in timings.items()},
         }
         if self.hparams.group_size > 1:  # a group of one response has no variance to lose
-            metrics["train/zero_variance_groups"] = zero_variance_fraction(rollouts.correct, rollouts.index)
+            metrics["train/zero_variance_groups"] = zero_variance_fraction(generated.correct, generated.index)
         metrics["time/step"] = sum(timings.values())
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
             metrics.update(self.prior_diagnostics(rollouts, prior, timings, heldout, used_baseline))
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
-        self.write_rollout_records(rollouts)
 
     def prior_diagnostics(
         self,
@@ -1223,7 +1237,9 @@ class PolicyTrainer(L.LightningModule):
             return
         self.logger.log_metrics(metrics, step=self.rl_step)
 
-    def write_rollout_records(self, rollouts: Rollouts) -> None:
+    def write_rollout_records(self, rollouts: Rollouts, trained: torch.Tensor | None = None) -> None:
+        """Every rollout of the step as one parquet file per rank; `trained` `[G]` marks the groups
+        trained on (dynamic sampling generates more than it trains on; None: all of them)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -1237,6 +1253,7 @@ class PolicyTrainer(L.LightningModule):
                 "response_length": [len(c.token_ids) for c in rollouts.completions],
                 "finish_reason": [c.finish_reason for c in rollouts.completions],
                 "response": [c.text for c in rollouts.completions],
+                "trained": [True] * len(rows) if trained is None else trained[rollouts.index].tolist(),
             }
         )
         folder = self.run_dir / "rollouts"
@@ -1362,10 +1379,9 @@ def _row_key(row: PromptRow) -> tuple[str, str]:
     return row.prompt_id, prompt_text(row.prompt)
 
 
-def informative_groups(rollouts: Rollouts) -> Rollouts:
-    """The groups of `rollouts` whose rewards differ (DAPO's dynamic-sampling filter)."""
-    keep = torch.unique(rollouts.index[dynamic_sampling_mask(rollouts.correct, rollouts.index)])
-    return select_groups(rollouts, keep.tolist())
+def informative_group_ids(rollouts: Rollouts) -> list[int]:
+    """The groups of `rollouts` whose rewards differ (DAPO's dynamic-sampling filter), in order."""
+    return torch.unique(rollouts.index[dynamic_sampling_mask(rollouts.correct, rollouts.index)]).tolist()
 
 
 def select_groups(rollouts: Rollouts, groups: Iterable[int]) -> Rollouts:
@@ -1434,9 +1450,14 @@ def _validate_prior_settings(advantage: str, prior: Any, osla: OslaSettings | No
         )
 
 
-def _validate_dynamic_sampling(advantage: str, rounds: int) -> None:
+def _validate_dynamic_sampling(advantage: str, rounds: int, prior: Any) -> None:
     if rounds < 0:
         raise ValueError(f"model.dynamic_sampling_rounds must be >= 0 (0 disables it), got {rounds}")
+    if rounds and prior is not None:
+        raise ValueError(
+            "model.dynamic_sampling_rounds with a model.prior is not supported: the prior's support buffer "
+            "learns from the step's prompts, which dynamic sampling replaces"
+        )
     group_baselines = [
         n for n, spec in ESTIMATORS.items() if spec.min_group_size >= 2 and not spec.needs_prior
     ]

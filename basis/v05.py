@@ -13,7 +13,6 @@ state and the I/O-free glue around it.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from basis.advantages import k_max_for
 
 BUFFER_FORMAT = 1
 
@@ -68,7 +69,7 @@ class OslaSettings:
 
     @property
     def k_max(self) -> int:
-        return math.floor(1.0 / math.sqrt(self.c) + 1e-9)
+        return k_max_for(self.c)
 
 
 def has_both_classes(success: Sequence[float], threshold: float = 0.5) -> bool:

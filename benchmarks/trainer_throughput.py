@@ -48,6 +48,7 @@ def raw_generate_tokens_per_s(
     """Baseline: `generate` alone on the same prompts (sampling, KV cache, no logprobs, no verifier)."""
     pad = module.tokenizer.pad_token_id
     ids, mask = left_pad(prompt_ids, pad)
+    torch.manual_seed(0)  # the engine's seed: a fixed draw per run, as the engine's (which forks its RNG)
     start = time.perf_counter()
     with torch.no_grad():
         out = module.policy.generate(

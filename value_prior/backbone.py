@@ -188,14 +188,27 @@ class HFBackbone:
         if self._tokenizer.pad_token is None:  # decoders (GPT-2, Llama 3); `_embed` masks and cuts off pads
             self._tokenizer.pad_token = self._tokenizer.eos_token or self._tokenizer.unk_token
         encoder = AutoModel.from_pretrained(path).to(self.device).eval()
-        positions = getattr(encoder.config, "max_position_embeddings", None)  # before any prompt is cut there
-        if positions is not None and self.max_length > positions:
-            raise ValueError(
-                f"backbone {self.model_name!r}: max_length={self.max_length} exceeds the model's "
-                f"max_position_embeddings={positions}; use max_length <= {positions}"
-            )
         encoder.requires_grad_(False)  # frozen: design.md §3
+        self._check_max_length(encoder)
         self._encoder = encoder
+
+    def _check_max_length(self, encoder: torch.nn.Module) -> None:
+        """One forward pass of `max_length` tokens, so that a length past what the model can embed fails
+        here, naming the setting, not at the first long prompt of a run. A probe, not the config's
+        `max_position_embeddings`: RoBERTa-style offsets hold two tokens fewer, relative-position
+        encoders (DeBERTa-v2) run past it."""
+        (token,) = self._tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+        ids = torch.full((1, self.max_length), token, dtype=torch.long, device=self.device)  # [1, L]
+        try:
+            with torch.no_grad():
+                encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except torch.OutOfMemoryError:
+            raise
+        except (IndexError, RuntimeError) as err:
+            raise ValueError(
+                f"backbone {self.model_name!r} cannot embed max_length={self.max_length} tokens ({err}); "
+                "lower max_length to the model's context"
+            ) from err
 
     def _disk_path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.safetensors"

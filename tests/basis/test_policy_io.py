@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from basis.policy_io import LoraSettings, export_policy, load_policy, merged_lora_weight, saved_dtype

@@ -121,6 +121,7 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
         ({"loss_agg": "sum"}, "model.loss_agg"),
         ({"micro_batch_size": 0}, "model.micro_batch_size"),
         ({"verifier_options": {"timeout": 3}}, "model.verifier_options={'timeout': 3} do not fit verifier"),
+        ({"stop": "</answer>"}, "stop must be a tuple of strings, got the string '</answer>'"),
     ],
 )
 def test_bad_settings_fail_before_training(
@@ -715,6 +716,10 @@ def test_gradient_clipping_under_fsdp_asks_the_root_module_for_the_global_norm(
     lora._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, datamodule=None)
     with pytest.raises(ValueError, match=r"model\.lora with an FSDP strategy is not supported"):
         lora.setup("fit")  # the merged export needs the unsharded adapter modules
+    refill = make_module(tiny_lm_path, tmp_path, dynamic_sampling_rounds=2)
+    refill._trainer = SimpleNamespace(strategy=FSDPStrategy(), precision_plugin=None, datamodule=None)
+    with pytest.raises(ValueError, match=r"model\.dynamic_sampling_rounds with an FSDP strategy"):
+        refill.setup("fit")  # ranks would run different numbers of generation rounds
 
 
 class CoinVerifier:
@@ -741,14 +746,22 @@ def test_dapo_dynamic_sampling_trains_only_mixed_groups_and_counts_every_rollout
     make_trainer(tmp_path, steps=3).fit(module, datamodule=data(task_dir))
     generated = 0
     for step, metrics in enumerate(logged, start=1):
-        table = pq.read_table(tmp_path / "rollouts" / f"step_{step:06d}-rank0.parquet").to_pandas()
-        groups = table.groupby("prompt_id")["reward"]
-        assert len(table) == metrics["train/rollouts"] == 2 * groups.ngroups
+        records = pq.read_table(tmp_path / "rollouts" / f"step_{step:06d}-rank0.parquet").to_pandas()
+        assert (
+            len(records)
+            == metrics["train/rollouts_generated"]
+            == 8 * (1 + metrics["train/dynamic_sampling_rounds"])
+        )
+        assert records["prompt_id"].nunique() == len(records) // 2  # no prompt sampled twice in a step
+        groups = records[records["trained"]].groupby("prompt_id")["reward"]
+        assert records["trained"].sum() == metrics["train/rollouts"] == 2 * groups.ngroups
         assert (groups.nunique() == 2).all()  # every trained group mixes outcomes
         assert metrics["train/dynamic_sampling_kept"] == groups.ngroups / 4 == 1.0  # refilled to the batch
-        assert metrics["train/rollouts_generated"] == 8 * (1 + metrics["train/dynamic_sampling_rounds"])
+        all_groups = records.groupby("prompt_id")["reward"]
+        assert metrics["train/zero_variance_groups"] == pytest.approx((all_groups.nunique() == 1).mean())
         generated += metrics["train/rollouts_generated"]
     assert any(m["train/dynamic_sampling_rounds"] > 0 for m in logged)
+    assert any(m["train/zero_variance_groups"] > 0 for m in logged)  # of all generated groups
     assert module.rollouts_total == generated  # the dropped rollouts are paid for too
 
 
@@ -762,6 +775,10 @@ def test_dynamic_sampling_without_any_mixed_group_trains_on_the_batch(
     (metrics,) = logged
     assert metrics["train/dynamic_sampling_rounds"] == 2 and metrics["train/dynamic_sampling_kept"] == 0
     assert metrics["train/rollouts"] == 16 and module.rollouts_total == 48
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(tmp_path / "rollouts" / "step_000001-rank0.parquet").to_pandas()
+    assert len(records) == 48 and records["trained"].sum() == 16  # all recorded: harvest sees 0/1 groups
 
 
 @pytest.mark.parametrize(
@@ -769,6 +786,7 @@ def test_dynamic_sampling_without_any_mixed_group_trains_on_the_batch(
     [
         ({"dynamic_sampling_rounds": -1}, "must be >= 0"),
         ({"advantage": "reinforce_pp", "dynamic_sampling_rounds": 2}, "'reinforce_pp' learns from them"),
+        ({"prior": "any", "dynamic_sampling_rounds": 2}, "with a model.prior is not supported"),
     ],
 )
 def test_dynamic_sampling_settings(tiny_lm_path: str, tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -135,6 +135,30 @@ def test_the_buffer_counts_successes_at_the_priors_label_threshold(tiny_lm_path:
     )
 
 
+def test_a_context_drawn_with_one_class_at_the_priors_threshold_is_not_served(
+    tiny_lm_path: str, tmp_path: Path
+) -> None:
+    class ThresholdPrior(ConstantPrior):
+        label_threshold = 0.75
+
+        def predict(self, context_prompts, context_success, query_prompts) -> torch.Tensor:
+            self.contexts.append(list(context_success))
+            return torch.full((len(query_prompts),), self.p)
+
+    prior = ThresholdPrior(0.5)
+    prior.contexts = []
+    module = module_for(tiny_lm_path, tmp_path, prior=prior, min_context=4, context_size=4)
+    module.support.add([f"q{i}" for i in range(9)], [1.0] + [0.6] * 8)  # one success at 0.75
+    answers = []
+    for step in range(20):  # each step draws another context of 4 of the 9 pairs
+        module.rl_step = step
+        answers.append(module.query_prior(rows(2)))
+    assert any(a is None for a in answers) and any(a is not None for a in answers)
+    assert all(
+        {rate >= 0.75 for rate in c} == {True, False} for c in prior.contexts
+    )  # as its head reads them
+
+
 def test_design_defaults_of_the_support_buffer_and_osla() -> None:
     # design.md §4: a FIFO of capacity 512, 256 pairs per prior query; c = 0.0039 -> k_max 16.
     buffer = SupportBuffer()

@@ -187,8 +187,40 @@ def test_cache_key_depends_on_text_length_and_backbone() -> None:
 def test_max_length_beyond_the_models_positions_is_refused_at_load(tiny_encoder_dir: str) -> None:
     # it crashed at the first prompt longer than the model's positions, naming neither setting nor model
     backbone = HFBackbone(tiny_encoder_dir, max_length=128, cache_dir=None)  # the tiny BERT: 64 positions
-    with pytest.raises(ValueError, match="max_length=128 exceeds the model's max_position_embeddings=64"):
+    with pytest.raises(ValueError, match="cannot embed max_length=128 tokens"):
         backbone.hidden_states(["a short prompt"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "max_length", "fits"), [("roberta", 66, False), ("roberta", 64, True), ("deberta", 128, True)]
+)
+def test_max_length_is_probed_not_read_from_the_config(
+    tiny_encoder_dir: str, tmp_path: Path, kind: str, max_length: int, fits: bool
+) -> None:
+    # RoBERTa's 66 positions hold 64 tokens (offset by its padding index); DeBERTa-v2's relative
+    # attention runs past its max_position_embeddings=64. The config alone gets both wrong.
+    from transformers import DebertaV2Config, DebertaV2Model, RobertaConfig, RobertaModel
+
+    AutoTokenizer.from_pretrained(tiny_encoder_dir).save_pretrained(tmp_path)
+    small = dict(
+        vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    if kind == "roberta":
+        RobertaModel(RobertaConfig(**small, max_position_embeddings=66, pad_token_id=0)).save_pretrained(
+            tmp_path
+        )
+    else:
+        config = DebertaV2Config(
+            **small, max_position_embeddings=64, position_biased_input=False, relative_attention=True,
+            pos_att_type=["p2c", "c2p"], position_buckets=16,
+        )  # fmt: skip
+        DebertaV2Model(config).save_pretrained(tmp_path)
+    backbone = HFBackbone(str(tmp_path), max_length=max_length, cache_dir=None)
+    if fits:
+        assert backbone.hidden_states(["a short prompt"])[0].shape[-1] == 32
+    else:
+        with pytest.raises(ValueError, match=f"cannot embed max_length={max_length} tokens"):
+            backbone.hidden_states(["a short prompt"])
 
 
 def test_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path: Path) -> None:
