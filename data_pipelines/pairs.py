@@ -19,7 +19,7 @@ so a harvest can be repaired in one pass; `load_valid_pairs` loads, validates an
 listing them. Single-class context pools are warnings, not errors: V0 skips them when sampling episodes
 (design.md §3), but the data itself is legal.
 
-Run: `python -m data_pipelines.pairs PATH` prints the problems of a pairs file or folder.
+Run: `harvest validate PATH` prints the problems of a pairs file or folder.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import io
 import json
 import math
 import shutil
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -730,32 +729,3 @@ def raise_on_errors(problems: Sequence[PairProblem], source: str, limit: int = 2
         shown = "\n  ".join(str(p) for p in errors[:limit])
         more = f"\n  ... and {len(errors) - limit} more" if len(errors) > limit else ""
         raise PairsError(f"{source}: {len(errors)} pair contract error(s):\n  {shown}{more}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the problems of each pairs path; exit status 1 if any has errors."""
-    paths = list(sys.argv[1:] if argv is None else argv)
-    if not paths:
-        print("usage: python -m data_pipelines.pairs PATH [PATH ...]", file=sys.stderr)
-        return 2
-    status = 0
-    for path in paths:
-        try:
-            problems = load_and_validate(path)[1]
-        except PairsError as err:  # not readable as pairs at all: the message names file, row and field
-            print(f"error: {err}")
-            status = 1
-            continue
-        for problem in problems:
-            print(problem)
-        if any(p.severity == "error" for p in problems):
-            status = 1
-        print(
-            f"{path}: {sum(p.severity == 'error' for p in problems)} error(s), "
-            f"{sum(p.severity == 'warning' for p in problems)} warning(s)"
-        )
-    return status
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

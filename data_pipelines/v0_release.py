@@ -10,8 +10,8 @@ integer, a (model, step, prompt id) already in this file or the other one) is a 
 file, the line (1-based) and the field. The release has two files: `context.jsonl` (the context pools,
 512 pairs per key) and `train.jsonl` (32 query pairs per key on prompts disjoint from the pools).
 
-Run: `python -m data_pipelines.v0_release ../shared/data/v0-release artifacts/pairs/v0-release`
-writes `context/` and `train/` parquet shards and `manifest.json` (listing both with rows and sha256, so
+Run: `harvest import-v0 --release ../shared/data/v0-release --out artifacts/pairs/v0-release` (which
+then validates the result) writes `context/` and `train/` parquet shards and `manifest.json` (listing both with rows and sha256, so
 `harvest validate` and `pairs.load_pairs` check them) into a hidden staging folder, then moves it to the
 output folder. A failed or killed import leaves the previous output untouched (a kill in the final swap
 leaves no output, and rerunning the same command completes it). The output folder must be new, empty or
@@ -20,11 +20,9 @@ a previous import: anything else (a harvest, stray files) is refused rather than
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -213,18 +211,3 @@ def write_release_pairs(folder: str | Path, out: str | Path) -> Path:
         else:
             os.replace(staging, out)
     return out / MANIFEST
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("release", help="V0 release folder (context.jsonl, train.jsonl, prompt_dict.json)")
-    parser.add_argument("out", help="output folder for the pairs parquet")
-    args = parser.parse_args(argv)
-    from basis.tracking import input_errors
-
-    with input_errors("v0_release"):
-        print(write_release_pairs(args.release, args.out))
-
-
-if __name__ == "__main__":
-    main()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from data_pipelines.harvest import main
 from data_pipelines.pairs import PAIR_FEATURES, PairsError, load_pairs, load_valid_pairs
-from data_pipelines.v0_release import main, read_v0_release, release_row_to_pair, write_release_pairs
+from data_pipelines.v0_release import read_v0_release, release_row_to_pair, write_release_pairs
 
 REAL_RELEASE = Path(__file__).resolve().parents[3] / "shared" / "data" / "v0-release"
 
@@ -199,13 +200,13 @@ def test_a_killed_import_is_never_read_and_its_rerun_completes(tmp_path: Path, m
     module, name = KILL_AT[moment].rsplit(".", 1)
     child = (
         "import os, signal, sys, datasets\n"
-        "from data_pipelines import v0_release\n"
+        "from data_pipelines import harvest, v0_release\n"
         f"real = {module}.{name}\n"
         "def call_then_die(*args, **kwargs):\n"
         "    real(*args, **kwargs)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         f"{module}.{name} = call_then_die\n"
-        "v0_release.main(sys.argv[1:])\n"
+        "harvest.main(['import-v0', '--release=' + sys.argv[1], '--out=' + sys.argv[2]])\n"
     )
     killed = subprocess.run(
         [sys.executable, "-c", child, str(release), str(out)], capture_output=True, text=True
@@ -219,7 +220,7 @@ def test_a_killed_import_is_never_read_and_its_rerun_completes(tmp_path: Path, m
         assert (out.parent / ".out.import-previous" / "manifest.json").is_file()
         assert (out.parent / ".out.import-staging" / "manifest.json").is_file()
 
-    main([str(release), str(out)])  # the same command again
+    main(["import-v0", f"--release={release}", f"--out={out}"])  # the same command again
     assert json.loads((out / "manifest.json").read_text())["rows"] == {"context": 3, "train": 1}
     assert len(load_valid_pairs(out)) == 4
     assert [p.name for p in out.parent.iterdir()] == ["out"]  # the killed run's leftovers are gone
