@@ -2,8 +2,9 @@
 
 What it is: every estimator maps per-response outcome rewards and group ids to per-response advantages
 with one shared signature, `fn(rewards [N], index [N], *, <keyword options>) -> advantages [N]`, and
-sits in one plain dict, `ESTIMATORS`; the trainer only calls `compute_advantages(name, rewards, index,
-**options)`. Formulas follow `../shared/docs/design.md` §4 (V0.5, OSLA, BASIS) and §5 (the verl / TRL /
+sits in one plain dict, `ESTIMATORS`; the trainer computes advantages with `compute_advantages(name,
+rewards, index, **options)` whatever the name (for BASIS it also calls `basis_baseline` to log the
+baseline it used). Formulas follow `../shared/docs/design.md` §4 (V0.5, OSLA, BASIS) and §5 (the verl / TRL /
 OpenRLHF conventions for GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
 Rewards are outcome rewards, one scalar per response; a group is all responses sharing an `index`

@@ -3,12 +3,14 @@
 design.md §4: the frozen V0 prior predicts each prompt's success rate from a context of the current
 policy's recent (prompt, success) pairs. That context is the `SupportBuffer`, a FIFO of the trainer's
 own per-prompt outcomes (capacity 512; each prior query samples 256 of them). Until the buffer holds
-`min_context` pairs of both classes (the prior's head labels `success >= 0.5`), or when the prior fails
+`min_context` pairs of both classes (the prior's head labels `success >= label_threshold`, 0.5 by
+default), or when the prior fails
 at run time (exception, non-finite output), the trainer falls back to the empirical baseline for that
 step and logs it.
 
-The math (fused baseline, OSLA budget, estimators) lives in `basis.advantages`; this module holds the
-state and the I/O-free glue around it.
+The math of the fused baseline, the OSLA budget and the estimators lives in `basis.advantages`; this
+module holds the state around it, loading a prior, and the online Platt recalibration (`fit_platt`,
+`PriorCalibrator`, our extension).
 """
 
 from __future__ import annotations
