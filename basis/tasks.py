@@ -61,35 +61,43 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def _check_prompt(prompt: Any, where: str) -> None:
+def _check_prompt(prompt: Any, where: str, field: str = "'prompt'") -> None:
     if isinstance(prompt, str):
         if not prompt.strip():
-            raise ValueError(f"{where}, field 'prompt': empty prompt")
+            raise ValueError(f"{where}, field {field}: empty prompt")
         return
     if isinstance(prompt, list):
         if not prompt:
-            raise ValueError(f"{where}, field 'prompt': empty chat list")
+            raise ValueError(f"{where}, field {field}: empty chat list")
         for turn, message in enumerate(prompt):
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
                 raise ValueError(
-                    f"{where}, field 'prompt': message {turn} has no string 'role': {_describe(message)}"
+                    f"{where}, field {field}: message {turn} has no string 'role': {_describe(message)}"
                 )
             content = message.get("content")
             if not isinstance(content, str) or not content.strip():
-                raise ValueError(f"{where}, field 'prompt': message {turn} has empty or non-string 'content'")
+                raise ValueError(f"{where}, field {field}: message {turn} has empty or non-string 'content'")
         return
-    raise ValueError(f"{where}, field 'prompt': expected a string or a chat list, got {_describe(prompt)}")
+    raise ValueError(f"{where}, field {field}: expected a string or a chat list, got {_describe(prompt)}")
 
 
-def check_prompt_row(row: Mapping[str, Any], index: int, source: str) -> None:
-    """Raise ValueError naming `source`, the row and the field if `row` breaks the prompt-row contract."""
+def check_prompt_row(
+    row: Mapping[str, Any], index: int, source: str, columns: Mapping[str, str] | None = None
+) -> None:
+    """Raise ValueError naming `source`, the row (0-based) and the field if `row` breaks the prompt-row
+    contract; `columns` (field -> source column) names the user's column beside a renamed field."""
+
+    def field(name: str) -> str:
+        column = (columns or {}).get(name, name)
+        return repr(name) if column == name else f"{name!r} (column {column!r})"
+
     where = f"{source}: row {index}"
-    _check_prompt(row.get("prompt"), where)
+    _check_prompt(row.get("prompt"), where, field("prompt"))
     answer = row.get("answer")
     if not isinstance(answer, str):
-        raise ValueError(f"{where}, field 'answer': expected a string, got {_describe(answer)}")
+        raise ValueError(f"{where}, field {field('answer')}: expected a string, got {_describe(answer)}")
     if not answer.strip():
-        raise ValueError(f"{where}, field 'answer': empty answer")
+        raise ValueError(f"{where}, field {field('answer')}: empty answer")
     for name in ("prompt_id", "data_source"):
         if name in row and not (isinstance(row[name], str) and row[name].strip()):
             raise ValueError(
@@ -381,7 +389,7 @@ def _convert_row(
 ) -> dict[str, Any]:
     where = f"{source}: row {index}"
     row = {name: _get_path(raw_row, column, where, name) for name, column in column_map.items()}
-    check_prompt_row({"prompt": row["prompt"], "answer": row["answer"]}, index, source)
+    check_prompt_row({"prompt": row["prompt"], "answer": row["answer"]}, index, source, column_map)
     if preset is not None and preset.answer_from is not None:
         row["answer"] = _converted(preset.answer_from, row["answer"], where, "answer", column_map["answer"])
     difficulty = row.get("difficulty")

@@ -299,6 +299,7 @@ class PolicyTrainer(L.LightningModule):
         self._prior_query_seconds: float | None = None  # the last served query's run time
         self._prior_pending: Future | None = None  # the last query, which may still be running
         self._checkpointed = False  # whether this attempt has saved a checkpoint
+        self._warned_no_success = False  # whether a step with no successful rollout was reported
         self._finished_step: int | None = None  # the step whose end of run this attempt has done
         self._v05_history: dict[str, list[float]] = {"rollouts_per_prompt": [], "fusion_weight": []}
         self.run_dir = Path(run_dir)
@@ -562,6 +563,17 @@ class PolicyTrainer(L.LightningModule):
         with _timer(timings, "weight_sync"):
             self.engine.update_weights(self.policy)
         generated = rollouts if generated is None else generated  # after OSLA's rounds, which add to rollouts
+        if not self._warned_no_success and not bool(generated.correct.any()):
+            self._warned_no_success = True  # once: a hard task starts this way too
+            log.warning(
+                "step %d: all %d rollouts scored 0 with verifier %r (a group baseline learns nothing from "
+                "that). If this persists, check that the verifier can read the policy's answers (math grades "
+                "the last \\boxed{} or 'Answer:' line); the end of one response: %r",
+                self.rl_step,
+                len(generated.completions),
+                self.hparams.verifier,
+                generated.completions[0].text[-160:],
+            )
         local = torch.tensor([len(generated.completions)], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
         update_stats |= sampling_stats

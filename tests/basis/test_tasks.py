@@ -162,6 +162,11 @@ def test_partial_column_map_renames_only_the_fields_it_names(tmp_path: Path) -> 
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "2+2", "a": "4"}])
     with pytest.raises(ValueError, match=r"renamed\.jsonl: missing column 'answer' for field 'answer'"):
         load_prompts(str(renamed), column_map={"prompt": "question"})
+    blank = write_jsonl(
+        tmp_path / "blank.jsonl", [{"question": "2+2", "a": "4"}, {"question": "3+3", "a": " "}]
+    )
+    with pytest.raises(ValueError, match=r"blank\.jsonl: row 1, field 'answer' \(column 'a'\): empty answer"):
+        load_prompts(str(blank), column_map={"prompt": "question", "answer": "a"})  # the user's column named
     # None leaves a preset's optional field unread: MATH-500 copies keep `level` as an int
     math500 = write_jsonl(
         tmp_path / "math500.jsonl", [{"problem": "1+1", "solution": "\\boxed{2}", "level": 3}]
@@ -234,7 +239,10 @@ def test_mixed_answer_types_in_jsonl_name_the_row_holding_the_non_string(tmp_pat
     rows = dapo_rows()
     rows[2]["reward_model"]["ground_truth"] = 6
     path = write_jsonl(tmp_path / "dapo.jsonl", rows)
-    with pytest.raises(ValueError, match=r"dapo\.jsonl: row 2, field 'answer': expected a string, got int 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"dapo\.jsonl: row 2, field 'answer' \(column 'reward_model\.ground_truth'\): expected a string, got int 6",
+    ):
         load_prompts(str(path), preset="dapo-math-17k")
 
 

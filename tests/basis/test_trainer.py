@@ -792,3 +792,16 @@ def test_dynamic_sampling_without_any_mixed_group_trains_on_the_batch(
 def test_dynamic_sampling_settings(tiny_lm_path: str, tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_module(tiny_lm_path, tmp_path, **kwargs)
+
+
+def test_a_step_without_any_success_is_reported_once(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the untrained model never answers arithmetic: a run that can learn nothing used to finish silently
+    module = make_module(tiny_lm_path, tmp_path)
+    with caplog.at_level("WARNING", logger="basis.trainer"):
+        make_trainer(tmp_path, steps=2).fit(module, datamodule=data(task_dir))
+    reports = [r.getMessage() for r in caplog.records if "scored 0 with verifier" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].startswith(
+        "step 1: all 16 rollouts scored 0 with verifier 'arithmetic'"
+    )
