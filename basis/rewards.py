@@ -397,6 +397,14 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
     """Build the verifier registered as `name` (`arithmetic`, `math`) with constructor `kwargs`."""
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
+    import inspect
+
+    parameters = inspect.signature(VERIFIERS[name]).parameters
+    unknown = sorted(set(kwargs) - set(parameters))
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; it takes: {', '.join(parameters) or 'none'}"
+        )
     return VERIFIERS[name](**kwargs)
 
 

@@ -120,7 +120,15 @@ def test_step_prompts_are_a_function_of_step_and_rank() -> None:
         ({"advantage": "v5", "osla": OslaSettings()}, "model.advantage='v5' is not a registered estimator"),
         ({"loss_agg": "sum"}, "model.loss_agg"),
         ({"micro_batch_size": 0}, "model.micro_batch_size"),
-        ({"verifier_options": {"timeout": 3}}, "model.verifier_options={'timeout': 3} do not fit verifier"),
+        (
+            {"verifier": "math", "verifier_options": {"timeout": 3}},
+            "model.verifier_options={'timeout': 3} do not fit verifier 'math': unknown option(s) timeout; "
+            "it takes: timeout_s, num_workers",
+        ),
+        (
+            {"verifier_options": {"timeout": 3}},
+            "do not fit verifier 'arithmetic': unknown option(s) timeout; it takes: none",
+        ),
         ({"stop": "</answer>"}, "stop must be a tuple of strings, got the string '</answer>'"),
     ],
 )
