@@ -397,14 +397,18 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
     """Build the verifier registered as `name` (`arithmetic`, `math`) with constructor `kwargs`."""
     if name not in VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
-    import inspect
+    if kwargs:  # name the options it takes (a factory without an inspectable signature just raises)
+        import inspect
 
-    parameters = inspect.signature(VERIFIERS[name]).parameters
-    unknown = sorted(set(kwargs) - set(parameters))
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        raise TypeError(
-            f"unknown option(s) {', '.join(unknown)}; it takes: {', '.join(parameters) or 'none'}"
-        )
+        try:
+            parameters = inspect.signature(VERIFIERS[name]).parameters
+        except (TypeError, ValueError):  # not inspectable: let the call itself say
+            parameters = None
+        if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+            unknown = sorted(set(kwargs) - set(parameters))
+            if unknown:
+                taken = ", ".join(parameters) or "none"
+                raise TypeError(f"unknown option(s) {', '.join(unknown)}; it takes: {taken}")
     return VERIFIERS[name](**kwargs)
 
 

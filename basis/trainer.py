@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from basis.advantages import (
     ESTIMATORS,
@@ -563,17 +563,7 @@ class PolicyTrainer(L.LightningModule):
         with _timer(timings, "weight_sync"):
             self.engine.update_weights(self.policy)
         generated = rollouts if generated is None else generated  # after OSLA's rounds, which add to rollouts
-        if not self._warned_no_success and not bool(generated.correct.any()):
-            self._warned_no_success = True  # once: a hard task starts this way too
-            log.warning(
-                "step %d: all %d rollouts scored 0 with verifier %r (a group baseline learns nothing from "
-                "that). If this persists, check that the verifier can read the policy's answers (math grades "
-                "the last \\boxed{} or 'Answer:' line); the end of one response: %r",
-                self.rl_step,
-                len(generated.completions),
-                self.hparams.verifier,
-                generated.completions[0].text[-160:],
-            )
+        self.report_no_success(generated)
         local = torch.tensor([len(generated.completions)], dtype=torch.float64)
         self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
         update_stats |= sampling_stats
@@ -638,6 +628,22 @@ class PolicyTrainer(L.LightningModule):
             torch.cat([previous.index, index]),  # [N + n]
             torch.cat([previous.correct, correct]),  # [N + n]
             previous.verifier_failures + result.num_failed,
+        )
+
+    def report_no_success(self, generated: Rollouts) -> None:
+        """Warn once per run at the first step whose rollouts all scored 0 on every rank (a collective
+        until then): a verifier that cannot read the policy's answers looks like this."""
+        if self._warned_no_success:
+            return
+        successes = _sum_over_ranks(torch.tensor([float(generated.correct.sum())], dtype=torch.float64))
+        if float(successes) > 0:
+            return
+        self._warned_no_success = True  # once: a hard task starts this way too
+        rank_zero_warn(
+            f"step {self.rl_step}: every rollout scored 0 with verifier {self.hparams.verifier!r} (a group "
+            "baseline learns nothing from that). If this persists, check that the verifier can read the "
+            "policy's answers (math grades the last \\boxed{} or 'Answer:' line); the end of one response: "
+            f"{generated.completions[0].text[-160:]!r}"
         )
 
     def dynamic_sampling(

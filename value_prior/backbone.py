@@ -164,6 +164,7 @@ class HFBackbone:
         self._writable = True  # cleared (with one warning) when a write to `cache_dir` fails
         self._warned_truncation = False
         self._encoder: torch.nn.Module | None = None
+        self._refused: ValueError | None = None  # the max_length check's verdict, once it failed
         self._tokenizer = None
 
     def _read_hidden_size(self) -> int:
@@ -179,6 +180,8 @@ class HFBackbone:
         return int(config.hidden_size)
 
     def _load_encoder(self) -> None:
+        if self._refused is not None:
+            raise self._refused
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_backbone_path(self.model_name)
@@ -189,25 +192,34 @@ class HFBackbone:
             self._tokenizer.pad_token = self._tokenizer.eos_token or self._tokenizer.unk_token
         encoder = AutoModel.from_pretrained(path).to(self.device).eval()
         encoder.requires_grad_(False)  # frozen: design.md §3
-        self._check_max_length(encoder)
+        try:
+            self._check_max_length(encoder)
+        except ValueError as err:
+            self._refused = err  # every later call says so again, without reloading the weights
+            raise
         self._encoder = encoder
 
     def _check_max_length(self, encoder: torch.nn.Module) -> None:
-        """One forward pass of `max_length` tokens, so that a length past what the model can embed fails
-        here, naming the setting, not at the first long prompt of a run. A probe, not the config's
-        `max_position_embeddings`: RoBERTa-style offsets hold two tokens fewer, relative-position
-        encoders (DeBERTa-v2) run past it."""
+        """Near or past the config's `max_position_embeddings`, one forward pass of `max_length` tokens,
+        so that a length the model cannot embed fails here, naming the setting, not at the first long
+        prompt of a run. Probed, not compared: RoBERTa-style offsets hold two tokens fewer than the config
+        says, relative-position encoders (DeBERTa-v2) run past it. Far below it, nothing runs."""
+        positions = getattr(encoder.config, "max_position_embeddings", None)
+        if not isinstance(positions, int) or self.max_length < positions - 2:
+            return
         (token,) = self._tokenizer("a", add_special_tokens=False)["input_ids"][:1]
         ids = torch.full((1, self.max_length), token, dtype=torch.long, device=self.device)  # [1, L]
         try:
             with torch.no_grad():
                 encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+                if ids.is_cuda:  # an out-of-range index is an asynchronous device-side error there
+                    torch.cuda.synchronize(ids.device)
         except torch.OutOfMemoryError:
             raise
         except (IndexError, RuntimeError) as err:
             raise ValueError(
                 f"backbone {self.model_name!r} cannot embed max_length={self.max_length} tokens ({err}); "
-                "lower max_length to the model's context"
+                "lower max_length to the model's context (a prior exported with it must be re-exported)"
             ) from err
 
     def _disk_path(self, key: str) -> Path | None:

@@ -192,12 +192,17 @@ def test_max_length_beyond_the_models_positions_is_refused_at_load(tiny_encoder_
 
 
 @pytest.mark.parametrize(
-    ("kind", "max_length", "fits"), [("roberta", 66, False), ("roberta", 64, True), ("deberta", 128, True)]
+    ("kind", "max_length", "fits"), [("roberta", 66, False), ("roberta", 65, True), ("deberta", 128, True)]
 )
 def test_max_length_is_probed_not_read_from_the_config(
-    tiny_encoder_dir: str, tmp_path: Path, kind: str, max_length: int, fits: bool
+    tiny_encoder_dir: str,
+    tmp_path: Path,
+    kind: str,
+    max_length: int,
+    fits: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # RoBERTa's 66 positions hold 64 tokens (offset by its padding index); DeBERTa-v2's relative
+    # RoBERTa's 66 positions hold 65 tokens (offset by its padding index 0); DeBERTa-v2's relative
     # attention runs past its max_position_embeddings=64. The config alone gets both wrong.
     from transformers import DebertaV2Config, DebertaV2Model, RobertaConfig, RobertaModel
 
@@ -221,6 +226,9 @@ def test_max_length_is_probed_not_read_from_the_config(
     else:
         with pytest.raises(ValueError, match=f"cannot embed max_length={max_length} tokens"):
             backbone.hidden_states(["a short prompt"])
+        monkeypatch.setattr("transformers.AutoModel.from_pretrained", None)  # not loaded a second time
+        with pytest.raises(ValueError, match=f"cannot embed max_length={max_length} tokens"):
+            backbone.hidden_states(["another prompt"])
 
 
 def test_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path: Path) -> None:
