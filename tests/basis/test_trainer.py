@@ -819,3 +819,35 @@ def test_a_step_without_any_success_is_reported_once(
     assert len(reports) == 1 and reports[0].startswith(
         "step 1: every rollout scored 0 with verifier 'arithmetic'"
     )
+
+
+def test_ddp_ranks_that_refill_differently_still_train_in_step(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+) -> None:
+    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_dynamic_sampling_run.py): each rank refills
+    its own groups, so ranks generate and train on different numbers of responses."""
+    import os
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
+    script = Path(__file__).with_name("ddp_dynamic_sampling_run.py")
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), tiny_lm_path, str(task_dir), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert [r["rl_step"] for r in ranks] == [3, 3]
+    records = [
+        pq.read_table(p).to_pandas() for p in sorted((tmp_path / "run" / "rollouts").glob("*.parquet"))
+    ]
+    assert len(records) == 6 and ranks[0]["rollouts_total"] == ranks[1]["rollouts_total"] == sum(
+        map(len, records)
+    )
+    assert len({len(r) for r in records}) > 1  # the ranks' steps generated different numbers of rollouts
+    for name, weight in ranks[0]["state"].items():
+        assert torch.equal(weight, ranks[1]["state"][name]), name  # the gradients were all-reduced
