@@ -7,6 +7,10 @@ artifacts through the real `Auto*` loaders.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,6 +36,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def ddp_run(tmp_path: Path) -> Callable[[str, str, Path], list[dict]]:
+    """`ddp_run(scenario, model_path, task_dir)`: a policy run of tests/basis/ddp_run.py under real
+    Lightning DDP on 2 CPU processes (gloo); returns the two ranks' records (see that script)."""
+
+    def run(scenario: str, model_path: str, task_dir: Path) -> list[dict]:
+        script = Path(__file__).parent / "basis" / "ddp_run.py"
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(
+            [sys.executable, str(script), scenario, model_path, str(task_dir), str(tmp_path)],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+    return run
 
 
 @pytest.fixture

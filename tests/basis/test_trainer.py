@@ -6,6 +6,7 @@ import json
 import shutil
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -822,25 +823,13 @@ def test_a_step_without_any_success_is_reported_once(
 
 
 def test_ddp_ranks_that_refill_differently_still_train_in_step(
-    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, ddp_run: Callable[..., list[dict]]
 ) -> None:
-    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_dynamic_sampling_run.py): each rank refills
-    its own groups, so ranks generate and train on different numbers of responses."""
-    import os
-    import subprocess
-    import sys
-
+    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_run.py dynamic_sampling): each rank
+    refills its own groups, so ranks generate and train on different numbers of responses."""
     import pyarrow.parquet as pq
 
-    script = Path(__file__).with_name("ddp_dynamic_sampling_run.py")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), tiny_lm_path, str(task_dir), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = ddp_run("dynamic_sampling", tiny_lm_path, task_dir)
     assert [r["rl_step"] for r in ranks] == [3, 3]
     records = [
         pq.read_table(p).to_pandas() for p in sorted((tmp_path / "run" / "rollouts").glob("*.parquet"))

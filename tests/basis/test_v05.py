@@ -8,6 +8,7 @@ perfect prior and `ConstantPrior(1.0)` an adversarial one.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -426,24 +427,12 @@ def test_basis_fallback_keeps_each_groups_own_rewards_out_of_its_baseline(
 
 
 def test_ddp_ranks_that_disagree_still_train_in_step(
-    tiny_lm_path: str, task_dir: Path, tmp_path: Path
+    tiny_lm_path: str, task_dir: Path, ddp_run: Callable[..., list[dict]]
 ) -> None:
-    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_v05_run.py): OSLA gives rank 0 more
+    """Real Lightning DDP on 2 CPU processes (tests/basis/ddp_run.py v05): OSLA gives rank 0 more
     rollouts, hence more micro-batches, and rank 1's prior fails, so it logs fewer metrics. Each used to
     break DDP's collectives (gloo: "Received data size doesn't match expected size")."""
-    import os
-    import subprocess
-    import sys
-
-    script = Path(__file__).with_name("ddp_v05_run.py")
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(script), tiny_lm_path, str(task_dir), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    ranks = ddp_run("v05", tiny_lm_path, task_dir)
     assert [r["rl_step"] for r in ranks] == [2, 2]
     assert ranks[0]["rollouts"] > ranks[1]["rollouts"] == 2 * 2 * 4  # OSLA spent more on rank 0 only
     start = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
