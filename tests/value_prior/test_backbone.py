@@ -243,16 +243,10 @@ def test_a_decoder_whose_tokenizer_has_no_pad_token(tmp_path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>").save_pretrained(
         tmp_path
     )
-    config = GPT2Config(
-        vocab_size=tok.get_vocab_size(),
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
-    GPT2Model(config).save_pretrained(tmp_path)
+    size = dict(n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    GPT2Model(
+        GPT2Config(vocab_size=tok.get_vocab_size(), bos_token_id=1, eos_token_id=1, **size)
+    ).save_pretrained(tmp_path)
     short, long = "Q: 1+2*3=", "Let x + 1/x = 3 what is x"
     together = HFBackbone(str(tmp_path), max_length=32, cache_dir=None).hidden_states([short, long])
     alone = HFBackbone(str(tmp_path), max_length=32, cache_dir=None).hidden_states([short])
