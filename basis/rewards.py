@@ -394,14 +394,15 @@ VERIFIERS: dict[str, Callable[..., Verifier]] = {
 
 
 def get_verifier(name: str, **kwargs: Any) -> Verifier:
-    """Build the verifier registered as `name` (`arithmetic`, `math`) with constructor `kwargs`."""
-    if name not in VERIFIERS:
-        raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
+    """Build the verifier registered as `name` (`arithmetic`, `math`), or your own given as an import path
+    `"package.module:Factory"` (from the CLIs too), with constructor `kwargs`. A factory is a class or
+    function returning a `Verifier`: `verifier(responses, answers) -> VerifyResult` with rewards 0 or 1."""
+    factory = VERIFIERS.get(name) or _imported_factory(name)
     if kwargs:  # name the options it takes (a factory without an inspectable signature just raises)
         import inspect
 
         try:
-            parameters = inspect.signature(VERIFIERS[name]).parameters
+            parameters = inspect.signature(factory).parameters
         except (TypeError, ValueError):  # not inspectable: let the call itself say
             parameters = None
         if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
@@ -409,7 +410,26 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
             if unknown:
                 taken = ", ".join(parameters) or "none"
                 raise TypeError(f"unknown option(s) {', '.join(unknown)}; it takes: {taken}")
-    return VERIFIERS[name](**kwargs)
+    return factory(**kwargs)
+
+
+def _imported_factory(path: str) -> Callable[..., Verifier]:
+    """The callable `path` = "package.module:attribute" names, imported; a clear error otherwise."""
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(
+            f"unknown verifier {path!r}; known: {sorted(VERIFIERS)}, or your own as 'package.module:Factory'"
+        )
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"verifier {path!r}: cannot import module {module_name!r} ({err})") from err
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ValueError(f"verifier {path!r}: module {module_name!r} has no callable {attribute!r}")
+    return factory
 
 
 def binary_rewards(rewards: Sequence[float], verifier: str) -> torch.Tensor:

@@ -128,7 +128,8 @@ class PolicyTrainer(L.LightningModule):
         advantage_options: Extra keyword options of the estimator (e.g. `{"norm_by_std": false}`).
         group_size: Responses sampled per prompt; for `v05` the k_init every prompt starts at. None: 4
             for `v05` (the paper's k_init), 1 for `basis` (one rollout per prompt), 8 otherwise.
-        verifier: Reward function name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
+        verifier: Reward function: a name in `basis.rewards.VERIFIERS` ("arithmetic", "math") or your own
+            factory as an import path, "package.module:Factory" (`basis.rewards.get_verifier`).
         verifier_options: Keyword arguments of the verifier's constructor, e.g. `{timeout_s: 10.0}` for
             "math" (as `harvest run --verifier_options`).
         ppo_epochs: Passes over each step's responses.

@@ -985,7 +985,8 @@ def run(
             `server_url` needs a single checkpoint, the one the server serves.
         batch_size: Sequences per `generate` call of the HF engine (rollouts of many prompts together).
         prompts_per_shard: Prompts per parquet shard, the unit of resumption.
-        verifier: Verifier name in `basis.rewards.VERIFIERS` ("arithmetic", "math").
+        verifier: Verifier name in `basis.rewards.VERIFIERS` ("arithmetic", "math") or an import path
+            "package.module:Factory" of your own (`basis.rewards.get_verifier`).
         verifier_options: Keyword arguments of the verifier's constructor (e.g. `{timeout_s: 10.0}` for
             "math"); they can change scores, so a resumed harvest must use the same ones.
         seed: Base seed; shard seeds derive from (seed, policy, step, shard index).

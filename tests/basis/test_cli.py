@@ -401,7 +401,10 @@ def test_only_our_own_checks_end_without_a_traceback(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit) as exit_, input_errors("basis"):
         get_verifier("nope")  # our check: the message names the setting
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == "basis: error: unknown verifier 'nope'; known: ['arithmetic', 'math']\n"
+    assert capsys.readouterr().err == (
+        "basis: error: unknown verifier 'nope'; known: ['arithmetic', 'math'], or your own as "
+        "'package.module:Factory'\n"
+    )
     with pytest.raises(SystemExit), input_errors("basis"):
         Path("/nonexistent/file").read_text()  # a missing file is bad input wherever it is found missing
     with pytest.raises(ValueError, match="invalid literal"), input_errors("basis"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,6 +131,28 @@ def test_math_verifier_validates_arguments() -> None:
         MathVerifier(timeout_s=0)
     with pytest.raises(ValueError, match="start_method"):
         MathVerifier(start_method="fork")
+
+
+def test_your_own_verifier_by_import_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_rewards.py").write_text(
+        "from basis.rewards import VerifyResult\n"
+        "class Exact:\n"
+        "    def __init__(self, strip=True):\n"
+        "        self.strip = strip\n"
+        "    def __call__(self, responses, answers):\n"
+        "        clean = (lambda t: t.strip()) if self.strip else (lambda t: t)\n"
+        "        return VerifyResult([float(clean(r) == a) for r, a in zip(responses, answers)], 0)\n"
+        "NOT_CALLABLE = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    verifier = get_verifier("my_rewards:Exact", strip=False)
+    assert verifier([" 4", "4"], ["4", "4"]).rewards == [0.0, 1.0]
+    with pytest.raises(TypeError, match=r"unknown option\(s\) strict; it takes: strip"):
+        get_verifier("my_rewards:Exact", strict=True)
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        get_verifier("no_such_module:Exact")
+    with pytest.raises(ValueError, match="has no callable 'NOT_CALLABLE'"):
+        get_verifier("my_rewards:NOT_CALLABLE")
 
 
 def test_registry_and_pm1() -> None:

@@ -745,12 +745,16 @@ class CoinVerifier:
 def test_dapo_dynamic_sampling_trains_only_mixed_groups_and_counts_every_rollout(
     tiny_lm_path: str, task_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import inspect
+
     import pyarrow.parquet as pq
 
-    from basis import rewards
-
-    monkeypatch.setitem(rewards.VERIFIERS, "coin", CoinVerifier)
-    module = make_module(tiny_lm_path, tmp_path, group_size=2, verifier="coin", dynamic_sampling_rounds=6)
+    # the verifier as a user's own module, given by import path as a CLI config would
+    (tmp_path / "coin_rewards.py").write_text("import zlib\n\n\n" + inspect.getsource(CoinVerifier))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = make_module(
+        tiny_lm_path, tmp_path, group_size=2, verifier="coin_rewards:CoinVerifier", dynamic_sampling_rounds=6
+    )
     logged: list[dict[str, float]] = []
     monkeypatch.setattr(module, "log_metrics", lambda metrics, series: logged.append(metrics))
     make_trainer(tmp_path, steps=3).fit(module, datamodule=data(task_dir))
