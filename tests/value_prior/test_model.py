@@ -147,6 +147,35 @@ def test_fit_lowers_loss_and_leaves_backbone_and_head_unchanged(
         torch.testing.assert_close(value, encoder_state[name], rtol=0, atol=0)
 
 
+def test_unfrozen_head_and_feature_noise(
+    tiny_backbone: HFBackbone, shipped_head: str, tiny_pairs_path: str
+) -> None:
+    # freeze_head=False fine-tunes the head at head_lr (in train mode); feature_noise perturbs the features
+    module = make_module(tiny_backbone, shipped_head, freeze_head=False, head_lr=1e-3, feature_noise=0.5)
+    dm = PairsDataModule(
+        tiny_pairs_path, support_size=24, query_pairs=4, episodes_per_batch=2, batches_per_epoch=1
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module.train()
+    assert module.head.training and all(p.requires_grad for p in module.head.parameters())
+    logged = {}
+    module.log = lambda name, value, **kw: logged.setdefault(name, value)  # no trainer attached
+    torch.manual_seed(0)
+    first = module.training_step(batch, 0)
+    torch.manual_seed(1)
+    assert module.training_step(batch, 0).item() != first.item()  # another noise draw, another loss
+    first.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(estimated_stepping_batches=10)  # test double: the schedule reads it
+    groups = module.configure_optimizers()["optimizer"].param_groups
+    head_ids = {id(p) for p in module.head.parameters()}
+    (head_group,) = [g for g in groups if {id(p) for p in g["params"]} == head_ids]
+    assert head_group["lr"] == 1e-3
+
+
 def test_more_than_one_process_is_refused_before_training(
     tiny_backbone: HFBackbone, shipped_head: str
 ) -> None:
