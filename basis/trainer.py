@@ -75,7 +75,7 @@ from basis.losses import (
 )
 from basis.metrics import PassAtK
 from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, load_policy, saved_dtype
-from basis.rewards import binary_rewards, to_pm1
+from basis.rewards import binary_rewards, get_verifier, to_pm1
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
 from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
@@ -280,8 +280,6 @@ class PolicyTrainer(L.LightningModule):
         self.engine: RolloutEngine = (
             engine if engine is not None else HFEngine(self.policy, self.tokenizer, engine_batch_size)
         )
-        from basis.rewards import get_verifier
-
         try:
             self.verifier = get_verifier(verifier, **(verifier_options or {}))
         except TypeError as err:  # an option the verifier's constructor does not take
@@ -564,9 +562,13 @@ class PolicyTrainer(L.LightningModule):
         with _timer(timings, "weight_sync"):
             self.engine.update_weights(self.policy)
         generated = rollouts if generated is None else generated  # after OSLA's rounds, which add to rollouts
-        self.report_no_success(generated)
-        local = torch.tensor([len(generated.completions)], dtype=torch.float64)
-        self.rollouts_total += int(_sum_over_ranks(local).item())  # the same count on every rank
+        local = torch.tensor(
+            [len(generated.completions), float(generated.correct.sum())], dtype=torch.float64
+        )
+        consumed, successes = _sum_over_ranks(local).tolist()  # the same counts on every rank
+        self.rollouts_total += int(consumed)
+        if not successes:
+            self.report_no_success(generated)
         update_stats |= sampling_stats
         self.record_step(
             rollouts, advantages, update_stats, timings, prior, heldout, used_baseline, generated
@@ -632,12 +634,9 @@ class PolicyTrainer(L.LightningModule):
         )
 
     def report_no_success(self, generated: Rollouts) -> None:
-        """Warn once per run at the first step whose rollouts all scored 0 on every rank (a collective
-        until then): a verifier that cannot read the policy's answers looks like this."""
+        """Warn once per run, at the first step whose rollouts all scored 0 on every rank: a verifier
+        that cannot read the policy's answers looks like this."""
         if self._warned_no_success:
-            return
-        successes = _sum_over_ranks(torch.tensor([float(generated.correct.sum())], dtype=torch.float64))
-        if float(successes) > 0:
             return
         self._warned_no_success = True  # once: a hard task starts this way too
         rank_zero_warn(
@@ -662,7 +661,8 @@ class PolicyTrainer(L.LightningModule):
         generated, rounds = rollouts, 0
         train_rows = self.trainer.datamodule.train_rows
         used = {_row_key(row) for row in rollouts.prompts}  # a prompt is sampled once per step (and rank)
-        while len(informative_group_ids(generated)) < want and rounds < self.hparams.dynamic_sampling_rounds:
+        informative = informative_group_ids(generated)
+        while len(informative) < want and rounds < self.hparams.dynamic_sampling_rounds:
             rounds += 1
             rng = np.random.default_rng(
                 seed_for(self.hparams.seed, self.rl_step, self.global_rank, 3, rounds)
@@ -674,12 +674,13 @@ class PolicyTrainer(L.LightningModule):
             used |= {_row_key(row) for row in fresh}
             fresh_rollouts = self.collect_rollouts(fresh, [size] * len(fresh), timings, salt=100 + rounds)
             generated = concat_groups(generated, fresh_rollouts)
-        kept = informative_group_ids(generated)[:want] or list(range(want))  # none: the batch as sampled
+            informative = informative_group_ids(generated)
+        kept = informative[:want] or list(range(want))  # none: the batch as sampled
         trained = torch.zeros(len(generated.prompts), dtype=torch.bool)  # [G]
         trained[kept] = True
         stats = {
             "dynamic_sampling_rounds": float(rounds),
-            "dynamic_sampling_kept": len(informative_group_ids(generated)[:want]) / want,  # of the batch
+            "dynamic_sampling_kept": len(informative[:want]) / want,  # of the batch
             "rollouts_generated": float(len(generated.completions)),
         }
         return select_groups(generated, kept), generated, trained, stats
@@ -1167,7 +1168,7 @@ class PolicyTrainer(L.LightningModule):
             **{f"time/{k}": v for k, v in timings.items()},
         }
         if self.hparams.group_size > 1:  # a group of one response has no variance to lose
-            metrics["train/zero_variance_groups"] = zero_variance_fraction(generated.correct, generated.index)
+            metrics["train/zero_variance_groups"] = zero_variance_fraction(generated)
         metrics["time/step"] = sum(timings.values())
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
@@ -1388,10 +1389,9 @@ def histogram_figure(values: list[float], label: str) -> Any:
     return fig
 
 
-def zero_variance_fraction(correct: torch.Tensor, index: torch.Tensor) -> float:
+def zero_variance_fraction(rollouts: Rollouts) -> float:
     """Fraction of prompt groups whose responses all got the same reward."""
-    informative = torch.unique(index[dynamic_sampling_mask(correct, index)])
-    return 1.0 - len(informative) / len(torch.unique(index))
+    return 1.0 - len(informative_group_ids(rollouts)) / len(torch.unique(rollouts.index))
 
 
 def _row_key(row: PromptRow) -> tuple[str, str]:

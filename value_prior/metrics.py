@@ -141,10 +141,8 @@ def expected_calibration_error(
     """ECE over `n_bins` equal-width probability bins against graded success rates."""
     p, y = _as_tensor(prob), _as_tensor(success)
     _check(p, y)
-    count, mean_p, mean_y = (
-        torch.as_tensor(v) for v in reliability_bins(p.cpu().numpy(), y.cpu().numpy(), n_bins)
-    )
-    return float(((count / len(p)) * (mean_p - mean_y).abs()).sum())
+    count, mean_p, mean_y = reliability_bins(p.cpu().numpy(), y.cpu().numpy(), n_bins)  # [n_bins] each
+    return float(((count / len(p)) * np.abs(mean_p - mean_y)).sum())
 
 
 def reliability_bins(
