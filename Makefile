@@ -51,6 +51,7 @@ bench: setup tiny-policy
 	test -f runs/grpo-tiny/exports/step_000200/config.json || $(PY) -m basis.cli fit --config configs/policy/grpo_tiny.yaml
 	$(PY) benchmarks/harvest_throughput.py
 	$(PY) benchmarks/trainer_throughput.py
+	$(PY) benchmarks/update_pass.py
 	$(PY) benchmarks/rollout_efficiency.py
 	$(PY) benchmarks/value_prior_quality.py
 

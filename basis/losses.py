@@ -31,6 +31,7 @@ __all__ = [
     "AGG_MODES",
     "PolicyLossOutput",
     "aggregate_loss",
+    "entropy_from_log_probs",
     "entropy_from_logits",
     "kl_penalty",
     "logprob_mismatch",
@@ -249,6 +250,19 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         raise ValueError(f"logits must have a non-empty last (vocabulary) axis; got {tuple(logits.shape)}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point; got dtype {logits.dtype}")
-    log_p = torch.log_softmax(logits, dim=-1)  # [B, L, V]
-    log_p = log_p.clamp(min=torch.finfo(log_p.dtype).min)  # [B, L, V]
-    return -(log_p.exp() * log_p).sum(dim=-1)  # [B, L]
+    return entropy_from_log_probs(torch.log_softmax(logits, dim=-1))
+
+
+def entropy_from_log_probs(log_p: Tensor, chunk_elements: int = 2**24) -> Tensor:
+    """Entropy `[B, L]` of normalised log-probabilities `[B, L, V]`; `entropy_from_logits` after the
+    log-softmax, for a caller that has computed it already (the trainer's loss pass).
+
+    Computed over about `chunk_elements` entries at a time, so its temporaries stay small next to a
+    `[B, L, V]` input with a 150k-token vocabulary (three full-size copies otherwise)."""
+    vocab = log_p.shape[-1]
+    flat = log_p.reshape(-1, vocab)  # [B * L, V]
+    pieces = []
+    for chunk in torch.split(flat, max(1, chunk_elements // vocab)):
+        chunk = chunk.clamp(min=torch.finfo(chunk.dtype).min)  # [c, V]
+        pieces.append(-(chunk.exp() * chunk).sum(dim=-1))  # [c]
+    return torch.cat(pieces).reshape(log_p.shape[:-1]) if pieces else flat.new_zeros(log_p.shape[:-1])

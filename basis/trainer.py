@@ -67,7 +67,7 @@ from basis.data import PromptRow, ValBatch, global_seed, seed_for
 from basis.losses import (
     AGG_MODES,
     aggregate_loss,
-    entropy_from_logits,
+    entropy_from_log_probs,
     kl_penalty,
     logprob_mismatch,
     policy_loss,
@@ -847,7 +847,7 @@ class PolicyTrainer(L.LightningModule):
         counted = 0.0
         local_sync = strategy.block_backward_sync() if ddp else contextlib.nullcontext()  # type: ignore[union-attr]
         with local_sync:
-            for micro in mini.split(hp.micro_batch_size):
+            for micro in self.micro_batches(batch, mini):
                 sub = _select(batch, micro)
                 mask = sub.response_mask  # [n, R]
                 logprobs, entropy = self.sequence_logprobs(
@@ -984,6 +984,17 @@ class PolicyTrainer(L.LightningModule):
             prompt_width=prompt.shape[1],
         )
 
+    def micro_batches(self, batch: PolicyBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """`rows` in micro-batches of at most `micro_batch_size`; when there is more than one, rows sorted
+        by response length, longest first, so rows of similar length share a forward pass and the padding
+        it trims (`sequence_logprobs`) is largest, and the most memory is needed first. Gradients
+        accumulate over an update's micro-batches, so the grouping changes nothing but rounding."""
+        size = self.hparams.micro_batch_size
+        if len(rows) <= size:
+            return [rows]
+        lengths = batch.response_mask[rows].sum(-1).cpu()  # [n]
+        return list(rows[torch.sort(lengths, descending=True, stable=True).indices].split(size))
+
     def sequence_logprobs(
         self,
         batch: PolicyBatch,
@@ -992,29 +1003,49 @@ class PolicyTrainer(L.LightningModule):
         model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-probs `[N, R]` of the response tokens under `model` (default: the policy) at the sampling
-        temperature. Dropout is off in every pass, the loss pass included, as in the engine that sampled
-        the responses: with dropout in only some passes the PPO ratio is not 1 on policy and clips noise."""
+        temperature, 0 on response padding. Dropout is off in every pass, the loss pass included, as in
+        the engine that sampled the responses: with dropout in only some passes the PPO ratio is not 1 on
+        policy and clips noise.
+
+        Each micro-batch's forward pass is only as wide as its own rows need (`trim_padding`), and the LM
+        head runs on the response positions only (`logits_to_keep`, where the model takes it): with a
+        150k-token vocabulary the prompt positions' logits would be most of the pass's memory."""
         model = model or self.policy
+        keep = _takes_logits_to_keep(model)
+        width = batch.response_mask.shape[1]  # R
+        micros = self.micro_batches(batch, torch.arange(batch.input_ids.shape[0]))
         logprobs, entropies = [], []
         was_training = model.training
         model.eval()
         context = torch.enable_grad() if with_grad else torch.no_grad()
         with context:
-            for micro in torch.arange(batch.input_ids.shape[0]).split(self.hparams.micro_batch_size):
-                ids, mask = batch.input_ids[micro], batch.attention_mask[micro]  # [n, T]
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, T] left padding aware
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits  # [n, T, V]
-                logits = (
-                    logits[:, batch.prompt_width - 1 : -1].float() / self.hparams.temperature
-                )  # [n, R, V]
-                targets = ids[:, batch.prompt_width :]  # [n, R]
-                logprobs.append(
-                    torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                )  # [n, R]
+            for micro in micros:
+                sub = trim_padding(_select(batch, micro))
+                ids, mask = sub.input_ids, sub.attention_mask  # [n, p + r]
+                r = sub.response_mask.shape[1]
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, p + r] left padding aware
+                extra = {"logits_to_keep": r + 1} if keep else {}
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra)
+                # the positions that predict the response tokens: the last r + 1 but one, kept or not
+                logits = out.logits[:, -(r + 1) : -1].float()  # [n, r, V]
+                del out
+                if self.hparams.temperature != 1.0:
+                    logits = logits / self.hparams.temperature
+                log_p = torch.log_softmax(logits, -1)  # [n, r, V]
+                del logits  # the backward pass needs only log_p: one [n, r, V] tensor fewer at the peak
+                targets = ids[:, sub.prompt_width :]  # [n, r]
+                picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, r]
+                picked = picked.masked_fill(~sub.response_mask, 0.0)  # [n, r]
+                logprobs.append(torch.nn.functional.pad(picked, (0, width - r)))  # [n, R]
                 if with_entropy:
-                    entropies.append(entropy_from_logits(logits.detach()))  # [n, R]
+                    entropy = entropy_from_log_probs(log_p.detach()).masked_fill(~sub.response_mask, 0.0)
+                    entropies.append(torch.nn.functional.pad(entropy, (0, width - r)))  # [n, R]
         model.train(was_training)
-        return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+        restore = torch.argsort(torch.cat(micros)).to(batch.input_ids.device)  # [N] back to batch order
+        return (
+            torch.cat(logprobs)[restore],
+            torch.cat(entropies)[restore] if with_entropy else None,
+        )
 
     def reference_logprobs(self, batch: PolicyBatch) -> torch.Tensor:
         if self.hparams.lora is not None:
@@ -1579,6 +1610,28 @@ def _global_counts(response_mask: torch.Tensor) -> tuple[float, float, int]:
     local = torch.tensor([float(response_mask.sum()), float(response_mask.shape[0])], dtype=torch.float64)
     tokens, sequences = _sum_over_ranks(local).tolist()
     return tokens, sequences, torch.distributed.get_world_size() if _distributed() else 1
+
+
+def trim_padding(batch: PolicyBatch) -> PolicyBatch:
+    """`batch` without the columns that are padding in every row: left of its longest prompt and right of
+    its longest response. Positions come from the attention mask and attention is causal, so the kept
+    tokens' log-probs are unchanged (up to rounding)."""
+    prompt = max(1, int(batch.attention_mask[:, : batch.prompt_width].sum(-1).max()))
+    response = max(1, int(batch.response_mask.sum(-1).max()))
+    columns = slice(batch.prompt_width - prompt, batch.prompt_width + response)
+    return PolicyBatch(
+        batch.input_ids[:, columns],
+        batch.attention_mask[:, columns],
+        batch.response_mask[:, :response],
+        batch.rollout_logprobs[:, :response],
+        prompt,
+    )
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under `model` (a peft wrapper included) can compute only its last logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _select(batch: PolicyBatch, rows: torch.Tensor) -> PolicyBatch:

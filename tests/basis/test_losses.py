@@ -11,6 +11,7 @@ import torch
 from basis.losses import (
     AGG_MODES,
     aggregate_loss,
+    entropy_from_log_probs,
     entropy_from_logits,
     kl_penalty,
     logprob_mismatch,
@@ -209,6 +210,19 @@ def test_entropy_from_logits_is_exact_and_stable() -> None:
     assert value.item() == pytest.approx(math.log(2))
     value.sum().backward()
     assert bool(torch.isfinite(masked.grad).all())
+
+
+def test_entropy_in_chunks_is_the_entropy() -> None:
+    """A chunk of one position (11 entries) or of three and a half: the value and gradient of one piece."""
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    log_p = torch.log_softmax(logits, -1).requires_grad_()
+    whole = entropy_from_log_probs(log_p)
+    (grad,) = torch.autograd.grad(whole.sum(), log_p)
+    for chunk_elements in (11, 40):
+        pieces = entropy_from_log_probs(log_p, chunk_elements=chunk_elements)
+        torch.testing.assert_close(pieces, whole)
+        torch.testing.assert_close(torch.autograd.grad(pieces.sum(), log_p)[0], grad)
+    assert entropy_from_log_probs(torch.zeros(0, 3, 11)).shape == (0, 3)
 
 
 # --- bad input -------------------------------------------------------------------------------------------

@@ -844,3 +844,88 @@ def test_ddp_ranks_that_refill_differently_still_train_in_step(
     assert len({len(r) for r in records}) > 1  # the ranks' steps generated different numbers of rollouts
     for name, weight in ranks[0]["state"].items():
         assert torch.equal(weight, ranks[1]["state"][name]), name  # the gradients were all-reduced
+
+
+def ragged_batch(module: PolicyTrainer):  # type: ignore[no-untyped-def]
+    """Seven responses of 1-11 tokens to prompts of 3-13 tokens, as `policy_batch` pads them."""
+    from basis.rollout import Completion
+    from basis.trainer import Rollouts
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = len(module.tokenizer)
+    prompt_ids = [
+        torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (3, 13, 7, 5, 9, 4, 11)
+    ]
+    completions = [
+        Completion(ids, [-1.0] * len(ids), "", "stop")
+        for ids in (
+            torch.randint(3, vocab, (n,), generator=generator).tolist() for n in (11, 2, 7, 1, 4, 9, 5)
+        )
+    ]
+    prompts = [PromptRow(f"p{i}", "?", "0", "arith", None) for i in range(7)]
+    return module.policy_batch(Rollouts(prompts, prompt_ids, completions, torch.arange(7), torch.zeros(7), 0))
+
+
+def padded_pass(model: torch.nn.Module, batch: Any, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: one forward pass over the whole padded batch, logits at every position."""
+    from basis.losses import entropy_from_logits
+
+    mask = batch.attention_mask
+    with torch.no_grad():
+        logits = model.eval()(
+            input_ids=batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature  # [N, R, V]
+    targets = batch.input_ids[:, batch.prompt_width :, None]
+    return torch.log_softmax(logits, -1).gather(-1, targets).squeeze(-1), entropy_from_logits(logits)
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4)])
+def test_trimmed_length_sorted_passes_match_one_padded_pass(
+    tiny_lm_path: str, tmp_path: Path, lora: LoraSettings | None
+) -> None:
+    """Micro-batches of rows sorted by length, each cut to its own width, with the LM head on the
+    response positions only: the log-probs and entropies of one padded pass, 0 on padding."""
+    module = make_module(tiny_lm_path, tmp_path, micro_batch_size=3, temperature=0.7, lora=lora)
+    batch = ragged_batch(module)
+    kept: list[int] = []
+    hook = module.policy.register_forward_hook(lambda _m, _a, out: kept.append(out.logits.shape[1]))
+    logprobs, entropy = module.sequence_logprobs(batch, with_entropy=True)
+    hook.remove()
+    assert kept == [11 + 1, 5 + 1, 1 + 1]  # response widths 11/9/7, 5/4/2, 1 (+1) in length order
+    expected_logprobs, expected_entropy = padded_pass(module.policy, batch, 0.7)
+    mask = batch.response_mask
+    torch.testing.assert_close(logprobs[mask], expected_logprobs[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy[mask], expected_entropy[mask], rtol=1e-5, atol=1e-5)
+    assert not logprobs[~mask].any() and not entropy[~mask].any()
+
+
+def test_a_model_without_logits_to_keep_gets_the_same_log_probs(tiny_lm_path: str, tmp_path: Path) -> None:
+    """A causal LM whose forward takes no `logits_to_keep` (older or custom code) computes every
+    position's logits; the response positions are picked from them."""
+    from basis.trainer import _takes_logits_to_keep
+
+    class EveryLogit(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    module = make_module(tiny_lm_path, tmp_path, micro_batch_size=3)
+    batch = ragged_batch(module)
+    assert _takes_logits_to_keep(module.policy) and not _takes_logits_to_keep(EveryLogit(module.policy))
+    torch.testing.assert_close(
+        module.sequence_logprobs(batch, model=EveryLogit(module.policy))[0],
+        module.sequence_logprobs(batch)[0],
+    )
+
+
+def test_micro_batches_group_rows_by_response_length(tiny_lm_path: str, tmp_path: Path) -> None:
+    module = make_module(tiny_lm_path, tmp_path, micro_batch_size=3)
+    batch = ragged_batch(module)
+    rows = torch.tensor([6, 0, 3, 1, 5])  # response lengths 5, 11, 1, 2, 9
+    assert [m.tolist() for m in module.micro_batches(batch, rows)] == [[0, 5, 6], [1, 3]]
+    module.hparams.micro_batch_size = 5  # one micro-batch: the rows as given
+    assert [m.tolist() for m in module.micro_batches(batch, rows)] == [rows.tolist()]
