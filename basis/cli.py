@@ -68,8 +68,10 @@ class PolicyCLI(LightningCLI):
         on resume were ignored. Here the checkpoint restores weights and trainer state only."""
         subcommand = self.config.get("subcommand")
         config = self.config.get(subcommand) if subcommand else None
-        if config is None or config.get("ckpt_path") != "last":
+        if config is None or not config.get("ckpt_path"):
             return
+        if config.ckpt_path != "last":
+            return check_training_checkpoint(config.ckpt_path)
         last = Path(config.model.run_dir) / "checkpoints" / "last.ckpt"
         if not last.exists():  # a file, or a folder (a sharded FSDP checkpoint)
             log.warning("--ckpt_path last: %s does not exist, so the run starts from step 0", last)
@@ -117,6 +119,31 @@ class PolicyCLI(LightningCLI):
 
     def after_validate(self) -> None:
         tag_evaluated_checkpoint(self.trainer)
+        metrics = self.model.last_validation
+        if metrics and self.trainer.is_global_zero:  # the numbers, not only a progress bar
+            pass_at = ", ".join(
+                f"pass@{key.rsplit('/', 1)[1]} {value:.3f}"
+                for key, value in metrics.items()
+                if key.startswith("val/pass_at_k/")
+            )
+            print(
+                f"validation at RL step {metrics['rl_step']}: mean@k {metrics['val/mean_at_k']:.3f} "
+                f"± {metrics['val/mean_at_k_stderr']:.3f} over {metrics['val/prompts']:.0f} prompts; {pass_at}"
+            )
+
+
+def check_training_checkpoint(ckpt_path: str) -> None:
+    """Refuse, before any run is created, a `--ckpt_path` that is missing or is an exported policy."""
+    path = Path(ckpt_path)
+    if ckpt_path in ("best", "hpc") or ckpt_path.startswith("registry"):
+        return  # Lightning's own names
+    if not path.exists():
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path} does not exist")
+    if path.is_dir() and (path / "config.json").is_file():
+        raise ValueError(
+            f"--ckpt_path {ckpt_path} is an exported policy (Hugging Face folder), not a training checkpoint; "
+            f"evaluate it with --model.model_path {ckpt_path}"
+        )
 
 
 def _param(value: object) -> object:

@@ -177,7 +177,8 @@ class PolicyTrainer(L.LightningModule):
             later steps do too until the hung query returns; None waits forever. A timeout makes a
             step's baseline depend on wall-clock time, so only runs without one replay exactly.
         heldout_rollouts: Diagnostic only: extra rollouts per prompt, never trained on, that give a
-            held-out success estimate to score the baseline's squared error (0 disables it).
+            held-out success estimate to score the squared error of the group mean (every estimator)
+            and of the prior-based baseline (with a prior); 0 disables it.
         max_rollouts: Rollout budget: stop after the RL step at which the rollouts consumed (all
             ranks, heldout diagnostics excluded) reach it; `trainer.max_steps` still caps the run.
             Arms that spend different rollouts per step (GRPO, V0.5 + OSLA, BASIS) then compare at
@@ -308,6 +309,7 @@ class PolicyTrainer(L.LightningModule):
         self._prompt_ids_cache: dict[str, list[int]] = {}
         self._bad_steps = 0
         self._last_logged = {series: -1 for series in _SERIES_SENTINEL}  # highest step already in MLflow
+        self.last_validation: dict[str, float] = {}
         self.updates_per_step = ppo_epochs * mini_batches
 
     # ----------------------------------------------------------------- Lightning plumbing
@@ -411,7 +413,10 @@ class PolicyTrainer(L.LightningModule):
         if self.prior is not None and self.trainer.datamodule is not None:
             self.prepare_prior()
         if self.rl_step == 0 and self._has_val_prompts():
-            self.run_validation()  # the starting policy's held-out numbers, logged at step 0
+            # the starting policy's held-out numbers, logged at step 0, where no rollout is spent yet
+            # (with rollouts as the UI's x-axis, a step without the x metric drops out of the plot)
+            self.log_metrics({"train/rollouts_total": 0.0}, series="train")
+            self.run_validation()
 
     def prepare_prior(self) -> None:
         """Let the prior embed every prompt this run will query, once, before the first step (its
@@ -548,9 +553,7 @@ class PolicyTrainer(L.LightningModule):
             else None
         )  # [P]
         # the held-out check of this step's baseline samples the policy that produced the rollouts
-        heldout = (
-            self.heldout_mean_reward(prompts) if prior is not None and self.hparams.heldout_rollouts else None
-        )
+        heldout = self.heldout_mean_reward(rollouts.prompts) if self.hparams.heldout_rollouts else None
         self.engine.release_memory()
         try:
             with _timer(timings, "update"):
@@ -1071,8 +1074,20 @@ class PolicyTrainer(L.LightningModule):
         return self.trainer.state.fn == "fit" and self.rl_step in self._pass_curves
 
     def on_validation_start(self) -> None:
-        if self.trainer.state.fn == "validate":  # `validate --ckpt_path`: an engine with its own copy
-            self.engine.update_weights(self.policy)  # (SGLang) still holds model_path's weights
+        if self.trainer.state.fn != "validate":
+            return
+        if self.trainer.ckpt_path:  # `validate --ckpt_path`: an engine with its own copy (SGLang)
+            self.engine.update_weights(self.policy)  # still holds model_path's weights
+        else:  # validating `model_path` itself: an export logs at the RL step it was exported at
+            export = Path(self.hparams.model_path) / "basis_export.json"
+            self.rl_step = int(json.loads(export.read_text()).get("rl_step", 0)) if export.is_file() else 0
+            if self.global_rank == 0 and getattr(self.logger, "run_id", None):
+                tags = {
+                    "evaluated_model_path": str(self.hparams.model_path),
+                    "evaluated_rl_step": self.rl_step,
+                }
+                for key, value in tags.items():
+                    self.logger.experiment.set_tag(self.logger.run_id, key, str(value))
 
     def validation_step(self, batch: ValBatch, batch_idx: int) -> None:
         if self._validated_already():
@@ -1114,6 +1129,7 @@ class PolicyTrainer(L.LightningModule):
         metrics["val/mean_at_k_stderr"] = math.sqrt(max(variance, 0.0) / max(n, 1.0))
         metrics["val/prompts"] = n  # over all ranks
         self._pass_curves[self.rl_step] = pass_at
+        self.last_validation = {"rl_step": self.rl_step, **metrics}  # `basis validate` prints it
         self.log_metrics(metrics, series="val")
 
     def _has_val_prompts(self) -> bool:
@@ -1204,6 +1220,9 @@ class PolicyTrainer(L.LightningModule):
         metrics["train/rollouts_total"] = float(self.rollouts_total)
         if self.prior is not None:
             metrics.update(self.prior_diagnostics(rollouts, prior, timings, heldout, used_baseline))
+        if heldout is not None:  # the group mean's error: GRPO's baseline, V0.5's without the prior
+            empirical = group_counts_means(rollouts)[1]  # [P]
+            metrics["v05/empirical_sq_error_heldout"] = float(((empirical - heldout) ** 2).mean())
         self.log_metrics(metrics, series="train")
         self.log("reward", metrics["train/reward_mean"], prog_bar=True, logger=False, batch_size=len(rewards))
 
@@ -1256,13 +1275,20 @@ class PolicyTrainer(L.LightningModule):
             metrics["v05/fusion_weight_p90"] = float(weight.quantile(0.9))
         else:
             baseline = used_baseline  # [P]
-        metrics["v05/prior_brier"] = float((((prior + 1) / 2 - (means + 1) / 2) ** 2).mean())
+        p, rate = (prior + 1) / 2, (means + 1) / 2  # [P] probability scale
+        metrics["v05/prior_brier"] = float(((p - rate) ** 2).mean())
+        # ... which includes the rate's own sampling noise, mu(1 - mu) / k: with the same prior BASIS
+        # (k = 1) scores far worse than V0.5 (k = 4-16). Less its unbiased estimate, the prior's own error
+        # (p - mu)^2, comparable across estimators and steps (prompts with k >= 2; absent for BASIS).
+        several = counts >= 2  # [P]
+        if several.any():
+            noise = rate * (1 - rate) / (counts - 1).clamp(min=1)  # [P]
+            metrics["v05/prior_sq_error_debiased"] = float(((p - rate) ** 2 - noise)[several].mean())
         if self.calibrator is not None:
             metrics["v05/calibration_scale"] = self.calibrator.scale
             metrics["v05/calibration_shift"] = self.calibrator.shift
         if heldout is not None:
             metrics["v05/baseline_sq_error_heldout"] = float(((baseline - heldout) ** 2).mean())
-            metrics["v05/empirical_sq_error_heldout"] = float(((means - heldout) ** 2).mean())
         return metrics
 
     def heldout_mean_reward(self, prompts: list[PromptRow]) -> torch.Tensor:

@@ -149,6 +149,29 @@ def test_validate_changes_no_files_and_a_resume_may_change_flags(workdir: Path) 
     assert check.data.tags["stage"] == "validate" and client.get_run(run_id).data.tags["stage"] == "fit"
     assert check.info.run_id != run_id and "val/mean_at_k" in check.data.metrics
     assert check.data.tags["ckpt_path"] == str((run_dir / "checkpoints" / "last.ckpt").resolve())
+    # an export is validated as the model it is, at the RL step it was exported at; as a --ckpt_path
+    # it is refused before any run is created (it ended in an IsADirectoryError traceback, exit 1)
+    export = run_dir / "exports" / "step_000003"
+    validate = basis_cmd(
+        workdir, run_dir, f"--model.model_path={export}", "--trainer.logger.init_args.run_name=export"
+    )
+    validate[validate.index("fit")] = "validate"
+    printed = subprocess.run(validate, env=env(workdir), check=True, capture_output=True, text=True).stdout
+    assert "validation at RL step 3: mean@k " in printed and "pass@2 " in printed
+    (exported,) = client.search_runs([experiment], "attributes.run_name = 'export-validate'")
+    assert [m.step for m in client.get_metric_history(exported.info.run_id, "val/mean_at_k")] == [3]
+    assert exported.data.tags["evaluated_rl_step"] == "3" and exported.data.tags[
+        "evaluated_model_path"
+    ] == str(export)
+    runs_before = len(client.search_runs([experiment]))
+    validate = basis_cmd(workdir, run_dir, f"--ckpt_path={export}")
+    validate[validate.index("fit")] = "validate"
+    refused = subprocess.run(validate, env=env(workdir), capture_output=True, text=True)
+    assert refused.returncode == 2 and len(client.search_runs([experiment])) == runs_before
+    assert (
+        f"is an exported policy (Hugging Face folder), not a training checkpoint; evaluate it with --model.model_path {export}"
+        in refused.stderr
+    )
 
     resume = ("--ckpt_path=last", "--trainer.max_steps=4", "--model.max_rollouts=100000")
     done = subprocess.run(

@@ -201,6 +201,37 @@ def test_perfect_prior_spends_k_init_and_adversarial_prior_spends_more_within_bo
     # can exceed 1/k (k = 16: up to 0.096), and the held-out mean adds its own variance.
     errors = history("v05/baseline_sq_error_heldout", adversarial)
     assert len(errors) == 2 and all(error <= 1 / 16 for error in errors)  # logged every step, within bound
+    assert history("v05/prior_sq_error_debiased", perfect) == [0.0, 0.0]  # every rate is 0: no noise term
+    assert all(error > 0.85 for error in history("v05/prior_sq_error_debiased", adversarial))  # (1 - ~0)^2
+
+
+def test_the_debiased_prior_error_removes_the_rates_sampling_noise(tiny_lm_path: str, tmp_path: Path) -> None:
+    """Brier against a k-rollout success rate adds mu(1 - mu) / k to the prior's own error, so the same
+    prior scored far worse in BASIS (k = 1) than in V0.5 (k = 4-16); the debiased error does not."""
+    from basis.trainer import Rollouts
+
+    module = module_for(tiny_lm_path, tmp_path, prior=ConstantPrior(0.5))
+    prompts, generator = 20_000, torch.Generator().manual_seed(0)
+    for k in (2, 4, 16):
+        correct = torch.bernoulli(torch.full((prompts * k,), 0.3), generator=generator)
+        index = torch.arange(prompts).repeat_interleave(k)
+        rollouts = Rollouts(rows(prompts), [], [], index, correct, 0)
+        prior = torch.zeros(prompts)  # p = 0.5 on the ±1 scale
+        metrics = module.prior_diagnostics(rollouts, prior, {}, used_baseline=torch.zeros(prompts))
+        assert metrics["v05/prior_brier"] == pytest.approx(0.2**2 + 0.21 / k, abs=0.004)
+        assert metrics["v05/prior_sq_error_debiased"] == pytest.approx(0.2**2, abs=0.004)
+
+
+def test_without_a_prior_heldout_rollouts_score_the_group_mean(
+    tiny_lm_path: str, task_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """GRPO ignored `heldout_rollouts`, so the reference arm had no baseline error to compare."""
+    module = module_for(tiny_lm_path, tmp_path, advantage="grpo", heldout_rollouts=4)
+    logger = MLflowLogger(experiment_name="v05-test", run_name="grpo-heldout")
+    fit(module, task_dir, tmp_path, steps=2, logger=logger)
+    errors = history("v05/empirical_sq_error_heldout", logger.run_id)
+    assert len(errors) == 2 and all(0.0 <= error < 0.25 for error in errors)  # an untrained policy: ~all fail
+    assert not history("v05/baseline_sq_error_heldout", logger.run_id)
 
 
 def test_a_rollout_budget_bounds_the_prompts_the_prior_prepares(
