@@ -10,13 +10,16 @@
 
 Every stage is the same console command a user runs, in a subprocess, with the configs under
 `configs/`. `--quick` shrinks every stage after the tiny policy (minutes in all) for tests; its
-outputs go to their own work folder (`runs/demo-quick`), so they never mix with the full demo's.
+outputs go to their own work folder (`runs/demo-quick`) and its runs to their own MLflow experiment
+(`basis-demo-quick`), so they never mix with the full demo's. (Its V0 training checkpoints, not the
+prior, go to the config's folder `artifacts/checkpoints/v0-pairs-minilm`, which every V0 fit from
+that config shares.)
 Every run rebuilds the chain: an earlier demo's pairs and prior are removed first (harvest would refuse
 to add this run's checkpoints to pairs harvested from other ones), and its policy runs' outputs are set
 aside by the trainer. Our choice: step 2's GRPO run doubles as the GRPO arm of the comparison (same config, same starting
 policy, same validation protocol) instead of training GRPO twice.
 
-    python -m basis.demo              # ~8 minutes on 2 CPU cores with the tiny policy built, +1-2 to build it
+    python -m basis.demo              # ~10 minutes on 2 CPU cores with the tiny policy built, +2 to build it
     python -m basis.demo --quick --workdir /tmp/demo
 """
 
@@ -33,7 +36,13 @@ from pathlib import Path
 
 from basis.tracking import default_tracking_uri, ensure_experiment, ui_command
 
-EXPERIMENT = "basis-demo"
+EXPERIMENT = "basis-demo"  # `--quick` logs into "basis-demo-quick", apart from the full demo's runs
+
+
+def experiment_for(quick: bool) -> str:
+    return f"{EXPERIMENT}-quick" if quick else EXPERIMENT
+
+
 ARMS = ("grpo", "v05_osla", "basis_k1")
 
 
@@ -68,7 +77,7 @@ def stages(workdir: Path, quick: bool) -> list[Stage]:
             f"--config=configs/policy/{config}",
             f"--model.model_path={policy}",
             f"--model.run_dir={runs / arm}",
-            f"--trainer.logger.init_args.experiment_name={EXPERIMENT}",
+            f"--trainer.logger.init_args.experiment_name={experiment_for(quick)}",
             f"--trainer.logger.init_args.run_name={arm}",
         ]
         return Stage(f"{arm} policy run", [*py, "basis.cli", "fit", *args, *data, *small, *extra])
@@ -97,8 +106,8 @@ def prior_stages(policy: Path, exports: Path, pairs: Path, prior: Path, quick: b
     harvest += ["--num_prompts=64", "--rollouts_per_prompt=4"] if quick else ["--num_prompts=500"]
     v0 = [*py, "value_prior.cli", "fit", "--config=configs/value_prior/v0_pairs_minilm.yaml",
           f"--data.pairs={pairs}", f"--model.export_dir={prior}"]  # fmt: skip
-    if quick:
-        v0 += ["--trainer.max_epochs=1", "--data.batches_per_epoch=2"]
+    if quick:  # losses logged at each of its two steps (the config logs every 5th)
+        v0 += ["--trainer.max_epochs=1", "--data.batches_per_epoch=2", "--trainer.log_every_n_steps=1"]
     return [Stage("harvest pairs", harvest), Stage("V0 pretraining", v0)]
 
 
@@ -160,8 +169,9 @@ def print_table(table: dict[str, dict]) -> None:
     )
 
 
-def log_summary(table: dict[str, dict], timings: dict[str, float]) -> None:
-    """A summary run in the demo experiment with the mean@k-vs-rollouts plot and the table as JSON."""
+def log_summary(table: dict[str, dict], timings: dict[str, float], experiment: str) -> None:
+    """A summary run in the demo experiment with the mean@k-vs-rollouts plot and the table as JSON,
+    tagged `run_id.<arm>` with the runs it compares."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,8 +187,9 @@ def log_summary(table: dict[str, dict], timings: dict[str, float]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    experiment_id = ensure_experiment(EXPERIMENT)
-    with mlflow.start_run(experiment_id=experiment_id, run_name="comparison"):
+    experiment_id = ensure_experiment(experiment)
+    tags = {f"run_id.{arm}": row["run_id"] for arm, row in table.items()}
+    with mlflow.start_run(experiment_id=experiment_id, run_name="comparison", tags=tags):
         mlflow.log_figure(fig, "mean_at_k_vs_rollouts.png")
         mlflow.log_dict(
             {arm: {k: v for k, v in row.items() if k != "curve"} for arm, row in table.items()},
@@ -226,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     (workdir / "comparison.json").write_text(json.dumps(table, indent=2))  # before anything else can fail
     print_table(table)
     try:
-        log_summary(table, timings)
+        log_summary(table, timings, experiment_for(args.quick))
     except Exception as err:
         raise SystemExit(
             f"stage 'MLflow summary' failed: {err!r}; the comparison is kept in {workdir / 'comparison.json'}"
@@ -236,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
     )
     print(
-        f"\nMLflow UI (experiment '{EXPERIMENT}'; select the runs and Compare):\n    {ui_command()}\n"
+        f"\nMLflow UI (experiment '{experiment_for(args.quick)}'; select the runs and Compare):\n    {ui_command()}\n"
         "then open http://127.0.0.1:5000"
     )
 

@@ -106,7 +106,9 @@ def ui_command() -> str:
     """The command that opens the MLflow UI on the current store (this interpreter's `mlflow`, e.g. `.venv/bin/mlflow`)."""
     script = Path(sys.executable).parent / "mlflow"
     mlflow = str(script) if script.exists() else "mlflow"
-    return f"{mlflow} ui --backend-store-uri {default_tracking_uri()} --host 127.0.0.1 --port 5000"
+    return (
+        f"{mlflow} ui --backend-store-uri {default_tracking_uri()} --host 127.0.0.1 --port 5000 --workers 1"
+    )
 
 
 def ensure_experiment(name: str) -> str:
@@ -175,14 +177,24 @@ class MLflowLogger(MLFlowLogger):
         written, and each changed one is kept as tag `changed_on_resume.<name>` ("first -> ... -> now") with a
         warning, so a flag given on resume (say a larger `max_rollouts`) neither crashes nor goes unseen."""
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
         run = self.experiment.get_run(self.run_id).data
         existing, tags = run.params, run.tags  # empty for a new run
         flat = {
-            key: str(value)[:250]
+            key: str(value)
             for key, value in _flatten_dict(_convert_params(params)).items()
             if not key.startswith("_")  # LightningCLI's `_instantiator` / `_class_path` bookkeeping
         }
+        for key, value in flat.items():
+            if len(value) > MAX_PARAM_VAL_LENGTH:  # MLflow's limit (Lightning cuts at 250, silently)
+                log.warning(
+                    "parameter %s is %d characters; MLflow keeps the first %d",
+                    key,
+                    len(value),
+                    MAX_PARAM_VAL_LENGTH,
+                )
+                flat[key] = value[:MAX_PARAM_VAL_LENGTH]
         new = {key: value for key, value in flat.items() if key not in existing}
         for key, value in flat.items():
             history = tags.get(f"changed_on_resume.{key}", existing.get(key))  # "a -> b" after a change
@@ -194,8 +206,11 @@ class MLflowLogger(MLFlowLogger):
                 if len(chain) > 5000:  # MLflow caps tag values; keep the latest changes
                     chain = "... -> " + chain[-4990:]
                 self.experiment.set_tag(self.run_id, f"changed_on_resume.{key}", chain)
-        if new:
-            super().log_hyperparams(new)
+        from mlflow.entities import Param
+
+        items = [Param(key, value) for key, value in new.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit; Lightning's call cuts at 250
+            self.experiment.log_batch(run_id=self.run_id, params=items[start : start + 100], synchronous=True)
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:

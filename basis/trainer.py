@@ -78,7 +78,15 @@ from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, lo
 from basis.rewards import binary_rewards, get_verifier, to_pm1
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
-from basis.v05 import OslaSettings, PriorCalibrator, SuccessPrior, SupportBuffer, has_both_classes, load_prior
+from basis.v05 import (
+    OslaSettings,
+    PriorCalibrator,
+    SuccessPrior,
+    SupportBuffer,
+    has_both_classes,
+    load_prior,
+    prior_provenance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +296,8 @@ class PolicyTrainer(L.LightningModule):
                 f"model.verifier_options={verifier_options} do not fit verifier {verifier!r}: {err}"
             ) from err
         self.prior = load_prior(prior) if prior is not None else None
+        # which prior this run used, as loaded: its folder may be overwritten by a later export
+        self._prior_provenance = prior_provenance(prior) if isinstance(prior, str) else None
         self.osla = osla
         self.support = SupportBuffer(
             support_capacity, context_size, min_context, getattr(self.prior, "label_threshold", 0.5)
@@ -386,6 +396,13 @@ class PolicyTrainer(L.LightningModule):
             self.logger.log_hyperparams(
                 {"torch_threads": torch.get_num_threads(), "world_size": self.trainer.world_size}
             )
+            if self._prior_provenance is not None:  # tags prior_path, prior_sha256, prior_run_id
+                provenance = dict(self._prior_provenance)
+                self.logger.experiment.log_text(
+                    self.logger.run_id, provenance.pop("config"), "prior/config.json"
+                )
+                for key, value in provenance.items():
+                    self.logger.experiment.set_tag(self.logger.run_id, key, value)
 
     def on_train_start(self) -> None:
         # Only now is the checkpoint (if any) restored under every strategy (FSDP restores after

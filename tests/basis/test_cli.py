@@ -249,6 +249,16 @@ def test_a_function_setting_is_logged_by_name() -> None:
     assert _param(_adamw) == "basis.trainer._adamw" and _param({"lr": 0.5}) == {"lr": 0.5}
 
 
+def test_long_parameters_keep_what_mlflow_can_hold(mlflow_store: str) -> None:
+    """Values were cut at 250 characters without a word (Lightning's limit; MLflow holds 6,000)."""
+    from basis.tracking import MLflowLogger
+
+    logger = MLflowLogger(experiment_name="long-params")
+    logger.log_hyperparams({"checkpoints": "x" * 300, "huge": "y" * 7000})
+    params = MlflowClient().get_run(logger.run_id).data.params
+    assert params["checkpoints"] == "x" * 300 and params["huge"] == "y" * 6000
+
+
 def test_every_change_on_resume_stays_in_its_tag(mlflow_store: str) -> None:
     """A second change used to overwrite the first: after 300 then 2000 only "None -> 2000" remained."""
     from basis.tracking import MLflowLogger

@@ -29,7 +29,15 @@ def test_quick_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert table["basis_k1"]["rollouts"] < table["grpo"]["rollouts"]
     assert (tmp_path / "demo" / "prior" / "config.json").exists()
     assert not list((tmp_path / "demo").rglob("from-an-earlier-demo*"))  # rebuilt, not mixed
-    assert "mlflow ui --backend-store-uri" in result.stdout
+    assert (
+        "mlflow ui --backend-store-uri" in result.stdout and "experiment 'basis-demo-quick'" in result.stdout
+    )
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("basis-demo-quick").experiment_id
+    (summary,) = client.search_runs([experiment], "attributes.run_name = 'comparison'")
+    assert {summary.data.tags[f"run_id.{arm}"] for arm in table} == {row["run_id"] for row in table.values()}
 
 
 def test_the_quick_demo_has_its_own_default_work_folder() -> None:

@@ -413,3 +413,43 @@ def test_platt_scaling_runs_the_validation_batches_on_the_module_device(
     data.setup("fit")
     (scale, bias), _ = fit_platt_scaling(module.to("cuda"), data.val_dataloader())  # batches come on the CPU
     assert math.isfinite(scale) and math.isfinite(bias)
+
+
+def test_a_policy_run_records_which_prior_it_used(
+    prior: ValuePrior, tiny_lm_path: str, tmp_path: Path, mlflow_store: str
+) -> None:
+    """Policy runs named their prior by folder only, which a later export overwrites: the run keeps the
+    folder's hash, the exporting run and the prior's config as it was loaded."""
+    from mlflow import MlflowClient
+
+    from basis.data import PromptDataModule
+    from basis.tasks import write_arithmetic_task
+    from basis.tracking import MLflowLogger
+    from basis.trainer import PolicyTrainer
+
+    prior.info = {"mlflow_run_id": "abc123"}
+    path = prior.save(tmp_path / "prior")
+    write_arithmetic_task(tmp_path / "task", seed=0, n_train=16, n_val=4, n_test=4)
+    module = PolicyTrainer(
+        tiny_lm_path,
+        advantage="v05",
+        prior=str(path),
+        group_size=4,
+        max_new_tokens=4,
+        run_dir=str(tmp_path / "run"),
+    )
+    logger = MLflowLogger(experiment_name="prior-provenance")
+    trainer = L.Trainer(max_steps=1, logger=logger, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(
+        module, datamodule=PromptDataModule(str(tmp_path / "task"), val_path=None, prompts_per_step=2)
+    )
+    client = MlflowClient()
+    tags = client.get_run(logger.run_id).data.tags
+    assert tags["prior_run_id"] == "abc123" and tags["prior_path"] == str(path.resolve())
+    assert len(tags["prior_sha256"]) == 64
+    config = Path(client.download_artifacts(logger.run_id, "prior/config.json", str(tmp_path / "dl")))
+    assert json.loads(config.read_text()) == json.loads((path / "config.json").read_text())
+    prior.calibration = (2.0, 0.5)  # another export into the same folder: another hash
+    from basis.v05 import prior_provenance
+
+    assert prior_provenance(str(prior.save(path)))["prior_sha256"] != tags["prior_sha256"]
