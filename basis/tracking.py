@@ -111,6 +111,17 @@ def ui_command() -> str:
     )
 
 
+def record_environment(client: Any, run_id: str) -> None:
+    """Log `environment()` as `environment.json` on a new run, with tags `env.torch`,
+    `env.transformers` and `env.cpu_simd`, so a figure that moves between runs of one commit can be
+    traced to the machine or the packages."""
+    env = environment()
+    client.log_dict(run_id, env, "environment.json")
+    for name in ("torch", "transformers"):
+        client.set_tag(run_id, f"env.{name}", str(env["packages"].get(name)))
+    client.set_tag(run_id, "env.cpu_simd", " ".join(env["cpu_simd"]) or "none")
+
+
 def ensure_experiment(name: str) -> str:
     """Create `name` (with our artifact location) if missing and return its id."""
     import mlflow
@@ -181,6 +192,8 @@ class MLflowLogger(MLFlowLogger):
 
         run = self.experiment.get_run(self.run_id).data
         existing, tags = run.params, run.tags  # empty for a new run
+        if not existing:
+            record_environment(self.experiment, self.run_id)
         flat = {
             key: str(value)
             for key, value in _flatten_dict(_convert_params(params)).items()
@@ -292,6 +305,7 @@ def mlflow_run(experiment_name: str, run_name: str | None = None, **tags: str) -
 
     experiment_id = ensure_experiment(experiment_name)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags or None) as run:
+        record_environment(mlflow.MlflowClient(), run.info.run_id)
         try:
             yield run
         except Exception as error:

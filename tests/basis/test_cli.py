@@ -259,6 +259,32 @@ def test_long_parameters_keep_what_mlflow_can_hold(mlflow_store: str) -> None:
     assert params["checkpoints"] == "x" * 300 and params["huge"] == "y" * 6000
 
 
+def test_a_new_run_records_its_environment(mlflow_store: str, tmp_path: Path) -> None:
+    """Only the tiny-policy build and the benchmarks recorded CPU and package versions; a policy, V0
+    or harvest run had the commit alone, though figures move across environments."""
+    import json
+
+    import torch
+
+    from basis.tracking import MLflowLogger, mlflow_run
+
+    logger = MLflowLogger(experiment_name="environment")
+    logger.log_hyperparams({"lr": 0.5})
+    with mlflow_run("environment", run_name="harvest-like") as run:
+        pass
+    client = MlflowClient()
+    for run_id in (logger.run_id, run.info.run_id):
+        tags = client.get_run(run_id).data.tags
+        assert tags["env.torch"] == torch.__version__ and "env.cpu_simd" in tags
+        env = json.loads(
+            Path(client.download_artifacts(run_id, "environment.json", str(tmp_path))).read_text()
+        )
+        assert env["packages"]["torch"] == torch.__version__ and env["python"]
+    resumed = MLflowLogger(experiment_name="environment", run_id=logger.run_id)
+    resumed.log_hyperparams({"lr": 0.5})  # a continued run keeps its first record
+    assert [a.path for a in client.list_artifacts(logger.run_id)] == ["environment.json"]
+
+
 def test_every_change_on_resume_stays_in_its_tag(mlflow_store: str) -> None:
     """A second change used to overwrite the first: after 300 then 2000 only "None -> 2000" remained."""
     from basis.tracking import MLflowLogger

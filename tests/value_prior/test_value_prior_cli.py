@@ -370,6 +370,7 @@ def test_a_checkpoint_restores_weights_never_settings(
     (predict,) = client.search_runs([experiment], "attributes.run_name = 'second-predict'")
     assert [a.path for a in client.list_artifacts(predict.info.run_id)] == [
         "config.yaml",
+        "environment.json",
         "predictions.parquet",
     ]
     capsys.readouterr()
