@@ -442,8 +442,14 @@ class ExportPrior(L.Callback):
         from lightning.pytorch.loggers import MLFlowLogger
 
         if isinstance(trainer.logger, MLFlowLogger):
-            trainer.logger.experiment.log_artifacts(trainer.logger.run_id, str(path), artifact_path="prior")
-            trainer.logger.log_metrics(calibration_metrics, step=trainer.global_step)
+            client, run_id = trainer.logger.experiment, trainer.logger.run_id
+            client.log_artifacts(run_id, str(path), artifact_path="prior")
+            # at the step Lightning logged the last validation at (the step before global_step), so
+            # export/val_* line up with val/* on a step axis
+            trainer.logger.log_metrics(calibration_metrics, step=max(trainer.global_step - 1, 0))
+            client.set_tag(run_id, "export.checkpoint", best or "last weights")  # which weights it exported
+            if best_score is not None:
+                client.set_tag(run_id, f"export.{callback.monitor}", f"{float(best_score):.6g}")
 
 
 def best_checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint | None:

@@ -358,6 +358,12 @@ def test_a_checkpoint_restores_weights_never_settings(
     assert fit.data.params["lr"] == "0.05" and fit.data.tags["stage"] == "fit"
     assert exported["info"]["mlflow_run_id"] == fit.info.run_id
     assert {"export/val_brier_head", "export/val_brier_calibrated"} <= set(fit.data.metrics)
+    last_val = max(m.step for m in client.get_metric_history(fit.info.run_id, "val/gauc"))
+    assert [m.step for m in client.get_metric_history(fit.info.run_id, "export/val_brier_head")] == [last_val]
+    assert fit.data.tags["export.checkpoint"] == exported["info"]["best_checkpoint"]
+    assert float(fit.data.tags["export.val/gauc"]) == pytest.approx(
+        exported["info"]["best_score"]["value"], rel=1e-5
+    )
     assert fit.data.params["backbone/init_args/max_length"] == "32"
     assert fit.data.params["trainer/max_epochs"] == "2"  # this fit's, not the checkpoint's run's
     assert not any(key.startswith("_") for key in fit.data.params)
