@@ -22,7 +22,7 @@ tests: `.venv/bin/pytest tests/basis/test_losses.py`.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
@@ -36,6 +36,7 @@ __all__ = [
     "kl_penalty",
     "logprob_mismatch",
     "policy_loss",
+    "token_logprobs",
     "truncated_is_weights",
 ]
 
@@ -266,3 +267,61 @@ def entropy_from_log_probs(log_p: Tensor, chunk_elements: int = 2**24) -> Tensor
         chunk = chunk.clamp(min=torch.finfo(chunk.dtype).min)  # [c, V]
         pieces.append(-(chunk.exp() * chunk).sum(dim=-1))  # [c]
     return torch.cat(pieces).reshape(log_p.shape[:-1]) if pieces else flat.new_zeros(log_p.shape[:-1])
+
+
+def token_logprobs(
+    logits: Tensor, targets: Tensor, with_entropy: bool = False, chunk_elements: int = 2**24
+) -> tuple[Tensor, Tensor | None]:
+    """`log_softmax(logits).gather(targets)` `[B, L]` (with gradient) and, if asked, the entropy
+    `[B, L]` (without), from logits `[B, L, V]` and target ids `[B, L]`.
+
+    The same numbers as the two-line recipe, in less memory: positions go through the softmax about
+    `chunk_elements` entries at a time, and the backward pass recomputes each chunk's softmax, so only
+    the logits and their gradient are ever full-size. The recipe keeps a full-size log-softmax for the
+    backward pass and its gather scatters into another full-size tensor: three where this needs two,
+    each `[B, L, V]` (1.2 GB for 8 x 256 positions at a 150k-token vocabulary)."""
+    if logits.dim() < 1 or logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be targets {tuple(targets.shape)} plus a vocabulary axis"
+        )
+    rows = max(1, chunk_elements // max(1, logits.shape[-1]))
+    logprobs, entropy = _TokenLogProbs.apply(logits, targets, rows, with_entropy)  # type: ignore[no-untyped-call]
+    return logprobs, entropy if with_entropy else None
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """`token_logprobs`' chunked forward and backward; d logp_t / d logits = onehot(t) - softmax."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: Tensor, targets: Tensor, rows: int, with_entropy: bool
+    ) -> tuple[Tensor, Tensor]:
+        flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)  # [N, V], [N, 1]
+        picked = flat.new_empty(flat.shape[0])  # [N]
+        entropy = flat.new_zeros(flat.shape[0] if with_entropy else 0)  # [N] or empty
+        for start in range(0, flat.shape[0], rows):
+            log_p = torch.log_softmax(flat[start : start + rows], dim=-1)  # [c, V]
+            picked[start : start + rows] = log_p.gather(-1, index[start : start + rows]).squeeze(-1)
+            if with_entropy:
+                entropy[start : start + rows] = entropy_from_log_probs(log_p)
+        ctx.save_for_backward(logits, targets)
+        ctx.rows = rows
+        entropy = entropy.view(targets.shape) if with_entropy else entropy
+        ctx.mark_non_differentiable(entropy)  # a diagnostic: no gradient flows through it
+        return picked.view(targets.shape), entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_picked: Tensor, _grad_entropy: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, targets = ctx.saved_tensors
+        flat, index = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)  # [N, V], [N, 1]
+        grad = grad_picked.reshape(-1, 1).to(flat.dtype)  # [N, 1]
+        grad_logits = torch.empty_like(flat)  # [N, V]
+        rows = ctx.rows
+        for start in range(0, flat.shape[0], rows):
+            chunk = slice(start, start + rows)
+            log_p = torch.log_softmax(flat[chunk], dim=-1)  # [c, V], recomputed
+            onehot = torch.zeros_like(log_p).scatter_(-1, index[chunk], grad[chunk])  # [c, V] g at the target
+            # g onehot - softmax g, by autograd's own log-softmax backward kernel: bit for bit the
+            # gradient of the two-line recipe, so a run's trajectory does not depend on the chunking
+            grad_logits[chunk] = torch._log_softmax_backward_data(onehot, log_p, -1, flat.dtype)
+        return grad_logits.view(logits.shape), None, None, None

@@ -67,10 +67,10 @@ from basis.data import PromptRow, ValBatch, global_seed, seed_for
 from basis.losses import (
     AGG_MODES,
     aggregate_loss,
-    entropy_from_log_probs,
     kl_penalty,
     logprob_mismatch,
     policy_loss,
+    token_logprobs,
     truncated_is_weights,
 )
 from basis.metrics import PassAtK
@@ -1029,7 +1029,8 @@ class PolicyTrainer(L.LightningModule):
 
         Each micro-batch's forward pass is only as wide as its own rows need (`trim_padding`), and the LM
         head runs on the response positions only (`logits_to_keep`, where the model takes it): with a
-        150k-token vocabulary the prompt positions' logits would be most of the pass's memory."""
+        150k-token vocabulary the prompt positions' logits would be most of the pass's memory. Log-probs
+        and entropy come from `basis.losses.token_logprobs`: two `[n, r, V]` tensors at the peak, not three."""
         model = model or self.policy
         keep = _takes_logits_to_keep(model)
         width = batch.response_mask.shape[1]  # R
@@ -1046,19 +1047,19 @@ class PolicyTrainer(L.LightningModule):
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, p + r] left padding aware
                 extra = {"logits_to_keep": r + 1} if keep else {}
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **extra)
-                # the positions that predict the response tokens: the last r + 1 but one, kept or not
-                logits = out.logits[:, -(r + 1) : -1].float()  # [n, r, V]
+                # the positions that predict the response tokens: the last r + 1 but one, kept or not;
+                # a copy of its own, so the model's output is freed now, not after the backward pass
+                logits = out.logits[:, -(r + 1) : -1].float().contiguous()  # [n, r, V]
                 del out
                 if self.hparams.temperature != 1.0:
                     logits = logits / self.hparams.temperature
-                log_p = torch.log_softmax(logits, -1)  # [n, r, V]
-                del logits  # the backward pass needs only log_p: one [n, r, V] tensor fewer at the peak
                 targets = ids[:, sub.prompt_width :]  # [n, r]
-                picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [n, r]
+                picked, entropy = token_logprobs(logits, targets, with_entropy)  # [n, r], [n, r] | None
+                del logits  # kept by token_logprobs for the backward pass only
                 picked = picked.masked_fill(~sub.response_mask, 0.0)  # [n, r]
                 logprobs.append(torch.nn.functional.pad(picked, (0, width - r)))  # [n, R]
-                if with_entropy:
-                    entropy = entropy_from_log_probs(log_p.detach()).masked_fill(~sub.response_mask, 0.0)
+                if entropy is not None:
+                    entropy = entropy.masked_fill(~sub.response_mask, 0.0)  # [n, r]
                     entropies.append(torch.nn.functional.pad(entropy, (0, width - r)))  # [n, R]
         model.train(was_training)
         restore = torch.argsort(torch.cat(micros)).to(batch.input_ids.device)  # [N] back to batch order

@@ -16,6 +16,7 @@ from basis.losses import (
     kl_penalty,
     logprob_mismatch,
     policy_loss,
+    token_logprobs,
     truncated_is_weights,
 )
 
@@ -210,6 +211,28 @@ def test_entropy_from_logits_is_exact_and_stable() -> None:
     assert value.item() == pytest.approx(math.log(2))
     value.sum().backward()
     assert bool(torch.isfinite(masked.grad).all())
+
+
+@pytest.mark.parametrize("chunk_elements", [11, 40, 2**24])
+def test_token_logprobs_are_the_recipes_numbers_bit_for_bit(chunk_elements: int) -> None:
+    """Chunks of one position, of three and a half, and all at once: log-probs and gradients equal to
+    `log_softmax(logits).gather(targets)`'s exactly, so chunking never moves a training run."""
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 5, 11, generator=generator) * 4).requires_grad_()
+    targets = torch.randint(0, 11, (3, 5), generator=generator)
+    weights = torch.randn(3, 5, generator=generator)
+    expected = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    picked, entropy = token_logprobs(logits, targets, with_entropy=True, chunk_elements=chunk_elements)
+    (grad,) = torch.autograd.grad((picked * weights).sum(), logits)
+    assert torch.equal(picked, expected) and torch.equal(grad, expected_grad)
+    assert entropy is not None and not entropy.requires_grad
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach()))
+    assert token_logprobs(logits, targets)[1] is None
+    with pytest.raises(
+        ValueError, match=r"logits \(3, 5, 11\) must be targets \(3, 4\) plus a vocabulary axis"
+    ):
+        token_logprobs(logits, targets[:, :4])
 
 
 def test_entropy_in_chunks_is_the_entropy() -> None:
