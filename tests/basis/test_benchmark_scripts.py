@@ -106,7 +106,7 @@ def test_demo_keeps_its_comparison_when_the_mlflow_summary_fails(
         for arm in demo.ARMS
     }
 
-    def unwritable_store(table: dict, timings: dict) -> None:
+    def unwritable_store(table: dict, timings: dict, experiment: str) -> None:
         raise PermissionError("mlflow/artifacts is not writable")
 
     monkeypatch.setattr(demo, "stages", lambda workdir, quick: [])  # every policy run has finished
