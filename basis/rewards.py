@@ -398,19 +398,25 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
     `"package.module:Factory"` (from the CLIs too), with constructor `kwargs`. A factory is a class or
     function returning a `Verifier`: `verifier(responses, answers) -> VerifyResult` with rewards 0 or 1."""
     factory = VERIFIERS.get(name) or _imported_factory(name)
-    if kwargs:  # name the options it takes (a factory without an inspectable signature just raises)
-        import inspect
-
-        try:
-            parameters = inspect.signature(factory).parameters
-        except (TypeError, ValueError):  # not inspectable: let the call itself say
-            parameters = None
-        if parameters is not None and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-            unknown = sorted(set(kwargs) - set(parameters))
-            if unknown:
-                taken = ", ".join(parameters) or "none"
-                raise TypeError(f"unknown option(s) {', '.join(unknown)}; it takes: {taken}")
+    taken = _named_options(factory) if kwargs else None
+    unknown = sorted(set(kwargs) - set(kwargs if taken is None else taken))
+    if unknown:  # name the options it takes
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; it takes: {', '.join(taken or ()) or 'none'}"
+        )
     return factory(**kwargs)
+
+
+def _named_options(factory: Callable[..., Verifier]) -> list[str] | None:
+    """The keyword options `factory` takes, or None when it takes any (`**kwargs`) or has no
+    inspectable signature (a C type): then the call itself says what is wrong."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+    return None if any(p.kind is p.VAR_KEYWORD for p in parameters.values()) else list(parameters)
 
 
 def _imported_factory(path: str) -> Callable[..., Verifier]:

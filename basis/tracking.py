@@ -111,15 +111,33 @@ def ui_command() -> str:
     )
 
 
+def files_sha256(paths: list[Path]) -> str:
+    """sha256 over every file under `paths` (relative names and bytes, in name order): tells a rebuilt
+    policy or a re-exported prior in the same folder apart."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for root in paths:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def record_environment(client: Any, run_id: str) -> None:
     """Log `environment()` as `environment.json` on a new run, with tags `env.torch`,
     `env.transformers` and `env.cpu_simd`, so a figure that moves between runs of one commit can be
     traced to the machine or the packages."""
     env = environment()
     client.log_dict(run_id, env, "environment.json")
-    for name in ("torch", "transformers"):
-        client.set_tag(run_id, f"env.{name}", str(env["packages"].get(name)))
-    client.set_tag(run_id, "env.cpu_simd", " ".join(env["cpu_simd"]) or "none")
+    tags = {f"env.{name}": env["packages"].get(name) for name in ("torch", "transformers")}
+    set_tags(client, run_id, {**tags, "env.cpu_simd": " ".join(env["cpu_simd"]) or "none"})
+
+
+def set_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
+    """Set `tags` (values as strings) on a run in one request."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def ensure_experiment(name: str) -> str:

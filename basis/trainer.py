@@ -78,6 +78,7 @@ from basis.policy_io import LoraSettings, export_policy, gathered_state_dict, lo
 from basis.rewards import binary_rewards, get_verifier, to_pm1
 from basis.rollout import Completion, HFEngine, RolloutEngine, SamplingParams
 from basis.tasks import prompt_text
+from basis.tracking import set_tags
 from basis.v05 import (
     OslaSettings,
     PriorCalibrator,
@@ -401,8 +402,7 @@ class PolicyTrainer(L.LightningModule):
                 self.logger.experiment.log_text(
                     self.logger.run_id, provenance.pop("config"), "prior/config.json"
                 )
-                for key, value in provenance.items():
-                    self.logger.experiment.set_tag(self.logger.run_id, key, value)
+                set_tags(self.logger.experiment, self.logger.run_id, provenance)
 
     def on_train_start(self) -> None:
         # Only now is the checkpoint (if any) restored under every strategy (FSDP restores after
@@ -1100,12 +1100,8 @@ class PolicyTrainer(L.LightningModule):
             export = Path(self.hparams.model_path) / "basis_export.json"
             self.rl_step = int(json.loads(export.read_text()).get("rl_step", 0)) if export.is_file() else 0
             if self.global_rank == 0 and getattr(self.logger, "run_id", None):
-                tags = {
-                    "evaluated_model_path": str(self.hparams.model_path),
-                    "evaluated_rl_step": self.rl_step,
-                }
-                for key, value in tags.items():
-                    self.logger.experiment.set_tag(self.logger.run_id, key, str(value))
+                tags = {"evaluated_model_path": self.hparams.model_path, "evaluated_rl_step": self.rl_step}
+                set_tags(self.logger.experiment, self.logger.run_id, tags)
 
     def validation_step(self, batch: ValBatch, batch_idx: int) -> None:
         if self._validated_already():

@@ -165,21 +165,17 @@ def load_prior(prior: str | SuccessPrior) -> SuccessPrior:
 def prior_provenance(path: str) -> dict[str, str]:
     """What identifies an exported prior folder as loaded: its resolved path, a sha256 over its files
     (a later export into the same folder changes it) and the `value-prior fit` run that exported it."""
-    import hashlib
     import json
     from pathlib import Path
 
-    from value_prior.prior import FILES
+    from basis.tracking import files_sha256
 
     folder = Path(path).resolve()
-    digest = hashlib.sha256()
-    for name in sorted(FILES):
-        digest.update(name.encode() + b"\0" + (folder / name).read_bytes() + b"\0")
     config = (folder / "config.json").read_text()
     run_id = (json.loads(config).get("info") or {}).get("mlflow_run_id")
     return {
         "prior_path": str(folder),
-        "prior_sha256": digest.hexdigest(),
+        "prior_sha256": files_sha256([folder]),
         "prior_run_id": str(run_id),
         "config": config,
     }

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import statistics
@@ -44,6 +43,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from basis.demo import prior_stages
+from basis.tracking import files_sha256
 from benchmarks.results_io import code_fingerprint, git_state, write_results
 
 ARMS = {"grpo": "grpo_tiny.yaml", "v05_osla": "v05_tiny.yaml", "basis_k1": "basis_tiny.yaml"}
@@ -88,7 +88,7 @@ def policy_run(
     identity = {
         "command": command[1:],  # without the interpreter path
         "code": code_fingerprint("basis", "value_prior", "data_pipelines", "configs/policy"),
-        "inputs": files_fingerprint(inputs),
+        "inputs": files_sha256(inputs)[:16],  # tells a rebuilt policy or prior apart
     }
     record = run_dir / "benchmark_command.json"
     # the record is written only once its run has finished (and removed before a rerun starts)
@@ -107,15 +107,6 @@ def policy_run(
 
 def _same_run(record: Any, identity: dict[str, Any]) -> bool:
     return isinstance(record, dict) and all(record.get(key) == value for key, value in identity.items())
-
-
-def files_fingerprint(paths: list[Path]) -> str:
-    """sha256 over every file under `paths` (names and bytes), to tell a rebuilt policy or prior apart."""
-    digest = hashlib.sha256()
-    for root in paths:
-        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def run_provenance(run_dir: Path) -> dict[str, Any]:

@@ -176,12 +176,10 @@ def main() -> None:
             figures, logprobs = {}, {}
             for variant in ("padded", "trainer"):
                 out = f"{tmp}/{name}-{variant}"
-                options = {"--worker": variant, "--model": str(model), "--out": out}
-                options |= {"--responses": args.responses, "--micro-batch-size": args.micro_batch_size}
-                options |= {"--repeats": args.repeats}
+                sizes = ["--responses", str(args.responses), "--micro-batch-size", str(args.micro_batch_size)]
+                worker_args = ["--worker", variant, "--model", str(model), "--out", out, *sizes]
                 subprocess.run(
-                    [sys.executable, __file__, *(str(x) for pair in options.items() for x in pair)],
-                    check=True,
+                    [sys.executable, __file__, *worker_args, "--repeats", str(args.repeats)], check=True
                 )
                 figures[variant] = json.loads(Path(f"{out}.json").read_text())
                 logprobs[variant] = torch.load(f"{out}.pt", weights_only=True)
